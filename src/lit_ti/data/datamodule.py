@@ -1,0 +1,191 @@
+"""`ConceptDataModule`: a folder of images -> cached VAE latents + prompt strings.
+
+The datamodule never tokenizes and never owns a model: the method hands it an `encode` function (the frozen
+VAE encoder) once, through `cache_latents`, before the first step. Each sample is then a cached latent and a
+freshly drawn prompt, so a step costs no image decoding and no VAE pass.
+"""
+
+import random
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lit_ti.data import images as img
+from lit_ti.data.templates import fill, load_templates
+from lit_ti.errors import UserError
+
+LATENT_SAMPLING = ("once", "deterministic", "random")
+
+# encode(pixels [B, 3, H, W] in [-1, 1]) -> (mean, std), each [B, 4, H/8, W/8], already scaled
+Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class ConceptDataModule(L.LightningDataModule):
+    """Images of one concept and the prompts that describe them.
+
+    Args:
+        dir: folder of training images; a sidecar `<stem>.txt` is the caption of `<stem>.<ext>`.
+        name: the concept name written for `[name]` in the templates.
+        template: a shipped template (`subject`, `subject_filewords`, `style`, `style_filewords`,
+            `hypernetwork`, `none`) or a path to a text file with one prompt per line.
+        resolution: training size in pixels; null = the backbone's native size.
+        crop: `center` (keep aspect, crop the middle) or `squash` (A1111's plain resize).
+        flip_p: probability of using the horizontally flipped image (both latents are cached).
+        latent_sampling: `once` (one VAE sample per image, A1111's default), `deterministic` (the mean), or
+            `random` (a fresh sample every step).
+        filewords_regex / filewords_join: A1111's "filename word regex" and "join string".
+        shuffle_tags / tag_dropout: shuffle or drop the comma-separated caption tags per sample.
+        batch_size, num_workers: DataLoader settings; batch_size is capped at the number of images.
+        repeats: how many times each image appears per epoch.
+        seed: seed of the one-off latent sample of `once`.
+    """
+
+    def __init__(
+        self,
+        dir: str,
+        name: str,
+        template: str = "subject",
+        resolution: int | None = None,
+        crop: str = "center",
+        flip_p: float = 0.0,
+        latent_sampling: str = "once",
+        filewords_regex: str | None = None,
+        filewords_join: str = " ",
+        shuffle_tags: bool = False,
+        tag_dropout: float = 0.0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        repeats: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if latent_sampling not in LATENT_SAMPLING:
+            raise UserError(
+                f"data.latent_sampling={latent_sampling!r}: use one of {', '.join(LATENT_SAMPLING)}"
+            )
+        if crop not in ("center", "squash"):
+            raise UserError(f"data.crop={crop!r}: use 'center' or 'squash'")
+        if batch_size < 1 or repeats < 1 or num_workers < 0:
+            raise UserError("data.batch_size and data.repeats must be >= 1, data.num_workers >= 0")
+        if not 0 <= flip_p <= 1 or not 0 <= tag_dropout < 1:
+            raise UserError("data.flip_p must lie in [0, 1] and data.tag_dropout in [0, 1)")
+        self.dir = Path(dir).expanduser()
+        self.name = name
+        self.template = template
+        self.resolution = resolution
+        self.crop = crop
+        self.flip_p = flip_p
+        self.latent_sampling = latent_sampling
+        self.filewords_regex = filewords_regex
+        self.filewords_join = filewords_join
+        self.shuffle_tags = shuffle_tags
+        self.tag_dropout = tag_dropout
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.repeats = repeats
+        self.seed = seed
+        self.paths: list[Path] = []
+        self.captions: list[str] = []
+        self.templates: list[str] = []
+        self.latents: tuple[Tensor, Tensor] | None = None  # (mean, std): [N, V, 4, h, w], V = 2 with flips
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the folder and read captions and templates; fails early on bad input."""
+        if self.paths:
+            return
+        self.templates = load_templates(self.template)
+        self.paths = img.list_images(self.dir)
+        self.captions = [img.caption(p, self.filewords_regex, self.filewords_join) for p in self.paths]
+        if any("[filewords]" in t for t in self.templates) and not any(self.captions):
+            raise UserError(
+                f"data.template={self.template!r} uses [filewords] but no image in {self.dir} has a caption; "
+                "add <image>.txt files, name the images after their content, or use a template without it"
+            )
+
+    @torch.no_grad()
+    def cache_latents(self, encode: Encoder, resolution: int, batch_size: int = 8) -> None:
+        """Run the VAE encoder once over every image (and its mirror image when flipping)."""
+        self.setup()
+        size = self.resolution or resolution
+        pixels, kept_paths, kept_captions, broken = [], [], [], []
+        for path, text in zip(self.paths, self.captions):
+            try:
+                pixels.append(img.to_tensor(img.resize(img.load_image(path), size, self.crop)))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                broken.append(f"{path.name} ({e})")
+                continue
+            kept_paths.append(path)
+            kept_captions.append(text)
+        if broken:
+            warnings.warn(
+                f"data.dir: skipped {len(broken)} unreadable image(s): {'; '.join(broken)}", stacklevel=2
+            )
+        if not pixels:
+            raise UserError(f"data.dir: no image in {self.dir} could be decoded")
+        self.paths, self.captions = kept_paths, kept_captions
+        x = torch.stack(pixels)  # [N, 3, H, W]
+        views = [x, x.flip(-1)] if self.flip_p > 0 else [x]
+        means, stds = [], []
+        for view in views:
+            parts = [encode(view[i : i + batch_size]) for i in range(0, len(view), batch_size)]
+            means.append(torch.cat([m for m, _ in parts]).float().cpu())
+            stds.append(torch.cat([s for _, s in parts]).float().cpu())
+        mean, std = torch.stack(means, 1), torch.stack(stds, 1)  # [N, V, 4, h, w]
+        if self.latent_sampling == "deterministic":
+            std = torch.zeros_like(std)
+        elif self.latent_sampling == "once":
+            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(self.seed))
+            mean, std = mean + std * noise, torch.zeros_like(std)
+        self.latents = (mean, std)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.latents is None:
+            raise RuntimeError(
+                "ConceptDataModule.cache_latents must run before training (the method calls it)"
+            )
+        dataset = _ConceptDataset(self)
+        return DataLoader(
+            dataset,
+            batch_size=min(self.batch_size, len(self.paths)),
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=True,
+        )
+
+
+class _ConceptDataset(Dataset):
+    """Cached latents + a prompt drawn per fetch (template line, tag shuffle/dropout)."""
+
+    def __init__(self, dm: ConceptDataModule) -> None:
+        self.mean, self.std = dm.latents
+        self.captions = dm.captions
+        self.templates = dm.templates
+        self.name = dm.name
+        self.flip_p, self.shuffle, self.dropout = dm.flip_p, dm.shuffle_tags, dm.tag_dropout
+        self.repeats = dm.repeats
+
+    def __len__(self) -> int:
+        return len(self.captions) * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        i = index % len(self.captions)
+        # all randomness from torch's generator, so seeding and checkpointed RNG state cover it
+        view = int(self.mean.shape[1] > 1 and torch.rand(()) < self.flip_p)
+        latents = self.mean[i, view] + self.std[i, view] * torch.randn_like(self.std[i, view])
+        line = self.templates[int(torch.randint(len(self.templates), ()))]
+        rng = random.Random(int(torch.randint(2**31, ())))
+        prompt = fill(line, self.name, self.captions[i], rng, self.shuffle, self.dropout)
+        return {
+            "latents": latents,
+            "prompt": prompt,
+            "template": line,
+            "caption": self.captions[i],
+            "index": i,
+        }

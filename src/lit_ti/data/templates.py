@@ -1,0 +1,39 @@
+"""Prompt templates: one prompt per line with `[name]` (the concept) and `[filewords]` (the caption)."""
+
+import random
+from importlib import resources
+from pathlib import Path
+
+from lit_ti.errors import UserError
+
+SHIPPED = ("subject", "subject_filewords", "style", "style_filewords", "hypernetwork", "none")
+
+
+def load_templates(template: str) -> list[str]:
+    """Lines of a shipped template (by name, e.g. `subject`) or of a text file (by path)."""
+    if template in SHIPPED:
+        text = resources.files("lit_ti.data").joinpath("templates", f"{template}.txt").read_text("utf-8")
+    else:
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"data.template={template!r} is neither a shipped template ({', '.join(SHIPPED)}) nor a file"
+            )
+        text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"data.template={template!r} has no prompt lines; write one prompt per line")
+    return lines
+
+
+def fill(
+    line: str, name: str, caption: str, rng: random.Random, shuffle: bool = False, dropout: float = 0.0
+) -> str:
+    """A1111's create_text: optional tag dropout/shuffle on the comma-separated caption, then `[filewords]`,
+    then `[name]`."""
+    if shuffle or dropout > 0:
+        tags = [t for t in caption.split(",") if dropout <= 0 or rng.random() > dropout]
+        if shuffle:
+            rng.shuffle(tags)
+        caption = ",".join(tags)
+    return line.replace("[filewords]", caption).replace("[name]", name)

@@ -1,0 +1,6 @@
+"""Backbone specs (cheap, built at config time) and the loaded frozen components."""
+
+from lit_ti.models.backbone import Backbone, DiffusersFolder, weight_dtype
+from lit_ti.models.tiny import TinyBackbone, clip_tokenizer
+
+__all__ = ["Backbone", "DiffusersFolder", "TinyBackbone", "clip_tokenizer", "weight_dtype"]

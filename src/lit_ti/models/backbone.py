@@ -1,0 +1,128 @@
+"""Frozen Stable Diffusion components and how to load them from a local diffusers folder.
+
+A *spec* (e.g. `DiffusersFolder`) is a small dataclass that Hydra instantiates at config time; nothing
+loads until `spec.load(dtype)` is called from the method's `configure_model`.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lit_ti.errors import UserError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Backbone:
+    """Loaded, frozen SD1.x/SD2.x components.
+
+    `text_encoders` maps an encoder key (the diffusers attribute name) to (tokenizer, encoder); SDXL adds
+    `text_encoder_2`, and everything keyed by encoder (embedding bank, files) follows that key.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler  # the training noise schedule; previews build their sampler from its config
+    name: str  # recorded in embedding files as sd_checkpoint_name
+    checkpoint_hash: str | None = None  # A1111 short hash when loaded from a single file
+
+    @property
+    def text_encoders(self) -> dict[str, tuple[CLIPTokenizer, CLIPTextModel]]:
+        return {"text_encoder": (self.tokenizer, self.text_encoder)}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was built for (its latent sample size × the VAE factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def freeze(self) -> "Backbone":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def weight_dtype(precision: str | int | None) -> torch.dtype:
+    """dtype of the frozen UNet and text encoder for a Lightning precision setting."""
+    precision = str(precision or "32")
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def check_prediction_type(value: str | None, key: str) -> None:
+    if value is not None and value not in PREDICTION_TYPES:
+        raise UserError(f"{key}={value!r} is not a prediction type; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+@dataclass
+class DiffusersFolder:
+    """A local diffusers-layout SD1.x/SD2.x model (`unet/ vae/ text_encoder/ tokenizer/ scheduler/`).
+
+    Args:
+        path: the folder (what `StableDiffusionPipeline.save_pretrained` writes).
+        prediction_type: override the scheduler's (`epsilon` or `v_prediction`, e.g. SD2-768-v); null = as
+            the scheduler config says.
+        variant: diffusers weight variant such as `fp16`, or null.
+    """
+
+    path: str
+    prediction_type: str | None = None
+    variant: str | None = None
+
+    def load(self, dtype: torch.dtype = torch.float32) -> Backbone:
+        check_prediction_type(self.prediction_type, "model.prediction_type")
+        root = Path(self.path).expanduser()
+        if not root.is_dir():
+            raise UserError(
+                f"model.path: {root} is not a folder; point it at a local diffusers model folder "
+                f"(with {', '.join(s + '/' for s in SUBFOLDERS)})"
+            )
+        missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+        if missing:
+            raise UserError(
+                f"model.path: {root} lacks {', '.join(s + '/' for s in missing)}; a diffusers SD folder needs "
+                f"{', '.join(s + '/' for s in SUBFOLDERS)} (save one with StableDiffusionPipeline.save_pretrained)"
+            )
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", model_max_length=77)
+            kw = {"variant": self.variant} if self.variant else {}
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+            # The VAE runs only to cache latents and decode previews: fp32 avoids the fp16 overflow of some VAEs.
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **kw)
+            overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
+            scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **overrides)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: could not load the diffusers model in {root}: {e}") from e
+        # transformers 5 silently returns a 2-token tokenizer for a folder without vocabulary files.
+        if len(tokenizer) < 1000:
+            raise UserError(
+                f"model.path: {root / 'tokenizer'} holds no usable CLIP vocabulary ({len(tokenizer)} tokens); "
+                "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
+            )
+        return Backbone(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            name=root.name,
+        ).freeze()

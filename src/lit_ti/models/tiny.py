@@ -1,0 +1,154 @@
+"""A tiny random SD-shaped backbone built in code: the fixture of the tests and of quick CPU runs.
+
+The tokenizer is the real CLIP BPE vocabulary (49,408 tokens), read from the `bpe_simple_vocab_16e6.txt.gz`
+data file that the `openai-clip` package ships; the package itself is never imported (its `__init__` needs
+torchvision).
+"""
+
+import gzip
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lit_ti.errors import UserError
+from lit_ti.models.backbone import Backbone, check_prediction_type
+
+# Sizes in the spirit of diffusers' own dummy test components; "small" is for benchmarks.
+SIZES = {
+    "tiny": dict(
+        image=64,  # -> latent 4x8x8
+        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8),
+        unet=dict(
+            block_out_channels=(32, 64),
+            attention_head_dim=(2, 4),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+        ),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "small": dict(
+        image=128,  # -> latent 4x16x16
+        vae=dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=32),
+        unet=dict(
+            block_out_channels=(64, 128, 256),
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+        ),
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    ),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable-character table."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return dict(zip(keep + extra, [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]))
+
+
+def _find_bpe_file() -> Path:
+    spec = importlib.util.find_spec("clip")  # locates the package without running its __init__
+    if spec and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.is_file():
+            return path
+    raise UserError(
+        "the built-in tiny backbone needs the CLIP vocabulary from the `openai-clip` package; "
+        "install it with `pip install openai-clip`"
+    )
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer() -> CLIPTokenizer:
+    """The SD1.x CLIP tokenizer (49,408 tokens), built offline from the openai-clip BPE file."""
+    with gzip.open(_find_bpe_file()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # line 0 is a header
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+@dataclass
+class TinyBackbone:
+    """Random-weight SD-shaped components (no files, no downloads).
+
+    Args:
+        size: `tiny` (64 px, ~2.6 M parameters) or `small` (128 px, ~38 M).
+        seed: weight initialisation seed; the same seed gives bit-identical weights.
+        prediction_type: `epsilon` or `v_prediction`.
+    """
+
+    size: str = "tiny"
+    seed: int = 0
+    prediction_type: str = "epsilon"
+
+    def load(self, dtype: torch.dtype = torch.float32) -> Backbone:
+        if self.size not in SIZES:
+            raise UserError(f"model.size={self.size!r} is unknown; use one of {', '.join(SIZES)}")
+        check_prediction_type(self.prediction_type, "model.prediction_type")
+        cfg = SIZES[self.size]
+        tokenizer = clip_tokenizer()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            n_vae = len(cfg["vae"]["block_out_channels"])
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * n_vae,
+                up_block_types=("UpDecoderBlock2D",) * n_vae,
+                latent_channels=4,
+                sample_size=cfg["image"],
+                layers_per_block=1,
+                **cfg["vae"],
+            )
+            text = cfg["text"]
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=77,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    hidden_act="quick_gelu",
+                    projection_dim=text["hidden_size"],
+                    **text,
+                )
+            )
+            unet = UNet2DConditionModel(
+                sample_size=cfg["image"] // 2 ** (n_vae - 1),
+                in_channels=4,
+                out_channels=4,
+                cross_attention_dim=text["hidden_size"],
+                norm_num_groups=32,
+                **cfg["unet"],
+            )
+        finally:
+            torch.random.set_rng_state(generator_state)  # building a model must not disturb training RNG
+        scheduler = DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            clip_sample=False,
+            steps_offset=1,
+            prediction_type=self.prediction_type,
+        )
+        if dtype != torch.float32:
+            unet, text_encoder = unet.to(dtype), text_encoder.to(dtype)
+        return Backbone(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            name=f"lit_ti-{self.size}-seed{self.seed}",
+        ).freeze()

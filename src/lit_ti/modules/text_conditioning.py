@@ -1,0 +1,141 @@
+"""Prompts with concept names -> CLIP hidden states, with the bank's vectors spliced in.
+
+A concept name in a prompt stands for its `n` vectors: the prompt is tokenized around the names, each name
+becomes `n` slots, and a forward hook on the frozen token-embedding layer writes the vectors into those
+slots. Gradients flow into the vectors only.
+"""
+
+import re
+import warnings
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lit_ti.errors import UserError
+from lit_ti.modules.embedding_bank import MAX_VECTORS, EmbeddingBank
+
+FORBIDDEN = re.compile(r"[\s()\[\]{}:,|\\]")  # prompt syntax (emphasis, BREAK, separators)
+
+
+def check_name(tokenizer: CLIPTokenizer, name: str, key: str = "name") -> None:
+    """Refuse names that other tools would mistake for ordinary words or could not find in a prompt."""
+    if not name or FORBIDDEN.search(name):
+        raise UserError(
+            f"{key}={name!r}: a concept name must be non-empty, without spaces or any of ( ) [ ] {{ }} : , | \\"
+        )
+    vocab = tokenizer.get_vocab()
+    if name in vocab or name.lower() in vocab or name.lower() + "</w>" in vocab:
+        raise UserError(
+            f"{key}={name!r} is already a token of the tokenizer, so prompts could not tell the concept from "
+            f"the word; pick a made-up name such as '<{name}-concept>'"
+        )
+    alone = tokenizer(name, add_special_tokens=False).input_ids
+    in_context = tokenizer(f"a photo of {name} in a room", add_special_tokens=False).input_ids
+    if not any(in_context[i : i + len(alone)] == alone for i in range(len(in_context))):
+        raise UserError(
+            f"{key}={name!r} tokenizes differently inside a prompt than alone, so A1111 would not find it; "
+            "use letters, digits, '-', '_', '<' and '>' only"
+        )
+
+
+def init_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, init_text: str, n: int) -> Tensor:
+    """A1111 initialisation: the init text's token embeddings spread over `n` vectors; `[n, d]` fp32.
+
+    Vector i copies token floor(i*k/n) of the k (<= n) init tokens; an empty init text gives zeros.
+    """
+    if not 1 <= n <= MAX_VECTORS:
+        raise UserError(
+            f"method.num_vectors={n}: must be between 1 and {MAX_VECTORS} (the prompt's token budget)"
+        )
+    weight = text_encoder.get_input_embeddings().weight
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids[:n]
+    if not ids:
+        return torch.zeros(n, weight.shape[1])
+    rows = weight[torch.tensor(ids, device=weight.device)].detach().float().cpu()
+    return rows[[i * len(ids) // n for i in range(n)]]
+
+
+class PromptTokenizer:
+    """Tokenizes prompts whose concept names stand for their bank vectors.
+
+    Returns `input_ids [B, 77]` and `slots [B, 77]`, where `slots` is the row of `bank.table()` that goes
+    at each position, or -1. Results are cached per prompt string, since a run reuses a handful of
+    template lines.
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, bank: EmbeddingBank) -> None:
+        self.tokenizer = tokenizer
+        self.counts = {name: bank.num_vectors(name) for name in bank.names}
+        self.offsets = bank.offsets()
+        names = sorted(self.counts, key=len, reverse=True)  # longest first: "x-neg" before "x"
+        self.pattern = (
+            re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])", re.IGNORECASE)
+            if names
+            else None
+        )
+        self.lower = {name.lower(): name for name in names}
+        self.cache: dict[str, tuple[list[int], list[int]]] = {}
+        self.warned: set[str] = set()
+
+    def _one(self, prompt: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        ids: list[int] = []
+        slots: list[int] = []
+        pieces = self.pattern.split(prompt) if self.pattern else [prompt]
+        for i, piece in enumerate(pieces):
+            if i % 2:  # odd pieces are the captured names
+                name = self.lower[piece.lower()]
+                ids += [0] * self.counts[name]  # placeholder ids; the hook overwrites these rows
+                slots += range(self.offsets[name], self.offsets[name] + self.counts[name])
+            elif piece.strip():
+                piece_ids = tok(piece, add_special_tokens=False).input_ids
+                ids += piece_ids
+                slots += [-1] * len(piece_ids)
+        limit = tok.model_max_length - 2
+        if len(ids) > limit and prompt not in self.warned:
+            self.warned.add(prompt)
+            warnings.warn(
+                f"prompt is {len(ids)} tokens, over the {limit}-token budget; cut: {prompt!r}", stacklevel=3
+            )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = [tok.bos_token_id, *ids[:limit], tok.eos_token_id]
+        slots = [-1, *slots[:limit], -1]
+        fill = tok.model_max_length - len(ids)
+        return ids + [pad] * fill, slots + [-1] * fill
+
+    def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        rows = []
+        for prompt in prompts:
+            if prompt not in self.cache:
+                self.cache[prompt] = self._one(prompt)
+            rows.append(self.cache[prompt])
+        ids = torch.tensor([r[0] for r in rows], device=device)
+        slots = torch.tensor([r[1] for r in rows], device=device)
+        return ids, slots
+
+
+def encode(
+    text_encoder: CLIPTextModel, input_ids: Tensor, slots: Tensor, table: Tensor | None, clip_skip: int = 1
+) -> Tensor:
+    """CLIP hidden states `[B, 77, d]` with `table[slots]` written over the token embeddings.
+
+    clip_skip follows A1111: 1 = last layer; N > 1 = hidden state N from the end, then the final layer norm.
+    """
+
+    def splice(_module, _args, out: Tensor) -> Tensor:
+        rows = table[slots.clamp(min=0)].to(out.dtype)  # [B, 77, d]
+        return torch.where((slots >= 0).unsqueeze(-1), rows, out)
+
+    handle = None
+    if table is not None and bool((slots >= 0).any()):
+        handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
+    try:
+        out = text_encoder(input_ids, output_hidden_states=clip_skip > 1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if clip_skip <= 1:
+        return out.last_hidden_state
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_norm(out.hidden_states[-clip_skip])
