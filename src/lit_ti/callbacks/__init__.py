@@ -1,0 +1,7 @@
+"""Behaviour around training that is not the method itself: exports, previews, logs."""
+
+from lit_ti.callbacks.export import ExportEmbeddings
+from lit_ti.callbacks.loss_csv import LossCSV
+from lit_ti.callbacks.preview import PreviewImages
+
+__all__ = ["ExportEmbeddings", "LossCSV", "PreviewImages"]

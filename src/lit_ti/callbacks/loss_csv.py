@@ -1,0 +1,48 @@
+"""A1111's `textual_inversion_loss.csv`: `step,epoch,epoch_step,loss,learn_rate` per optimizer step."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class LossCSV(L.Callback):
+    """Appends one row every `every_n_steps` optimizer steps; `loss` is the mean over the step's micro-batches.
+
+    The loss stays a device tensor until a row is written, so there is no host sync on other steps.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "textual_inversion_loss.csv", every_n_steps: int = 1):
+        self.path = Path(dirpath) / filename
+        self.every_n_steps = max(1, every_n_steps)
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.last_step = 0
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.total = loss.detach() if self.total is None else self.total + loss.detach()
+        self.count += 1
+        step = trainer.global_step
+        if step == self.last_step:  # still accumulating gradients
+            return
+        self.last_step = step
+        if step % self.every_n_steps == 0:
+            self._write(trainer, step, float(self.total) / self.count)
+        self.total, self.count = None, 0
+
+    def _write(self, trainer, step: int, loss: float) -> None:
+        steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
+            writer.writerow(
+                [step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", lr]
+            )

@@ -1,0 +1,131 @@
+"""Preview images during training, from the modules already in memory (no pipeline reload).
+
+A diffusers `StableDiffusionPipeline` is assembled around the live UNet/VAE/text encoder and fed the
+method's own prompt encoding (so the learned vectors are in it) as `prompt_embeds`. A fixed seed makes the
+previews of successive steps comparable; the training RNG is left untouched.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+from lit_ti.errors import UserError
+from lit_ti.io.atomic import atomic_path
+
+SAMPLERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+
+
+class PreviewImages(L.Callback):
+    """Every `every_n_steps` optimizer steps (and at the end) render `prompt` and save
+    `<dirpath>/previews/<name>-<step>.png` (a row of `num_images`), also logged to TensorBoard.
+
+    Args:
+        prompt / negative_prompt: `[name]` is replaced by the concept name.
+        sampler: one of ddim, euler, euler_a, dpmpp_2m.
+        size: image size in pixels; null = the backbone's native size.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        prompt: str = "a photo of [name]",
+        negative_prompt: str = "",
+        seed: int = 0,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        num_images: int = 1,
+        size: int | None = None,
+    ) -> None:
+        if sampler not in SAMPLERS:
+            raise UserError(f"callbacks.preview.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.sampler = sampler
+        self.num_images = num_images
+        self.size = size
+        self.last_step = -1
+        self.written: list[Path] = []
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.render(trainer, pl_module, step)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.last_step:
+            self.render(trainer, pl_module, trainer.global_step)
+
+    def _pipeline(self, pl_module) -> StableDiffusionPipeline:
+        bb = pl_module.backbone
+        pipe = StableDiffusionPipeline(
+            vae=bb.vae,
+            text_encoder=bb.text_encoder,
+            tokenizer=bb.tokenizer,
+            unet=bb.unet,
+            scheduler=SAMPLERS[self.sampler].from_config(bb.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def render(self, trainer, pl_module, step: int) -> Path:
+        self.last_step = step
+        name = getattr(pl_module, "name", "")
+        n = self.num_images
+        cond = pl_module.encode_prompts([self.prompt.replace("[name]", name)] * n)
+        uncond = pl_module.encode_prompts([self.negative_prompt.replace("[name]", name)] * n)
+        size = self.size or pl_module.backbone.resolution
+        dtype = pl_module.unet.dtype
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.autocast(pl_module.device.type, dtype=dtype, enabled=dtype != torch.float32),
+        ):
+            images = self._pipeline(pl_module)(
+                prompt_embeds=cond.to(dtype),
+                negative_prompt_embeds=uncond.to(dtype),
+                height=size,
+                width=size,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(self.seed),
+                output_type="np",
+            ).images  # [n, H, W, 3] float in [0, 1]
+        row = (np.concatenate(list(images), axis=1) * 255).round().clip(0, 255).astype(np.uint8)
+        path = self.dirpath / "previews" / f"{name or 'preview'}-{step}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(row).save(tmp, format="PNG")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("preview", row, step, dataformats="HWC")
+        self.written.append(path)
+        return path

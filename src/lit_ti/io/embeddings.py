@@ -1,0 +1,164 @@
+"""Textual-inversion embedding files, read and written in the layouts the other tools use.
+
+Written (chosen by the file suffix):
+* `.pt`: A1111 layout `{string_to_token, string_to_param, name, step, sd_checkpoint, sd_checkpoint_name}`,
+  saved with torch's legacy (non-zip) serialisation, because the webui's safe unpickler rejects the zip
+  entries (`.format_version`, `.storage_alignment`) that current torch writes. diffusers'
+  `load_textual_inversion` reads it (token = the `name` key).
+* `.safetensors`: `{"emb_params": [n, d]}` (kohya; A1111 and ComfyUI read any single-key file), or SDXL's
+  `{"clip_l": [n, 768], "clip_g": [n, 1280]}`; name/step/checkpoint go in the safetensors metadata.
+* `.bin`: diffusers' `{token: [n, d]}` (also legacy serialisation, so the webui loads it too).
+
+Read: all of the above, the original-TI/A1111 `.pt`, diffusers `learned_embeds.*` files with one or more
+tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`. Pickles are opened with `weights_only=True`, so a
+file that would run code is refused. Every write goes through a temp file and a rename.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+from lit_ti.errors import UserError
+from lit_ti.io.atomic import atomic_path
+
+Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
+SDXL_KEYS = ("clip_l", "clip_g")
+A1111_TOKEN_ID = 265  # the CLIP id of "*" that A1111 writes into string_to_token; never read back
+
+
+@dataclass
+class EmbeddingFile:
+    """One concept read from a file, with whatever metadata the file carried."""
+
+    name: str
+    vectors: Vectors
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _cpu32(vectors: Vectors) -> Vectors:
+    if isinstance(vectors, dict):
+        return {k: _cpu32(v) for k, v in vectors.items()}
+    v = vectors.detach().to("cpu", torch.float32)
+    return (v.unsqueeze(0) if v.dim() == 1 else v).contiguous()
+
+
+def save_embedding(
+    path: str | Path,
+    vectors: Vectors,
+    name: str | None = None,
+    step: int | None = None,
+    sd_checkpoint: str | None = None,
+    sd_checkpoint_name: str | None = None,
+) -> Path:
+    """Write one concept's vectors; the layout follows the suffix (`.pt`, `.safetensors`, `.bin`).
+
+    `name` defaults to the file stem (what A1111 uses as the prompt word anyway).
+    """
+    path = Path(path)
+    name = name or path.stem
+    vectors = _cpu32(vectors)
+    sdxl = isinstance(vectors, dict)
+    if sdxl and set(vectors) != set(SDXL_KEYS):
+        raise ValueError(f"SDXL vectors need exactly the keys {SDXL_KEYS}, got {sorted(vectors)}")
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".safetensors":
+            tensors = dict(vectors) if sdxl else {"emb_params": vectors}
+            meta = {
+                "name": name,
+                "step": step,
+                "sd_checkpoint": sd_checkpoint,
+                "sd_checkpoint_name": sd_checkpoint_name,
+            }
+            save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items() if v is not None})
+        elif suffix == ".pt":
+            if sdxl:  # A1111 reads SDXL .pt files only when they hold nothing but the two tensors
+                data = dict(vectors)
+            else:
+                data = {
+                    "string_to_token": {"*": A1111_TOKEN_ID},
+                    "string_to_param": {"*": vectors},
+                    "name": name,
+                    "step": None if step is None else int(step),
+                    "sd_checkpoint": sd_checkpoint,
+                    "sd_checkpoint_name": sd_checkpoint_name,
+                }
+            torch.save(data, tmp, _use_new_zipfile_serialization=False)
+        elif suffix == ".bin":
+            if sdxl:
+                raise ValueError("diffusers .bin files hold one encoder; save SDXL as .safetensors or .pt")
+            torch.save({name: vectors}, tmp, _use_new_zipfile_serialization=False)
+        else:
+            raise ValueError(f"{path}: unknown embedding format; use .pt, .safetensors or .bin")
+    return path
+
+
+def read_embedding(path: str | Path) -> list[EmbeddingFile]:
+    """Every concept in an embedding file (usually one), in float32 on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such embedding file")
+    suffix = path.suffix.lower()
+    meta: dict = {}
+    try:
+        if suffix == ".safetensors":
+            data = load_file(path, device="cpu")
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        elif suffix in (".pt", ".bin", ".ckpt"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(
+                f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin or .safetensors"
+            )
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"{path}: cannot be read as an embedding ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "pickled files may contain only tensors and plain containers"
+        ) from None
+    return _identify(path, data, meta)
+
+
+def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
+    def info(key: str) -> str | None:
+        value = data.get(key) if isinstance(data, dict) and key in data else meta.get(key)
+        return None if value in (None, "None") else value
+
+    step = info("step")
+    common = dict(
+        step=None if step is None else int(step),
+        sd_checkpoint=info("sd_checkpoint"),
+        sd_checkpoint_name=info("sd_checkpoint_name"),
+    )
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not an embedding dict")
+    if "string_to_param" in data:  # A1111 / original TI
+        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])
+        if len(params) != 1:
+            raise UserError(
+                f"{path}: embedding file has {len(params)} terms in it; A1111 files hold exactly one"
+            )
+        return [EmbeddingFile(path.stem, _cpu32(next(iter(params.values()))), **common)]
+    if all(k in data for k in SDXL_KEYS):
+        return [EmbeddingFile(path.stem, _cpu32({k: data[k] for k in SDXL_KEYS}), **common)]
+    if "emb_params" in data:  # kohya
+        return [EmbeddingFile(meta.get("name") or path.stem, _cpu32(data["emb_params"]), **common)]
+    tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if tensors and len(tensors) == len(data):  # diffusers {token: tensor}, one or more tokens
+        return [EmbeddingFile(k, _cpu32(v), **common) for k, v in tensors.items()]
+    raise UserError(
+        f"{path}: neither an A1111, diffusers, kohya nor SDXL embedding (keys: {', '.join(map(str, data))[:200]})"
+    )
+
+
+def load_embedding(path: str | Path) -> dict[str, Vectors]:
+    """`{name: tensor[n, d]}` for every concept in the file (SDXL: `{name: {"clip_l", "clip_g"}}`)."""
+    return {e.name: e.vectors for e in read_embedding(path)}

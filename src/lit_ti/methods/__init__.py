@@ -1,0 +1,6 @@
+"""LightningModules ("systems"): one per method, sharing `DiffusionMethod`'s step."""
+
+from lit_ti.methods.base import DiffusionMethod
+from lit_ti.methods.textual_inversion import TextualInversion
+
+__all__ = ["DiffusionMethod", "TextualInversion"]

@@ -1,0 +1,157 @@
+"""The step every method shares: cached latents -> noisy latents at a random timestep -> frozen UNet
+conditioned on the method's text states -> MSE to the noise (or v) target.
+
+Subclasses say what trains (`build_trainables`, `param_groups`) and how prompts become UNet conditioning
+(`encode_prompts`). The frozen backbone is loaded in `configure_model`, never in `__init__`, and checkpoints
+hold only the submodules named in `checkpointed` (kilobytes for TI, not the frozen model).
+"""
+
+import random
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from lit_ti import losses
+from lit_ti.errors import UserError
+from lit_ti.models import Backbone, weight_dtype
+from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
+
+
+class DiffusionMethod(L.LightningModule):
+    """Base system. Args shared by every method:
+
+    backbone: a backbone spec (`DiffusersFolder`, `TinyBackbone`, ...) with `.load(dtype)`.
+    optimizer: a partial optimizer taking the param groups; null = AdamW(lr=0.005, weight_decay=0) as A1111.
+    lr_schedule: A1111 schedule string such as `"0.005:100, 1e-3:1000, 1e-5"` (absolute rates), or null.
+    lr_scheduler: a partial torch LR scheduler stepped per optimizer step, or null (not with lr_schedule).
+    clip_skip: A1111 clip skip (1 = last CLIP layer).
+    """
+
+    checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
+    strict_loading = False  # checkpoints deliberately lack the frozen backbone
+
+    def __init__(
+        self,
+        backbone,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_schedule: str | None = None,
+        lr_scheduler: Callable | None = None,
+        clip_skip: int = 1,
+    ) -> None:
+        super().__init__()
+        if lr_schedule is not None and lr_scheduler is not None:
+            raise UserError(
+                "method.lr_schedule and method.lr_scheduler are both set; keep one and null the other"
+            )
+        if clip_skip < 1:
+            raise UserError(f"method.clip_skip={clip_skip}: must be >= 1 (1 = last layer, as in A1111)")
+        self.backbone_spec = backbone
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.lr_scheduler_factory = lr_scheduler
+        self.clip_skip = clip_skip
+        self.backbone: Backbone | None = None
+        self.schedule_end: int | None = None
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        precision = self.trainer.precision if self._trainer is not None else "32"
+        bb = self.backbone_spec.load(weight_dtype(precision))
+        self.backbone = bb
+        # registered as submodules so Lightning moves them to the device; frozen and in eval mode
+        self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        self.build_trainables(bb)
+
+    def build_trainables(self, backbone: Backbone) -> None:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """UNet conditioning `[B, 77, d]` for a list of prompts."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "DiffusionMethod":
+        super().train(mode)
+        if self.backbone is not None:  # the frozen parts never leave eval mode
+            for module in (self.unet, self.vae, self.text_encoder):
+                module.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
+
+    # ----------------------------------------------------------------- data
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen VAE: pixels `[B, 3, H, W]` in [-1, 1] -> scaled latent mean and std `[B, 4, H/8, W/8]`."""
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        scale = self.vae.config.scaling_factor
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (dist.mean - shift) * scale, dist.std * scale
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "cache_latents"):
+            datamodule.cache_latents(self.encode_images, self.backbone.resolution)
+
+    # ----------------------------------------------------------------- step
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        latents = batch["latents"]  # [B, 4, h, w] fp32, cached
+        scheduler = self.backbone.scheduler
+        noise = torch.randn_like(latents)
+        timesteps = losses.sample_timesteps(scheduler, latents.shape[0], latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        cond = self.encode_prompts(batch["prompt"])  # [B, 77, d]
+        dtype = self.unet.dtype
+        pred = self.unet(noisy.to(dtype), timesteps, cond.to(dtype)).sample
+        loss = losses.diffusion_mse(pred, losses.diffusion_target(scheduler, latents, noise, timesteps))
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        optimizer = self.trainer.optimizers[0]
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+        if self.schedule_end is not None and self.global_step >= self.schedule_end:
+            self.trainer.should_stop = True  # A1111: a schedule that ends before max_steps ends training
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or partial(torch.optim.AdamW, lr=5e-3, weight_decay=0.0)
+        optimizer = factory(self.param_groups())
+        if self.lr_schedule is not None:
+            pairs = parse_schedule(self.lr_schedule, int(self.trainer.estimated_stepping_batches))
+            self.schedule_end = schedule_end(pairs)
+            scheduler = schedule_lambda(optimizer, pairs)
+        elif self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])

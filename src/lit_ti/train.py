@@ -1,0 +1,76 @@
+"""`run(cfg)`: build the datamodule, method, callbacks, loggers and trainer from a Hydra config and fit."""
+
+import sys
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from lit_ti.errors import UserError
+
+
+def _asset(name: str) -> str:
+    """`${lit_ti.asset:example_concept}`: a folder shipped inside the package."""
+    return str(resources.files("lit_ti").joinpath("assets", name))
+
+
+if not OmegaConf.has_resolver("lit_ti.asset"):
+    OmegaConf.register_new_resolver("lit_ti.asset", _asset)
+
+
+def _named(node: DictConfig | None) -> list:
+    """Instantiate every non-null entry of a named group (callbacks, logger)."""
+    return [instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as the config says; return `cfg.optimized_metric` (for sweeps) when it was logged."""
+    start = time.time()
+    # the frozen backbone is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    # the spec goes in as an object: passed through instantiate() it would turn back into a config
+    method = instantiate(cfg.method, _partial_=True)(backbone=instantiate(cfg.model))
+    callbacks = _named(cfg.get("callbacks"))
+    loggers = _named(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    out = Path(cfg.paths.output_dir)
+    files = sorted(
+        p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin")
+    )
+    rank_zero_info(
+        f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
+        + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")
+        + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
+        + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
+    )
+    return float(metric) if metric is not None else None
+
+
+def main(cfg: DictConfig) -> float | None:
+    """`run` with user mistakes reported as one line (exit status 2) instead of a traceback."""
+    try:
+        return run(cfg)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,19 @@
+"""Train a concept: `python train.py [experiment=ti_subject] [key=value ...]` (see configs/)."""
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hides torchvision notices irrelevant here
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import lit_ti.train  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    return lit_ti.train.main(cfg)
+
+
+if __name__ == "__main__":
+    train()
