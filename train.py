@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hides torchvision notices irrelevant here
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-import lit_ti.train  # noqa: E402
+import lit_ti.train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

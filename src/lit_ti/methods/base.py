@@ -139,10 +139,12 @@ class DiffusionMethod(L.LightningModule):
 
     # ----------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain tensors and tuples only: Lightning reads checkpoints with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "python": random.getstate(),
         }
 
@@ -153,5 +155,6 @@ class DiffusionMethod(L.LightningModule):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         random.setstate(rng["python"])

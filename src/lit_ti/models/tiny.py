@@ -5,6 +5,7 @@ data file that the `openai-clip` package ships; the package itself is never impo
 torchvision).
 """
 
+import copy
 import gzip
 import importlib.util
 from dataclasses import dataclass
@@ -66,9 +67,16 @@ def _find_bpe_file() -> Path:
     )
 
 
-@lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
-    """The SD1.x CLIP tokenizer (49,408 tokens), built offline from the openai-clip BPE file."""
+    """The SD1.x CLIP tokenizer (49,408 tokens), built offline from the openai-clip BPE file.
+
+    Each call returns its own copy: loaders such as diffusers' `load_textual_inversion` add tokens to it.
+    """
+    return copy.deepcopy(_clip_tokenizer())
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer() -> CLIPTokenizer:
     with gzip.open(_find_bpe_file()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # line 0 is a header

@@ -1,0 +1,151 @@
+"""Short fits of textual inversion on the tiny backbone (CPU)."""
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_ti import io
+from lit_ti.callbacks import ExportEmbeddings, LossCSV, PreviewImages
+from lit_ti.data import ConceptDataModule
+from lit_ti.methods import TextualInversion
+from lit_ti.models import TinyBackbone
+
+NAME = "zz-thing"
+
+
+def fit(tmp_path, concept_dir, max_steps=6, ckpt_path=None, precision="32-true", accumulate=1, every=3, **method_kw):
+    L.seed_everything(0, verbose=False)
+    kw = dict(name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0))
+    method = TextualInversion(TinyBackbone(), **{**kw, **method_kw})
+    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, template="subject")
+    callbacks = [
+        ExportEmbeddings(str(tmp_path), every_n_steps=every),
+        PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
+        LossCSV(str(tmp_path)),
+        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        precision=precision,
+        accumulate_grad_batches=accumulate,
+        logger=TensorBoardLogger(str(tmp_path), name="tb", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    return method, trainer
+
+
+def test_fit_trains_only_the_bank_and_writes_every_output(tmp_path, concept_dir):
+    method, trainer = fit(tmp_path, concept_dir, max_steps=6)
+    assert trainer.global_step == 6
+
+    fresh = TinyBackbone().load()
+    for part in ("unet", "vae", "text_encoder"):
+        before, after = getattr(fresh, part).state_dict(), getattr(method, part).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"frozen {part} changed"
+        assert all(not p.requires_grad for p in getattr(method, part).parameters())
+    init = io.load_embedding(tmp_path / "embeddings" / f"{NAME}-3.pt")[f"{NAME}-3"]
+    final = io.load_embedding(tmp_path / f"{NAME}.pt")[NAME]
+    assert final.shape == (2, 32)
+    assert not torch.equal(init, final)
+    assert torch.equal(final, method.bank.get(NAME)["text_encoder"].detach())
+    assert torch.equal(io.load_embedding(tmp_path / f"{NAME}.safetensors")[NAME], final)
+
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"{NAME}-3.png", f"{NAME}-6.png"]
+    rows = (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,epoch_step,loss,learn_rate" and len(rows) == 7
+    assert rows[1].startswith("1,0,0,")
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"train/loss", "train/lr", f"train/emb_norm/{NAME}"} <= set(events.Tags()["scalars"])
+    assert "preview" in events.Tags()["images"]
+
+
+def test_checkpoint_holds_only_what_trains(tmp_path, concept_dir):
+    fit(tmp_path, concept_dir, max_steps=3)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert list(ckpt["state_dict"]) == ["bank.vectors.text_encoder__0"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").stat().st_size < 100_000
+    assert ckpt["optimizer_states"][0]["state"][0]["exp_avg"].shape == (2, 32)
+
+
+def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir):
+    straight, _ = fit(tmp_path / "a", concept_dir, max_steps=8, every=4)
+    fit(tmp_path / "b", concept_dir, max_steps=4, every=4)
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen:
+                seen["step"] = trainer.global_step
+                seen["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
+
+    L.seed_everything(0, verbose=False)
+    kw = dict(name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0))
+    resumed = TextualInversion(TinyBackbone(), **kw)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, callbacks=[Probe()], enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=ConceptDataModule(dir=str(concept_dir), name=NAME), ckpt_path=ckpt)
+    assert seen["step"] == 4 and trainer.global_step == 8
+    assert torch.equal(seen["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
+    a, b = straight.bank.get(NAME)["text_encoder"], resumed.bank.get(NAME)["text_encoder"]
+    assert torch.allclose(a, b, atol=1e-6), "interrupted + resumed run differs from the straight run"
+
+
+def test_lr_schedule_string_sets_rates_and_ends_training(tmp_path, concept_dir):
+    method, trainer = fit(tmp_path, concept_dir, max_steps=10, lr_schedule="0.02:2, 0.001:4", every=0)
+    assert trainer.global_step == 4  # the schedule ends before max_steps, as in A1111
+    rows = [r.split(",") for r in (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()[1:]]
+    assert [float(r[4]) for r in rows] == pytest.approx([0.02, 0.001, 0.001, 0.001])
+
+
+def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
+    method, trainer = fit(tmp_path, concept_dir, max_steps=2, precision="bf16-mixed", accumulate=2, every=0)
+    assert method.unet.dtype == torch.bfloat16 and method.text_encoder.dtype == torch.bfloat16
+    assert method.bank.vectors["text_encoder__0"].dtype == torch.float32
+    assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+    rows = (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(float(r.split(",")[3]) > 0 for r in rows[1:])
+
+
+def test_v_prediction_backbone_trains(tmp_path, concept_dir):
+    L.seed_everything(0, verbose=False)
+    method = TextualInversion(TinyBackbone(prediction_type="v_prediction"), name=NAME)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(method, datamodule=ConceptDataModule(dir=str(concept_dir), name=NAME))
+    assert method.backbone.prediction_type == "v_prediction"
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@torch.no_grad()
+def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, concept_dir):
+    method, _ = fit(tmp_path, concept_dir, max_steps=6, every=0)
+    bb = TinyBackbone().load()  # the same backbone, fresh
+    pipe = StableDiffusionPipeline(
+        vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet, scheduler=bb.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompt = f"a photo of {NAME}"
+
+    def generate():
+        return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    without = generate()
+    pipe.load_textual_inversion(str(tmp_path / f"{NAME}.pt"))
+    with_token = generate()
+    assert not torch.allclose(torch.from_numpy(without), torch.from_numpy(with_token), atol=1e-3)
+    # diffusers conditions exactly as training did
+    theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    assert torch.allclose(theirs, method.encode_prompts([prompt]), atol=1e-5)
