@@ -43,7 +43,9 @@ def make_concept_dir(folder: Path, n: int = 4, size: int = 48) -> Path:
         im.paste((255, 255, 255), (8, 8, 24, 24))
         im.save(folder / f"{i:03d}-a square thing.png")
         if i:
-            (folder / f"{i:03d}-a square thing.txt").write_text(f"a square thing, colour {i}\n", encoding="utf-8")
+            (folder / f"{i:03d}-a square thing.txt").write_text(
+                f"a square thing, colour {i}\n", encoding="utf-8"
+            )
     return folder
 
 

@@ -74,7 +74,14 @@ def test_empty_or_missing_folder_is_a_user_error(tmp_path):
 # --- templates ----------------------------------------------------------------------------------------------
 def test_shipped_templates():
     sizes = {name: len(load_templates(name)) for name in SHIPPED}
-    assert sizes == {"subject": 27, "subject_filewords": 27, "style": 19, "style_filewords": 19, "hypernetwork": 27, "none": 1}
+    assert sizes == {
+        "subject": 27,
+        "subject_filewords": 27,
+        "style": 19,
+        "style_filewords": 19,
+        "hypernetwork": 27,
+        "none": 1,
+    }
     assert all("[name]" in line for line in load_templates("subject"))
     assert all("[filewords]" in line and "[name]" in line for line in load_templates("style_filewords"))
 

@@ -19,19 +19,37 @@ from lit_ti.models import TinyBackbone
 NAME = "zz-thing"
 
 
-def fit(tmp_path, concept_dir, max_steps=6, ckpt_path=None, precision="32-true", accumulate=1, every=3, **method_kw):
+def fit(
+    tmp_path,
+    concept_dir,
+    max_steps=6,
+    ckpt_path=None,
+    precision="32-true",
+    accumulate=1,
+    every=3,
+    accelerator="cpu",
+    **method_kw,
+):
     L.seed_everything(0, verbose=False)
-    kw = dict(name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0))
+    kw = dict(
+        name=NAME,
+        num_vectors=2,
+        init_text="square thing",
+        optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0),
+    )
     method = TextualInversion(TinyBackbone(), **{**kw, **method_kw})
     dm = ConceptDataModule(dir=str(concept_dir), name=NAME, template="subject")
     callbacks = [
         ExportEmbeddings(str(tmp_path), every_n_steps=every),
         PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
         LossCSV(str(tmp_path)),
-        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
+        ModelCheckpoint(
+            dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True
+        ),
     ]
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_steps=max_steps,
         precision=precision,
         accumulate_grad_batches=accumulate,
@@ -93,9 +111,21 @@ def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir
                 seen["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
     L.seed_everything(0, verbose=False)
-    kw = dict(name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0))
+    kw = dict(
+        name=NAME,
+        num_vectors=2,
+        init_text="square thing",
+        optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0),
+    )
     resumed = TextualInversion(TinyBackbone(), **kw)
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, callbacks=[Probe()], enable_progress_bar=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        callbacks=[Probe()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(resumed, datamodule=ConceptDataModule(dir=str(concept_dir), name=NAME), ckpt_path=ckpt)
     assert seen["step"] == 4 and trainer.global_step == 8
     assert torch.equal(seen["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
@@ -104,7 +134,7 @@ def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir
 
 
 def test_lr_schedule_string_sets_rates_and_ends_training(tmp_path, concept_dir):
-    method, trainer = fit(tmp_path, concept_dir, max_steps=10, lr_schedule="0.02:2, 0.001:4", every=0)
+    _, trainer = fit(tmp_path, concept_dir, max_steps=10, lr_schedule="0.02:2, 0.001:4", every=0)
     assert trainer.global_step == 4  # the schedule ends before max_steps, as in A1111
     rows = [r.split(",") for r in (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()[1:]]
     assert [float(r[4]) for r in rows] == pytest.approx([0.02, 0.001, 0.001, 0.001])
@@ -122,7 +152,9 @@ def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
 def test_v_prediction_backbone_trains(tmp_path, concept_dir):
     L.seed_everything(0, verbose=False)
     method = TextualInversion(TinyBackbone(prediction_type="v_prediction"), name=NAME)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
     trainer.fit(method, datamodule=ConceptDataModule(dir=str(concept_dir), name=NAME))
     assert method.backbone.prediction_type == "v_prediction"
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -133,14 +165,22 @@ def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, conce
     method, _ = fit(tmp_path, concept_dir, max_steps=6, every=0)
     bb = TinyBackbone().load()  # the same backbone, fresh
     pipe = StableDiffusionPipeline(
-        vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet, scheduler=bb.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=bb.vae,
+        text_encoder=bb.text_encoder,
+        tokenizer=bb.tokenizer,
+        unet=bb.unet,
+        scheduler=bb.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     prompt = f"a photo of {NAME}"
 
     def generate():
-        return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(
+            prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     without = generate()
     pipe.load_textual_inversion(str(tmp_path / f"{NAME}.pt"))

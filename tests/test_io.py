@@ -67,7 +67,9 @@ def webui_accepts(path: Path) -> bool:
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".bin"])
 def test_round_trip(tmp_path, suffix):
     v = torch.randn(3, 32)
-    path = io.save_embedding(tmp_path / f"my-thing{suffix}", v, step=7, sd_checkpoint="abc", sd_checkpoint_name="m")
+    path = io.save_embedding(
+        tmp_path / f"my-thing{suffix}", v, step=7, sd_checkpoint="abc", sd_checkpoint_name="m"
+    )
     loaded = io.load_embedding(path)
     assert list(loaded) == ["my-thing"]
     assert torch.equal(loaded["my-thing"], v)
@@ -76,15 +78,29 @@ def test_round_trip(tmp_path, suffix):
 
 def test_a1111_pt_layout(tmp_path):
     v = torch.randn(2, 32, dtype=torch.float16, requires_grad=True)
-    path = io.save_embedding(tmp_path / "x.pt", v, name="x-500", step=500, sd_checkpoint="0123456789", sd_checkpoint_name="m")
+    path = io.save_embedding(
+        tmp_path / "x.pt", v, name="x-500", step=500, sd_checkpoint="0123456789", sd_checkpoint_name="m"
+    )
     data = torch.load(path, weights_only=True)
     assert type(data) is dict
-    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+    assert set(data) == {
+        "string_to_token",
+        "string_to_param",
+        "name",
+        "step",
+        "sd_checkpoint",
+        "sd_checkpoint_name",
+    }
     assert data["string_to_token"] == {"*": 265}
     assert data["string_to_param"]["*"].dtype == torch.float32
     assert data["string_to_param"]["*"].device.type == "cpu"
     assert torch.equal(data["string_to_param"]["*"], v.detach().float())
-    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == ("x-500", 500, "0123456789", "m")
+    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
+        "x-500",
+        500,
+        "0123456789",
+        "m",
+    )
     meta = io.read_embedding(path)[0]
     assert (meta.step, meta.sd_checkpoint, meta.sd_checkpoint_name) == (500, "0123456789", "m")
 
@@ -92,7 +108,9 @@ def test_a1111_pt_layout(tmp_path):
 def test_pt_and_bin_pass_the_webui_safe_unpickler(tmp_path):
     for suffix in (".pt", ".bin"):
         assert webui_accepts(io.save_embedding(tmp_path / f"x{suffix}", torch.randn(2, 8)))
-    assert webui_accepts(io.save_embedding(tmp_path / "xl.pt", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}))
+    assert webui_accepts(
+        io.save_embedding(tmp_path / "xl.pt", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)})
+    )
 
 
 def test_webui_check_rejects_what_torch_writes_by_default(tmp_path):
@@ -107,7 +125,9 @@ def test_webui_check_rejects_what_torch_writes_by_default(tmp_path):
 def test_safetensors_layout(tmp_path):
     path = io.save_embedding(tmp_path / "x.safetensors", torch.randn(2, 32), step=3)
     assert list(load_file(path)) == ["emb_params"]
-    xl = io.save_embedding(tmp_path / "xl.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})
+    xl = io.save_embedding(
+        tmp_path / "xl.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    )
     tensors = load_file(xl)
     assert tensors["clip_l"].shape == (2, 768) and tensors["clip_g"].shape == (2, 1280)
 
@@ -116,9 +136,20 @@ def test_safetensors_layout(tmp_path):
 def test_reads_foreign_layouts(tmp_path):
     v = torch.randn(2, 32)
     # A1111 as the webui writes it: a grad-requiring tensor, current zip serialisation
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": v.clone().requires_grad_()}, "name": "a", "step": 3}, tmp_path / "a1111.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": v.clone().requires_grad_()},
+            "name": "a",
+            "step": 3,
+        },
+        tmp_path / "a1111.pt",
+    )
     # original TI repo style with a Parameter and no name
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(v.clone())}}, tmp_path / "orig.pt")
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(v.clone())}},
+        tmp_path / "orig.pt",
+    )
     save_file({"emb_params": v}, tmp_path / "kohya.safetensors")
     torch.save({"<tok-a>": v, "<tok-b>": v[:1]}, tmp_path / "learned_embeds.bin")  # diffusers, two tokens
     torch.save({"<one>": v[0]}, tmp_path / "one.bin")  # diffusers 1-D vector

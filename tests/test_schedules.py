@@ -15,7 +15,11 @@ def test_a1111_example():
 
 
 def test_fractional_steps_are_shares_of_max_steps():
-    assert parse_schedule("0.1:0.25, 0.01:0.5, 0.001", max_steps=1000) == [(0.1, 250), (0.01, 500), (0.001, 1000)]
+    assert parse_schedule("0.1:0.25, 0.01:0.5, 0.001", max_steps=1000) == [
+        (0.1, 250),
+        (0.01, 500),
+        (0.001, 1000),
+    ]
 
 
 def test_bare_rate_and_minus_one_end_the_list():
@@ -30,7 +34,20 @@ def test_steps_past_max_are_clipped_and_early_end_is_kept():
 
 @pytest.mark.parametrize(
     "text",
-    ["", " , ", "abc", "0.1:abc", "0.1:10:20", "0.1:0", "0.1:-5", "0.1:2.5", "0.1:100, 0.2:50", "-0.1", "nan", "0.1:1.5"],
+    [
+        "",
+        " , ",
+        "abc",
+        "0.1:abc",
+        "0.1:10:20",
+        "0.1:0",
+        "0.1:-5",
+        "0.1:2.5",
+        "0.1:100, 0.2:50",
+        "-0.1",
+        "nan",
+        "0.1:1.5",
+    ],
 )
 def test_bad_strings_name_the_key(text):
     with pytest.raises(UserError, match="method.lr_schedule"):

@@ -10,13 +10,20 @@ def clip_states(backbone, prompt: str, clip_skip: int = 1) -> torch.Tensor:
     tok, te = backbone.tokenizer, backbone.text_encoder
     ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     out = te(ids, output_hidden_states=True)
-    return out.last_hidden_state if clip_skip == 1 else getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-clip_skip])
+    return (
+        out.last_hidden_state
+        if clip_skip == 1
+        else getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-clip_skip])
+    )
 
 
 def bank_with(backbone, **concepts) -> EmbeddingBank:
     bank = EmbeddingBank()
     for name, (text, n) in concepts.items():
-        bank.add(name.replace("_", "-"), {"text_encoder": init_vectors(backbone.tokenizer, backbone.text_encoder, text, n)})
+        bank.add(
+            name.replace("_", "-"),
+            {"text_encoder": init_vectors(backbone.tokenizer, backbone.text_encoder, text, n)},
+        )
     return bank
 
 
@@ -28,7 +35,9 @@ def test_splice_equals_the_words_it_was_initialised_from(backbone, clip_skip):
     ids, slots = PromptTokenizer(backbone.tokenizer, bank)(["a photo of my-thing, outdoors"])
     ours = encode(backbone.text_encoder, ids, slots, bank.table("text_encoder"), clip_skip)
     assert torch.allclose(ours, clip_states(backbone, "a photo of red dog, outdoors", clip_skip), atol=1e-6)
-    assert not torch.allclose(ours, clip_states(backbone, "a photo of blue cat, outdoors", clip_skip), atol=1e-3)
+    assert not torch.allclose(
+        ours, clip_states(backbone, "a photo of blue cat, outdoors", clip_skip), atol=1e-3
+    )
 
 
 def test_init_text_is_spread_over_the_vectors(backbone):

@@ -34,7 +34,9 @@ def run(cfg: DictConfig) -> float | None:
     start = time.time()
     # the frozen backbone is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning vs torch 2.13
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
+    )  # lightning vs torch 2.13
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     # the spec goes in as an object: passed through instantiate() it would turn back into a config

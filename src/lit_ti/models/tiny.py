@@ -19,11 +19,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from lit_ti.errors import UserError
 from lit_ti.models.backbone import Backbone, check_prediction_type
 
-# Sizes in the spirit of diffusers' own dummy test components; "small" is for benchmarks.
+# Sizes in the spirit of diffusers' own dummy test components; "small" and the SD1.5-shaped "sd15"
+# (real SD1.5 layer sizes, random weights) are for benchmarks: speed does not depend on weight values.
 SIZES = {
     "tiny": dict(
         image=64,  # -> latent 4x8x8
-        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8),
+        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
         unet=dict(
             block_out_channels=(32, 64),
             attention_head_dim=(2, 4),
@@ -35,7 +36,7 @@ SIZES = {
     ),
     "small": dict(
         image=128,  # -> latent 4x16x16
-        vae=dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=32),
+        vae=dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=32, layers_per_block=1),
         unet=dict(
             block_out_channels=(64, 128, 256),
             attention_head_dim=8,
@@ -44,6 +45,18 @@ SIZES = {
             layers_per_block=2,
         ),
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    ),
+    "sd15": dict(
+        image=512,  # -> latent 4x64x64
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2),
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            layers_per_block=2,
+        ),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     ),
 }
 
@@ -91,7 +104,7 @@ class TinyBackbone:
     """Random-weight SD-shaped components (no files, no downloads).
 
     Args:
-        size: `tiny` (64 px, ~2.6 M parameters) or `small` (128 px, ~38 M).
+        size: `tiny` (64 px, 2.6 M parameters), `small` (128 px, 38 M) or `sd15` (512 px, SD1.5's shapes).
         seed: weight initialisation seed; the same seed gives bit-identical weights.
         prediction_type: `epsilon` or `v_prediction`.
     """
@@ -115,7 +128,6 @@ class TinyBackbone:
                 up_block_types=("UpDecoderBlock2D",) * n_vae,
                 latent_channels=4,
                 sample_size=cfg["image"],
-                layers_per_block=1,
                 **cfg["vae"],
             )
             text = cfg["text"]

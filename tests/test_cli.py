@@ -1,0 +1,77 @@
+"""`python train.py ...` as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT
+
+
+def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_default_run_writes_every_output(tmp_path):
+    run = train("trainer.max_steps=30", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"lit-example.pt", "lit-example.safetensors", "textual_inversion_loss.csv"} <= files
+    assert list((tmp_path / "previews").glob("*.png"))
+    assert len((tmp_path / "textual_inversion_loss.csv").read_text().splitlines()) == 31
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert "trained 'lit-example' for 30 steps" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.dir=/no/such/folder", "data.dir"),
+        ("name=cat", "name='cat' is already a token"),
+        ("method.lr_schedule='0.1:abc'", "method.lr_schedule"),
+        ("model=diffusers model.path=/no/such/model", "model.path"),
+        ("data.template=style_filewords data.dir=__digits__", "[filewords]"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message):
+    if "__digits__" in override:
+        from PIL import Image
+
+        for i in range(2):
+            Image.new("RGB", (16, 16)).save(tmp_path / f"{i:04d}.png")
+        override = override.replace("__digits__", str(tmp_path))
+    run = train(*override.split(), f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], run.stderr[-2000:]
+    assert not list(tmp_path.glob("run/*.pt"))
+
+
+def test_cfg_job_prints_the_config():
+    run = train("experiment=ti_style", "--cfg", "job")
+    assert run.returncode == 0, run.stderr
+    assert "template: style" in run.stdout and "_target_: lit_ti.methods.TextualInversion" in run.stdout
+
+
+def test_multirun_sweeps(tmp_path):
+    run = train(
+        "-m",
+        "trainer.max_steps=2",
+        "method.optimizer.lr=0.01,0.02",
+        "callbacks.preview=null",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/lit-example.pt")) == ["0", "1"]
