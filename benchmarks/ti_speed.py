@@ -12,6 +12,7 @@ import os
 import resource
 import time
 import warnings
+from importlib import resources
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -21,7 +22,6 @@ import torch
 from lit_ti.data import ConceptDataModule
 from lit_ti.methods import TextualInversion
 from lit_ti.models import TinyBackbone
-from lit_ti.train import _asset
 
 warnings.filterwarnings("ignore")
 
@@ -54,13 +54,17 @@ class Timer(L.Callback):
 
 def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) -> dict:
     L.seed_everything(0, verbose=False)
+    torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     method = TextualInversion(
         TinyBackbone(size=backbone), name="bench-concept", num_vectors=4, init_text="thing"
     )
     dm = ConceptDataModule(
-        dir=_asset("example_concept"), name="bench-concept", batch_size=batch, repeats=max(1, batch)
+        dir=str(resources.files("lit_ti").joinpath("assets", "example_concept")),
+        name="bench-concept",
+        batch_size=batch,
+        repeats=max(1, batch),
     )
     timer = Timer(warmup)
     trainer = L.Trainer(

@@ -28,6 +28,7 @@ def fit(
     accumulate=1,
     every=3,
     accelerator="cpu",
+    extra_callbacks=(),
     **method_kw,
 ):
     L.seed_everything(0, verbose=False)
@@ -46,6 +47,7 @@ def fit(
         ModelCheckpoint(
             dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True
         ),
+        *extra_callbacks,
     ]
     trainer = L.Trainer(
         accelerator=accelerator,

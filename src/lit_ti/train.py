@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> float | None:
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # lightning vs torch 2.13
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
     # the spec goes in as an object: passed through instantiate() it would turn back into a config
     method = instantiate(cfg.method, _partial_=True)(backbone=instantiate(cfg.model))

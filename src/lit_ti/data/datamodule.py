@@ -41,7 +41,7 @@ class ConceptDataModule(L.LightningDataModule):
             `random` (a fresh sample every step).
         filewords_regex / filewords_join: A1111's "filename word regex" and "join string".
         shuffle_tags / tag_dropout: shuffle or drop the comma-separated caption tags per sample.
-        batch_size, num_workers: DataLoader settings; batch_size is capped at the number of images.
+        batch_size, num_workers: DataLoader settings; batch_size is capped at images × repeats.
         repeats: how many times each image appears per epoch.
         seed: seed of the one-off latent sample of `once`.
     """
@@ -150,9 +150,15 @@ class ConceptDataModule(L.LightningDataModule):
                 "ConceptDataModule.cache_latents must run before training (the method calls it)"
             )
         dataset = _ConceptDataset(self)
+        if self.batch_size > len(dataset):
+            warnings.warn(
+                f"data.batch_size={self.batch_size} is more than the {len(dataset)} samples per epoch; using "
+                f"{len(dataset)} (raise data.repeats to keep the batch size)",
+                stacklevel=2,
+            )
         return DataLoader(
             dataset,
-            batch_size=min(self.batch_size, len(self.paths)),
+            batch_size=min(self.batch_size, len(dataset)),
             shuffle=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lit_ti.errors import UserError
@@ -163,7 +164,10 @@ class TinyBackbone:
             prediction_type=self.prediction_type,
         )
         if dtype != torch.float32:
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # a fresh model has no fp32-only modules to warn about
             unet, text_encoder = unet.to(dtype), text_encoder.to(dtype)
+            diffusers_logging.set_verbosity(verbosity)
         return Backbone(
             unet=unet,
             vae=vae,
