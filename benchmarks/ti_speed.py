@@ -57,9 +57,7 @@ def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) 
     torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    method = TextualInversion(
-        TinyBackbone(size=backbone), name="bench-concept", num_vectors=4, init_text="thing"
-    )
+    method = TextualInversion(TinyBackbone(size=backbone), name="bench-concept", num_vectors=4, init_text="thing")
     dm = ConceptDataModule(
         dir=str(resources.files("lit_ti").joinpath("assets", "example_concept")),
         name="bench-concept",
@@ -92,20 +90,14 @@ def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny", choices=["tiny", "small", "sd15"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"lit_ti TI step, backbone={args.backbone}, precision={args.precision}, device={device}")
     print(f"{'batch':>5} {'samples/s':>10} {'ms/step':>9} {'first step s':>13} {'peak GiB':>9}")
     for batch in args.batch:

@@ -21,8 +21,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    from lit_ti.train import QUIET
+
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
     torch.set_num_threads(2)
 
 
@@ -43,9 +45,7 @@ def make_concept_dir(folder: Path, n: int = 4, size: int = 48) -> Path:
         im.paste((255, 255, 255), (8, 8, 24, 24))
         im.save(folder / f"{i:03d}-a square thing.png")
         if i:
-            (folder / f"{i:03d}-a square thing.txt").write_text(
-                f"a square thing, colour {i}\n", encoding="utf-8"
-            )
+            (folder / f"{i:03d}-a square thing.txt").write_text(f"a square thing, colour {i}\n", encoding="utf-8")
     return folder
 
 

@@ -44,9 +44,7 @@ def fit(
         ExportEmbeddings(str(tmp_path), every_n_steps=every),
         PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
         LossCSV(str(tmp_path)),
-        ModelCheckpoint(
-            dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True
-        ),
+        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
         *extra_callbacks,
     ]
     trainer = L.Trainer(
@@ -139,7 +137,7 @@ def test_lr_schedule_string_sets_rates_and_ends_training(tmp_path, concept_dir):
     _, trainer = fit(tmp_path, concept_dir, max_steps=10, lr_schedule="0.02:2, 0.001:4", every=0)
     assert trainer.global_step == 4  # the schedule ends before max_steps, as in A1111
     rows = [r.split(",") for r in (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()[1:]]
-    assert [float(r[4]) for r in rows] == pytest.approx([0.02, 0.001, 0.001, 0.001])
+    assert [float(r[4]) for r in rows] == pytest.approx([0.02, 0.02, 0.001, 0.001])  # rate used by each step
 
 
 def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
@@ -180,9 +178,7 @@ def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, conce
     prompt = f"a photo of {NAME}"
 
     def generate():
-        return pipe(
-            prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
-        ).images
+        return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
 
     without = generate()
     pipe.load_textual_inversion(str(tmp_path / f"{NAME}.pt"))

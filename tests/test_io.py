@@ -67,9 +67,7 @@ def webui_accepts(path: Path) -> bool:
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".bin"])
 def test_round_trip(tmp_path, suffix):
     v = torch.randn(3, 32)
-    path = io.save_embedding(
-        tmp_path / f"my-thing{suffix}", v, step=7, sd_checkpoint="abc", sd_checkpoint_name="m"
-    )
+    path = io.save_embedding(tmp_path / f"my-thing{suffix}", v, step=7, sd_checkpoint="abc", sd_checkpoint_name="m")
     loaded = io.load_embedding(path)
     assert list(loaded) == ["my-thing"]
     assert torch.equal(loaded["my-thing"], v)
@@ -125,9 +123,7 @@ def test_webui_check_rejects_what_torch_writes_by_default(tmp_path):
 def test_safetensors_layout(tmp_path):
     path = io.save_embedding(tmp_path / "x.safetensors", torch.randn(2, 32), step=3)
     assert list(load_file(path)) == ["emb_params"]
-    xl = io.save_embedding(
-        tmp_path / "xl.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
-    )
+    xl = io.save_embedding(tmp_path / "xl.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})
     tensors = load_file(xl)
     assert tensors["clip_l"].shape == (2, 768) and tensors["clip_g"].shape == (2, 1280)
 

@@ -56,9 +56,7 @@ def _end_step(step_text: str | None, max_steps: int, text: str, key: str) -> int
     if 0 < value <= 1 and ("." in step_text or "e" in step_text.lower()):
         return max(1, round(value * max_steps))  # a share of max_steps
     if value < 1 or value != int(value):
-        raise UserError(
-            f"{key}={text!r}: step {step_text} must be a positive integer, -1, or a fraction in (0, 1]"
-        )
+        raise UserError(f"{key}={text!r}: step {step_text} must be a positive integer, -1, or a fraction in (0, 1]")
     return int(value)
 
 

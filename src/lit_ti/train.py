@@ -24,6 +24,14 @@ if not OmegaConf.has_resolver("lit_ti.asset"):
     OmegaConf.register_new_resolver("lit_ti.asset", _asset)
 
 
+# Lightning warnings that do not apply to this kind of training
+QUIET = (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen backbone is in eval mode on purpose
+    r".*isinstance\(treespec, LeafSpec\)",  # lightning 2.6 against torch 2.13, harmless
+    r"The number of training batches \(\d+\) is smaller than the logging",  # we log per optimizer step
+)
+
+
 def _named(node: DictConfig | None) -> list:
     """Instantiate every non-null entry of a named group (callbacks, logger)."""
     return [instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
@@ -32,11 +40,8 @@ def _named(node: DictConfig | None) -> list:
 def run(cfg: DictConfig) -> float | None:
     """Train as the config says; return `cfg.optimized_metric` (for sweeps) when it was logged."""
     start = time.time()
-    # the frozen backbone is in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings(
-        "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
-    )  # lightning vs torch 2.13
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
@@ -51,9 +56,7 @@ def run(cfg: DictConfig) -> float | None:
 
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     out = Path(cfg.paths.output_dir)
-    files = sorted(
-        p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin")
-    )
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin"))
     rank_zero_info(
         f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")

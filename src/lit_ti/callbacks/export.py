@@ -16,9 +16,7 @@ class ExportEmbeddings(L.Callback):
         formats: any of `pt` (A1111), `safetensors` (kohya/A1111/ComfyUI), `bin` (diffusers).
     """
 
-    def __init__(
-        self, dirpath: str, every_n_steps: int = 500, formats: tuple[str, ...] = ("pt", "safetensors")
-    ):
+    def __init__(self, dirpath: str, every_n_steps: int = 500, formats: tuple[str, ...] = ("pt", "safetensors")):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.formats = tuple(formats)

@@ -20,6 +20,11 @@ class LossCSV(L.Callback):
         self.total: torch.Tensor | None = None
         self.count = 0
         self.last_step = 0
+        self.lr = 0.0
+
+    @rank_zero_only
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses (schedulers step after)
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -36,13 +41,10 @@ class LossCSV(L.Callback):
 
     def _write(self, trainer, step: int, loss: float) -> None:
         steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
-            writer.writerow(
-                [step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", lr]
-            )
+            writer.writerow([step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", self.lr])

@@ -66,9 +66,7 @@ class ConceptDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if latent_sampling not in LATENT_SAMPLING:
-            raise UserError(
-                f"data.latent_sampling={latent_sampling!r}: use one of {', '.join(LATENT_SAMPLING)}"
-            )
+            raise UserError(f"data.latent_sampling={latent_sampling!r}: use one of {', '.join(LATENT_SAMPLING)}")
         if crop not in ("center", "squash"):
             raise UserError(f"data.crop={crop!r}: use 'center' or 'squash'")
         if batch_size < 1 or repeats < 1 or num_workers < 0:
@@ -123,9 +121,7 @@ class ConceptDataModule(L.LightningDataModule):
             kept_paths.append(path)
             kept_captions.append(text)
         if broken:
-            warnings.warn(
-                f"data.dir: skipped {len(broken)} unreadable image(s): {'; '.join(broken)}", stacklevel=2
-            )
+            warnings.warn(f"data.dir: skipped {len(broken)} unreadable image(s): {'; '.join(broken)}", stacklevel=2)
         if not pixels:
             raise UserError(f"data.dir: no image in {self.dir} could be decoded")
         self.paths, self.captions = kept_paths, kept_captions
@@ -146,9 +142,7 @@ class ConceptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.latents is None:
-            raise RuntimeError(
-                "ConceptDataModule.cache_latents must run before training (the method calls it)"
-            )
+            raise RuntimeError("ConceptDataModule.cache_latents must run before training (the method calls it)")
         dataset = _ConceptDataset(self)
         if self.batch_size > len(dataset):
             warnings.warn(

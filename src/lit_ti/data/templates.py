@@ -26,9 +26,7 @@ def load_templates(template: str) -> list[str]:
     return lines
 
 
-def fill(
-    line: str, name: str, caption: str, rng: random.Random, shuffle: bool = False, dropout: float = 0.0
-) -> str:
+def fill(line: str, name: str, caption: str, rng: random.Random, shuffle: bool = False, dropout: float = 0.0) -> str:
     """A1111's create_text: optional tag dropout/shuffle on the comma-separated caption, then `[filewords]`,
     then `[name]`."""
     if shuffle or dropout > 0:

@@ -114,9 +114,7 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
         elif suffix in (".pt", ".bin", ".ckpt"):
             data = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise UserError(
-                f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin or .safetensors"
-            )
+            raise UserError(f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin or .safetensors")
     except UserError:
         raise
     except Exception as e:
@@ -143,9 +141,7 @@ def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
     if "string_to_param" in data:  # A1111 / original TI
         params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])
         if len(params) != 1:
-            raise UserError(
-                f"{path}: embedding file has {len(params)} terms in it; A1111 files hold exactly one"
-            )
+            raise UserError(f"{path}: embedding file has {len(params)} terms in it; A1111 files hold exactly one")
         return [EmbeddingFile(path.stem, _cpu32(next(iter(params.values()))), **common)]
     if all(k in data for k in SDXL_KEYS):
         return [EmbeddingFile(path.stem, _cpu32({k: data[k] for k in SDXL_KEYS}), **common)]

@@ -44,9 +44,7 @@ class DiffusionMethod(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
-            raise UserError(
-                "method.lr_schedule and method.lr_scheduler are both set; keep one and null the other"
-            )
+            raise UserError("method.lr_schedule and method.lr_scheduler are both set; keep one and null the other")
         if clip_skip < 1:
             raise UserError(f"method.clip_skip={clip_skip}: must be >= 1 (1 = last layer, as in A1111)")
         self.backbone_spec = backbone
@@ -117,9 +115,11 @@ class DiffusionMethod(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # read before the step: Lightning steps the LR scheduler before on_train_batch_end
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        optimizer = self.trainer.optimizers[0]
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
         if self.schedule_end is not None and self.global_step >= self.schedule_end:
             self.trainer.should_stop = True  # A1111: a schedule that ends before max_steps ends training
 

@@ -54,9 +54,7 @@ class TextualInversion(DiffusionMethod):
             vectors = files[0].vectors
             if isinstance(vectors, dict) or vectors.shape[1] != width:
                 shape = (
-                    {k: list(v.shape) for k, v in vectors.items()}
-                    if isinstance(vectors, dict)
-                    else list(vectors.shape)
+                    {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
                 )
                 raise UserError(
                     f"method.init_file: {self.init_file} holds vectors of shape {shape}, but this model's text "
@@ -104,9 +102,7 @@ class TextualInversion(DiffusionMethod):
         """Write every concept as `<directory>/<name><tag>.<fmt>`; A1111 reads `<name><tag>` as its name."""
         unknown = set(formats) - set(FORMATS)
         if unknown:
-            raise UserError(
-                f"callbacks.export.formats: unknown {sorted(unknown)}; use some of {', '.join(FORMATS)}"
-            )
+            raise UserError(f"callbacks.export.formats: unknown {sorted(unknown)}; use some of {', '.join(FORMATS)}")
         written = []
         for name, vectors in self.concepts().items():
             for fmt in formats:

@@ -42,9 +42,7 @@ class EmbeddingBank(nn.Module):
 
     def get(self, name: str) -> dict[str, Tensor]:
         """`{encoder: [n, d]}` for one concept (live parameters)."""
-        return {
-            e: self.vectors[self._key(name, e)] for e in self.encoders() if self._key(name, e) in self.vectors
-        }
+        return {e: self.vectors[self._key(name, e)] for e in self.encoders() if self._key(name, e) in self.vectors}
 
     def num_vectors(self, name: str) -> int:
         return next(iter(self.get(name).values())).shape[0]

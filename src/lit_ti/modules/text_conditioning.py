@@ -45,9 +45,7 @@ def init_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, init_tex
     Vector i copies token floor(i*k/n) of the k (<= n) init tokens; an empty init text gives zeros.
     """
     if not 1 <= n <= MAX_VECTORS:
-        raise UserError(
-            f"method.num_vectors={n}: must be between 1 and {MAX_VECTORS} (the prompt's token budget)"
-        )
+        raise UserError(f"method.num_vectors={n}: must be between 1 and {MAX_VECTORS} (the prompt's token budget)")
     weight = text_encoder.get_input_embeddings().weight
     ids = tokenizer(init_text, add_special_tokens=False).input_ids[:n]
     if not ids:
@@ -95,9 +93,7 @@ class PromptTokenizer:
         limit = tok.model_max_length - 2
         if len(ids) > limit and prompt not in self.warned:
             self.warned.add(prompt)
-            warnings.warn(
-                f"prompt is {len(ids)} tokens, over the {limit}-token budget; cut: {prompt!r}", stacklevel=3
-            )
+            warnings.warn(f"prompt is {len(ids)} tokens, over the {limit}-token budget; cut: {prompt!r}", stacklevel=3)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = [tok.bos_token_id, *ids[:limit], tok.eos_token_id]
         slots = [-1, *slots[:limit], -1]
