@@ -29,6 +29,7 @@ def fit(
     every=3,
     accelerator="cpu",
     extra_callbacks=(),
+    trainer_kw=None,
     **method_kw,
 ):
     L.seed_everything(0, verbose=False)
@@ -58,6 +59,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
+        **(trainer_kw or {}),
     )
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     return method, trainer
@@ -147,6 +149,25 @@ def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
     assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
     rows = (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()
     assert len(rows) == 3 and all(float(r.split(",")[3]) > 0 for r in rows[1:])
+
+
+def test_gradient_clipping_goes_through_the_trainer(tmp_path, concept_dir):
+    """AdamW normalises step sizes, so use plain SGD to see the clipped gradient norm in the update."""
+    sgd = partial(torch.optim.SGD, lr=1.0)
+    free, _ = fit(tmp_path / "free", concept_dir, max_steps=1, every=0, optimizer=sgd)
+    clipped, _ = fit(
+        tmp_path / "clip",
+        concept_dir,
+        max_steps=1,
+        every=0,
+        optimizer=sgd,
+        trainer_kw={"gradient_clip_val": 1e-4, "gradient_clip_algorithm": "norm"},
+    )
+    init = TinyBackbone().load()
+    start = clipped.initial_vectors(init, "square thing", 2)
+    moved = float((clipped.bank.get(NAME)["text_encoder"].detach() - start).norm())
+    assert moved == pytest.approx(1e-4, rel=1e-2)
+    assert float((free.bank.get(NAME)["text_encoder"].detach() - start).norm()) > 10 * moved
 
 
 def test_v_prediction_backbone_trains(tmp_path, concept_dir):
