@@ -1,6 +1,5 @@
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from lit_ti.errors import UserError
 from lit_ti.models import DiffusersFolder, TinyBackbone, weight_dtype
@@ -9,17 +8,7 @@ from lit_ti.models import DiffusersFolder, TinyBackbone, weight_dtype
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """The tiny backbone saved in diffusers layout, as a user's local SD folder would be."""
-    bb = TinyBackbone(seed=3).load()
-    pipe = StableDiffusionPipeline(
-        vae=bb.vae,
-        text_encoder=bb.text_encoder,
-        tokenizer=bb.tokenizer,
-        unet=bb.unet,
-        scheduler=bb.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = TinyBackbone(seed=3).load().pipeline()
     folder = tmp_path_factory.mktemp("sd") / "my-model"
     pipe.save_pretrained(folder)
     return folder

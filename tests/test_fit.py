@@ -5,7 +5,6 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,6 +16,9 @@ from lit_ti.methods import TextualInversion
 from lit_ti.models import TinyBackbone
 
 NAME = "zz-thing"
+METHOD = dict(
+    name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0)
+)
 
 
 def fit(
@@ -33,13 +35,7 @@ def fit(
     **method_kw,
 ):
     L.seed_everything(0, verbose=False)
-    kw = dict(
-        name=NAME,
-        num_vectors=2,
-        init_text="square thing",
-        optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0),
-    )
-    method = TextualInversion(TinyBackbone(), **{**kw, **method_kw})
+    method = TextualInversion(TinyBackbone(), **{**METHOD, **method_kw})
     dm = ConceptDataModule(dir=str(concept_dir), name=NAME, template="subject")
     callbacks = [
         ExportEmbeddings(str(tmp_path), every_n_steps=every),
@@ -113,13 +109,7 @@ def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir
                 seen["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
     L.seed_everything(0, verbose=False)
-    kw = dict(
-        name=NAME,
-        num_vectors=2,
-        init_text="square thing",
-        optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0),
-    )
-    resumed = TextualInversion(TinyBackbone(), **kw)
+    resumed = TextualInversion(TinyBackbone(), **METHOD)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=8,
@@ -184,18 +174,7 @@ def test_v_prediction_backbone_trains(tmp_path, concept_dir):
 @torch.no_grad()
 def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, concept_dir):
     method, _ = fit(tmp_path, concept_dir, max_steps=6, every=0)
-    bb = TinyBackbone().load()  # the same backbone, fresh
-    pipe = StableDiffusionPipeline(
-        vae=bb.vae,
-        text_encoder=bb.text_encoder,
-        tokenizer=bb.tokenizer,
-        unet=bb.unet,
-        scheduler=bb.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = TinyBackbone().load().pipeline()  # the same backbone, fresh
     prompt = f"a photo of {NAME}"
 
     def generate():

@@ -15,7 +15,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -81,21 +80,6 @@ class PreviewImages(L.Callback):
         if trainer.global_step != self.last_step:
             self.render(trainer, pl_module, trainer.global_step)
 
-    def _pipeline(self, pl_module) -> StableDiffusionPipeline:
-        bb = pl_module.backbone
-        pipe = StableDiffusionPipeline(
-            vae=bb.vae,
-            text_encoder=bb.text_encoder,
-            tokenizer=bb.tokenizer,
-            unet=bb.unet,
-            scheduler=SAMPLERS[self.sampler].from_config(bb.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     @torch.no_grad()
     def render(self, trainer, pl_module, step: int) -> Path:
         self.last_step = step
@@ -110,7 +94,8 @@ class PreviewImages(L.Callback):
             torch.random.fork_rng(devices=devices),
             torch.autocast(pl_module.device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
-            images = self._pipeline(pl_module)(
+            bb = pl_module.backbone
+            images = bb.pipeline(SAMPLERS[self.sampler].from_config(bb.scheduler.config))(
                 prompt_embeds=cond.to(dtype),
                 negative_prompt_embeds=uncond.to(dtype),
                 height=size,

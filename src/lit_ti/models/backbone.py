@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lit_ti.errors import UserError
@@ -49,6 +49,21 @@ class Backbone:
     @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
+
+    def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+        """A diffusers pipeline around these very modules (no copy, no reload), for sampling."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler or self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def freeze(self) -> "Backbone":
         for module in (self.unet, self.vae, self.text_encoder):
