@@ -59,7 +59,7 @@ def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) 
         torch.cuda.reset_peak_memory_stats()
     method = TextualInversion(TinyBackbone(size=backbone), name="bench-concept", num_vectors=4, init_text="thing")
     dm = ConceptDataModule(
-        dir=str(resources.files("lit_ti").joinpath("assets", "example_concept")),
+        dir=str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "purple_star")),
         name="bench-concept",
         batch_size=batch,
         repeats=max(1, batch),

@@ -23,15 +23,18 @@ def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_default_run_writes_every_output(tmp_path):
-    run = train("trainer.max_steps=30", f"hydra.run.dir={tmp_path}")
+    run = train("trainer.max_steps=30", "callbacks.toy_eval.samples=4", f"hydra.run.dir={tmp_path}")
     assert run.returncode == 0, run.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"lit-example.pt", "lit-example.safetensors", "textual_inversion_loss.csv"} <= files
+    assert {"toy-concept.pt", "toy-concept.safetensors", "textual_inversion_loss.csv"} <= files
     assert list((tmp_path / "previews").glob("*.png"))
     assert len((tmp_path / "textual_inversion_loss.csv").read_text().splitlines()) == 4  # every 10 steps
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert "train/loss" in events.Tags()["scalars"]
-    assert "trained 'lit-example' for 30 steps" in run.stdout + run.stderr
+    out = run.stdout + run.stderr
+    assert "trained 'toy-concept' for 30 steps" in out
+    assert "eval/recovery = " in out and "eval/accuracy = " in out
+    assert {"eval/recovery", "eval/accuracy"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize(
@@ -74,4 +77,4 @@ def test_multirun_sweeps(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.parent.name for p in tmp_path.glob("*/lit-example.pt")) == ["0", "1"]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == ["0", "1"]

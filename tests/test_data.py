@@ -81,6 +81,7 @@ def test_shipped_templates():
         "style_filewords": 19,
         "hypernetwork": 27,
         "none": 1,
+        "toy": 9,
     }
     assert all("[name]" in line for line in load_templates("subject"))
     assert all("[filewords]" in line and "[name]" in line for line in load_templates("style_filewords"))

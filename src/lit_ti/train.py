@@ -16,7 +16,7 @@ from lit_ti.errors import UserError
 
 
 def _asset(name: str) -> str:
-    """`${lit_ti.asset:example_concept}`: a folder shipped inside the package."""
+    """`${lit_ti.asset:toy_base}`: a folder shipped inside the package."""
     return str(resources.files("lit_ti").joinpath("assets", name))
 
 
@@ -60,6 +60,11 @@ def run(cfg: DictConfig) -> float | None:
     rank_zero_info(
         f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")
+        + "".join(
+            f"\n[lit_ti] {k} = {float(v):.4f}"
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith("eval/")
+        )
         + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
         + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
     )

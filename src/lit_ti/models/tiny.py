@@ -8,6 +8,7 @@ torchvision).
 import copy
 import gzip
 import importlib.util
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,15 +90,32 @@ def clip_tokenizer() -> CLIPTokenizer:
     return copy.deepcopy(_clip_tokenizer())
 
 
-@lru_cache(maxsize=1)
-def _clip_tokenizer() -> CLIPTokenizer:
+def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     with gzip.open(_find_bpe_file()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # line 0 is a header
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer() -> CLIPTokenizer:
+    vocab, merges = _clip_vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def write_clip_vocabulary(folder: Path) -> None:
+    """The tokenizer as the classic `vocab.json` + `merges.txt` pair (what SD model folders ship)."""
+    vocab, merges = _clip_vocabulary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""At the end of training on a toy concept, measure how well it was learned (see lit_ti.toy.evaluation)."""
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lit_ti.toy.evaluation import evaluate
+
+TOY_MODEL = "toy_base"  # the shipped model's folder name; on any other model there is no ground truth
+
+
+class ToyEvaluation(L.Callback):
+    """Logs `eval/recovery` and `eval/accuracy` (plus the four losses) to the loggers and the trainer's
+    metrics, so sweeps can optimise them.
+
+    Args:
+        concept: the toy concept the data shows, `<colour>_<shape>` (e.g. `purple_star`).
+        samples: generated images judged by the classifier.
+    """
+
+    def __init__(self, concept: str, samples: int = 32) -> None:
+        self.concept = concept
+        self.samples = samples
+        self.init: dict | None = None
+        self.results: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.init is None:
+            self.init = {k: v.detach().clone() for k, v in pl_module.bank.vectors.items()}
+
+    def state_dict(self) -> dict:
+        return {"init": self.init}  # a resumed run still measures against the very first vectors
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.init = state_dict["init"]
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.backbone.name != TOY_MODEL:
+            rank_zero_info(
+                f"[lit_ti] toy evaluation skipped: the model is not the toy base ({pl_module.backbone.name})"
+            )
+            return
+        init = {k: v.to(pl_module.device) for k, v in self.init.items()}
+        self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        metrics = {f"eval/{k}": v for k, v in self.results.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

@@ -1,0 +1,123 @@
+"""The toy world, its classifier, the shipped base model and the evaluator's honesty."""
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from lit_ti.methods import TextualInversion
+from lit_ti.models import DiffusersFolder
+from lit_ti.toy import classifier, pretrain
+from lit_ti.toy.evaluation import evaluate
+from lit_ti.toy.world import HELD_OUT, SHAPES, Scene, concept_parts, random_scene, render, seen_concepts, write_concept
+from lit_ti.train import _asset
+
+TOY = _asset("toy_base")
+
+
+def test_world_is_deterministic_and_captioned(tmp_path):
+    folder = write_concept("purple_star", tmp_path / "ps", n=3, seed=1)
+    again = write_concept("purple_star", tmp_path / "ps2", n=3, seed=1)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "0000.png",
+        "0000.txt",
+        "0001.png",
+        "0001.txt",
+        "0002.png",
+        "0002.txt",
+    ]
+    assert (folder / "0000.png").read_bytes() == (again / "0000.png").read_bytes()
+    caption = (folder / "0000.txt").read_text()
+    assert "purple star on a" in caption
+    assert Image.open(folder / "0000.png").size == (64, 64)
+    scene = Scene("cross", "red", "black", "small", 0.5, 0.5)
+    assert scene.caption() == "a small red cross on a black background" and scene.caption("object") == "a red cross"
+    with pytest.raises(ValueError, match="unknown toy concept"):
+        concept_parts("pink_blob")
+
+
+def test_held_out_concepts_are_built_from_seen_parts():
+    seen = seen_concepts()
+    assert not set(HELD_OUT) & set(seen)
+    for concept in HELD_OUT:
+        colour, shape = concept_parts(concept)
+        assert any(c.startswith(colour + "_") for c in seen) and any(c.endswith("_" + shape) for c in seen)
+    rng = random.Random(0)
+    assert all(random_scene(rng).concept in seen for _ in range(200))
+
+
+def test_shipped_classifier_reads_renders():
+    judge = classifier.load()
+    assert classifier.accuracy(judge, n=300, seed=7) >= 0.95
+    shapes = [render(Scene(s, "blue", "white", "large", 0.5, 0.5)) for s in SHAPES]
+    assert judge.read(classifier.to_tensor(shapes)) == [f"blue_{s}" for s in SHAPES]
+
+
+def test_shipped_base_model_loads_generically_and_fits_the_budget():
+    from pathlib import Path
+
+    size = sum(f.stat().st_size for f in Path(TOY).rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    bb = DiffusersFolder(TOY).load()
+    assert len(bb.tokenizer) == 49408 and bb.resolution == 64
+    recipe = json.loads((Path(TOY) / "recipe.json").read_text())
+    assert recipe["sample_accuracy"] >= 0.8
+
+
+@torch.no_grad()
+def test_base_model_draws_what_it_is_told():
+    bb = DiffusersFolder(TOY).load()
+    from diffusers import DDIMScheduler
+
+    pipe = bb.pipeline(DDIMScheduler.from_config(bb.scheduler.config))
+    wanted = ["red_circle", "blue_square", "yellow_star", "green_cross", "purple_triangle", "orange_circle"]
+    images = pipe(
+        [f"a {c.replace('_', ' ')}" for c in wanted],
+        num_inference_steps=15,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    read = classifier.load().read(images * 2 - 1)
+    assert sum(a == b for a, b in zip(read, wanted)) >= 4, read
+
+
+@pytest.mark.parametrize("concept", HELD_OUT)
+def test_evaluator_is_honest(concept):
+    """The oracle caption beats the init text and an unrelated caption on every held-out concept."""
+    method = TextualInversion(DiffusersFolder(TOY), name="toy-concept")
+    method.configure_model()
+    init = {k: v.detach().clone() for k, v in method.bank.vectors.items()}
+    r = evaluate(method, concept, init, samples=0)
+    assert r["loss_oracle"] < r["loss_init"]
+    assert r["loss_oracle"] < r["loss_unrelated"]
+    assert r["recovery"] == pytest.approx(0.0, abs=1e-6)  # nothing learned yet
+
+
+def test_recipe_short_version_writes_a_loadable_model(tmp_path, monkeypatch):
+    out = tmp_path / "toy"
+    argv = [
+        "pretrain",
+        str(out),
+        "--images",
+        "32",
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--batch",
+        "8",
+        "--eval-samples",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    pretrain.main()
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["unet_steps"] == 2 and recipe["size_mib"] <= 20
+    bb = DiffusersFolder(str(out)).load()
+    assert bb.vae.config.scaling_factor > 0 and len(bb.tokenizer) == 49408
