@@ -74,6 +74,7 @@ def test_multirun_sweeps(tmp_path):
         "trainer.max_steps=2",
         "method.optimizer.lr=0.01,0.02",
         "callbacks.preview=null",
+        "callbacks.toy_eval=null",
         f"hydra.sweep.dir={tmp_path}",
     )
     assert run.returncode == 0, run.stderr[-3000:]

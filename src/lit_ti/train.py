@@ -20,8 +20,22 @@ def _asset(name: str) -> str:
     return str(resources.files("lit_ti").joinpath("assets", name))
 
 
-if not OmegaConf.has_resolver("lit_ti.asset"):
-    OmegaConf.register_new_resolver("lit_ti.asset", _asset)
+def _toy_data(concept: str) -> str:
+    """`${lit_ti.toy_data:orange_cross}`: a toy concept's training folder, rendered on first use."""
+    shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
+    if shipped.is_dir():
+        return str(shipped)
+    from lit_ti.toy.world import write_concept
+
+    folder = Path("outputs") / "toy_data" / concept
+    if not folder.is_dir():
+        write_concept(concept, folder)
+    return str(folder.resolve())
+
+
+for _name, _resolver in (("lit_ti.asset", _asset), ("lit_ti.toy_data", _toy_data)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 # Lightning warnings that do not apply to this kind of training

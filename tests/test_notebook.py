@@ -1,0 +1,30 @@
+"""The exploration notebook runs top to bottom on a short real run."""
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+from tests.conftest import ROOT
+from tests.test_cli import train
+
+
+def test_explore_embedding_notebook_runs(tmp_path):
+    run = train(
+        "trainer.max_steps=20",
+        "callbacks.preview.every_n_steps=10",
+        "callbacks.toy_eval=null",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    nb = nbformat.read(ROOT / "notebooks" / "explore_embedding.ipynb", as_version=4)
+    os.environ["LIT_TI_RUN"] = str(tmp_path)
+    os.environ["MPLBACKEND"] = "Agg"
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        del os.environ["LIT_TI_RUN"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "shape (2, 64)" in text  # the default run learns 2 vectors of the toy text encoder's width
+    assert "vector 0:" in text
+    assert "steps: ['10', '20']" in text
