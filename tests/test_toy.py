@@ -121,3 +121,15 @@ def test_recipe_short_version_writes_a_loadable_model(tmp_path, monkeypatch):
     assert recipe["unet_steps"] == 2 and recipe["size_mib"] <= 20
     bb = DiffusersFolder(str(out)).load()
     assert bb.vae.config.scaling_factor > 0 and len(bb.tokenizer) == 49408
+
+
+def test_evaluate_file_scores_an_untrained_embedding_as_zero(tmp_path):
+    from lit_ti import io
+    from lit_ti.modules.text_conditioning import init_vectors
+    from lit_ti.toy.evaluation import evaluate_file
+
+    bb = DiffusersFolder(TOY).load()
+    path = io.save_embedding(tmp_path / "toy-untrained.pt", init_vectors(bb.tokenizer, bb.text_encoder, "*", 2))
+    r = evaluate_file(str(path), "orange_cross", samples=0)
+    assert r["recovery"] == pytest.approx(0.0, abs=1e-6)
+    assert r["loss_oracle"] < r["loss_init"]

@@ -120,9 +120,14 @@ class DiffusersFolder:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", model_max_length=77)
             kw = {"variant": self.variant} if self.variant else {}
             text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+            # low_cpu_mem_usage=False: the same load, without a notice that asks for `accelerate`
+            unet = UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw
+            )
             # The VAE runs only to cache latents and decode previews: fp32 avoids the fp16 overflow of some VAEs.
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **kw)
+            vae = AutoencoderKL.from_pretrained(
+                root, subfolder="vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **kw
+            )
             overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **overrides)
         except (OSError, ValueError) as e:

@@ -112,3 +112,22 @@ def sample_accuracy(method, prompt: str, concept: str, samples: int, guidance: f
             ).images
             hits += sum(read == concept for read in judge.read(images.float() * 2 - 1))
     return hits / samples
+
+
+def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*") -> dict:
+    """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`."""
+    from importlib import resources
+
+    from lit_ti import io
+    from lit_ti.methods import TextualInversion
+    from lit_ti.models import DiffusersFolder
+    from lit_ti.modules.text_conditioning import init_vectors
+
+    name = io.read_embedding(path)[0].name
+    method = TextualInversion(
+        DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base"))), name=name, init_file=path
+    )
+    method.configure_model()
+    bb = method.backbone
+    start = init_vectors(bb.tokenizer, bb.text_encoder, init_text, method.bank.num_vectors(name))
+    return evaluate(method, concept, {"text_encoder__0": start}, samples=samples)

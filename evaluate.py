@@ -1,0 +1,26 @@
+"""Score an embedding trained on the toy model: `python evaluate.py outputs/.../toy-concept.pt purple_star`.
+
+Prints recovery, classifier accuracy (and the oracle's) and the four denoising losses as JSON; see
+lit_ti.toy.evaluation for the definitions.
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from lit_ti.errors import UserError
+from lit_ti.toy.evaluation import evaluate_file
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("embedding", help="a .pt / .safetensors / .bin embedding trained on the toy model")
+    parser.add_argument("concept", help="the toy concept it should show, <colour>_<shape> (e.g. purple_star)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--init-text", default="*", help="what recovery is measured from (the run's init text)")
+    args = parser.parse_args()
+    try:
+        print(json.dumps(evaluate_file(args.embedding, args.concept, args.samples, args.init_text), indent=1))
+    except (UserError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
