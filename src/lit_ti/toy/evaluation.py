@@ -9,11 +9,16 @@
 
 import random
 from contextlib import contextmanager
+from importlib import resources
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from lit_ti import io
+from lit_ti.methods import TextualInversion
+from lit_ti.models import DiffusersFolder
+from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.world import concept_parts, random_scene, render
 
@@ -116,12 +121,6 @@ def sample_accuracy(method, prompt: str, concept: str, samples: int, guidance: f
 
 def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*") -> dict:
     """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`."""
-    from importlib import resources
-
-    from lit_ti import io
-    from lit_ti.methods import TextualInversion
-    from lit_ti.models import DiffusersFolder
-    from lit_ti.modules.text_conditioning import init_vectors
 
     name = io.read_embedding(path)[0].name
     method = TextualInversion(
