@@ -84,27 +84,18 @@ class PreviewImages(L.Callback):
     def render(self, trainer, pl_module, step: int) -> Path:
         self.last_step = step
         name = getattr(pl_module, "name", "")
-        n = self.num_images
-        cond = pl_module.encode_prompts([self.prompt.replace("[name]", name)] * n)
-        uncond = pl_module.encode_prompts([self.negative_prompt.replace("[name]", name)] * n)
-        size = self.size or pl_module.backbone.resolution
-        dtype = pl_module.unet.dtype
-        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.autocast(pl_module.device.type, dtype=dtype, enabled=dtype != torch.float32),
-        ):
-            bb = pl_module.backbone
-            images = bb.pipeline(SAMPLERS[self.sampler].from_config(bb.scheduler.config))(
-                prompt_embeds=cond.to(dtype),
-                negative_prompt_embeds=uncond.to(dtype),
-                height=size,
-                width=size,
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(self.seed),
-                output_type="np",
-            ).images  # [n, H, W, 3] float in [0, 1]
+        bb = pl_module.backbone
+        images = pl_module.sample(
+            self.prompt.replace("[name]", name),
+            self.negative_prompt.replace("[name]", name),
+            n=self.num_images,
+            steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            scheduler=SAMPLERS[self.sampler].from_config(bb.scheduler.config),
+            size=self.size,
+        )  # [n, 3, H, W] in [0, 1]
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
         row = (np.concatenate(list(images), axis=1) * 255).round().clip(0, 255).astype(np.uint8)
         path = self.dirpath / "previews" / f"{name or 'preview'}-{step}.png"
         with atomic_path(path) as tmp:

@@ -87,6 +87,41 @@ class DiffusionMethod(L.LightningModule):
         state = super().state_dict(*args, **kwargs)
         return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
 
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        n: int = 1,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        scheduler=None,
+        size: int | None = None,
+    ) -> Tensor:
+        """`n` images `[n, 3, H, W]` in [0, 1] from the live modules and this method's prompt encoding.
+
+        A fixed seed makes samples comparable across steps; the training RNG is left untouched.
+        """
+        dtype = self.unet.dtype
+        size = size or self.backbone.resolution
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
+        ):
+            images = self.backbone.pipeline(scheduler)(
+                prompt_embeds=self.encode_prompts([prompt] * n).to(dtype),
+                negative_prompt_embeds=self.encode_prompts([negative_prompt] * n).to(dtype),
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="pt",
+            ).images
+        return images.float()
+
     # ----------------------------------------------------------------- data
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:

@@ -98,24 +98,13 @@ def sample_accuracy(method, prompt: str, concept: str, samples: int, guidance: f
     """Share of `samples` images generated from `prompt` that the toy classifier reads as `concept`."""
     if not samples:
         return float("nan")
-    bb = method.backbone
-    pipe = bb.pipeline(DDIMScheduler.from_config(bb.scheduler.config))
+    scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
     judge = toy_classifier.load().to(method.device)
-    dtype = method.unet.dtype
     hits = 0
-    autocast = torch.autocast(method.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.random.fork_rng(devices=[]), autocast:
-        for start in range(0, samples, 16):
-            n = min(16, samples - start)
-            images = pipe(
-                prompt_embeds=method.encode_prompts([prompt] * n).to(dtype),
-                negative_prompt_embeds=method.encode_prompts([""] * n).to(dtype),
-                num_inference_steps=20,
-                guidance_scale=guidance,
-                generator=torch.Generator("cpu").manual_seed(start),
-                output_type="pt",
-            ).images
-            hits += sum(read == concept for read in judge.read(images.float() * 2 - 1))
+    for start in range(0, samples, 16):
+        n = min(16, samples - start)
+        images = method.sample(prompt, "", n, steps=20, guidance_scale=guidance, seed=start, scheduler=scheduler)
+        hits += sum(read == concept for read in judge.read(images * 2 - 1))
     return hits / samples
 
 
