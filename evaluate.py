@@ -1,6 +1,6 @@
 """Score an embedding trained on the toy model: `python evaluate.py outputs/.../toy-concept.pt purple_star`.
 
-Prints recovery, classifier accuracy (and the oracle's) and the four denoising losses as JSON; see
+A DreamArtist pair is recognised by its `-neg` file next to the given one. Prints recovery, classifier accuracy (and the oracle's) and the four denoising losses as JSON; see
 lit_ti.toy.evaluation for the definitions.
 """
 
@@ -19,8 +19,13 @@ if __name__ == "__main__":
     parser.add_argument("concept", help="the toy concept it should show, <colour>_<shape> (e.g. purple_star)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--init-text", default="*", help="what recovery is measured from (the run's init text)")
+    parser.add_argument("--cfg-scale", default="3.0", help="DreamArtist pairs: the training guidance")
     args = parser.parse_args()
     try:
-        print(json.dumps(evaluate_file(args.embedding, args.concept, args.samples, args.init_text), indent=1))
+        print(
+            json.dumps(
+                evaluate_file(args.embedding, args.concept, args.samples, args.init_text, args.cfg_scale), indent=1
+            )
+        )
     except (UserError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -32,11 +32,13 @@ def fit(
     accelerator="cpu",
     extra_callbacks=(),
     trainer_kw=None,
+    method_cls=TextualInversion,
+    dm_kw=None,
     **method_kw,
 ):
     L.seed_everything(0, verbose=False)
-    method = TextualInversion(TinyBackbone(), **{**METHOD, **method_kw})
-    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, template="subject")
+    method = method_cls(TinyBackbone(), **{**METHOD, **method_kw})
+    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
     callbacks = [
         ExportEmbeddings(str(tmp_path), every_n_steps=every),
         PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),

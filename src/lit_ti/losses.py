@@ -4,6 +4,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
+from lit_ti.errors import UserError
+
 
 def diffusion_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
     """What the UNet must predict: the noise (epsilon models) or the velocity v (v-prediction, SD2-768-v)."""
@@ -29,3 +31,66 @@ def diffusion_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) ->
 def sample_timesteps(scheduler: DDPMScheduler, batch: int, device: torch.device) -> Tensor:
     """Uniform integer timesteps in [0, T) per sample, as the SD training recipe does."""
     return torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- DreamArtist
+CFG_RAMPS = ("ln", "cos", "cos2", "sqrt")
+
+
+def parse_cfg(spec: str | float, key: str = "method.cfg_scale") -> tuple[float, float, str]:
+    """DreamArtist's training guidance: `w`, `lo-hi` or `lo-hi:ramp` -> (lo, hi, ramp).
+
+    The ramp runs from lo at t = 0 to hi at t = T-1: `ln` (linear, the default), `cos` (sin(πu/2)), `cos2`
+    (1 - cos(πu/2)), `sqrt`. The original `eval`s any other suffix as Python; we refuse it instead.
+    """
+    if isinstance(spec, int | float):
+        return float(spec), float(spec), "ln"
+    text, _, ramp = str(spec).strip().partition(":")
+    ramp = ramp.strip() or "ln"
+    if ramp not in CFG_RAMPS:
+        raise UserError(f"{key}={spec!r}: unknown ramp {ramp!r}; use one of {', '.join(CFG_RAMPS)}")
+    try:
+        parts = [float(p) for p in text.split("-")]
+    except ValueError:
+        raise UserError(f"{key}={spec!r}: write a number (3.0) or a range lo-hi[:ramp] (1.5-3.0:cos)") from None
+    if len(parts) not in (1, 2):
+        raise UserError(f"{key}={spec!r}: write a number (3.0) or a range lo-hi[:ramp] (1.5-3.0:cos)")
+    return parts[0], parts[-1], ramp
+
+
+def cfg_weights(lo: float, hi: float, ramp: str, timesteps: Tensor, num_train_timesteps: int) -> Tensor:
+    """Per-sample guidance w(t) `[B]` (the original broadcast it wrongly for batch > 1)."""
+    u = timesteps.float() / (num_train_timesteps - 1)  # [B] in [0, 1]
+    if ramp == "cos":
+        r = torch.sin(u * torch.pi / 2)
+    elif ramp == "cos2":
+        r = 1 - torch.cos(u * torch.pi / 2)
+    elif ramp == "sqrt":
+        r = u.sqrt()
+    else:
+        r = u
+    return lo + (hi - lo) * r
+
+
+def guided(pred_neg: Tensor, pred_pos: Tensor, w: Tensor) -> Tensor:
+    """Classifier-free guidance inside the loss: ε̂ = ε_neg + w·(ε_pos − ε_neg); `w` is `[B]`.
+
+    So dL/dε_pos = w·g and dL/dε_neg = (1 − w)·g for g = dL/dε̂: with w > 1 the negative is pushed the
+    other way, and only the guided combination has to match the target.
+    """
+    w = w.to(pred_pos.dtype).view(-1, *([1] * (pred_pos.dim() - 1)))
+    return pred_neg + w * (pred_pos - pred_neg)
+
+
+def predicted_x0(scheduler: DDPMScheduler, noisy: Tensor, pred: Tensor, timesteps: Tensor) -> Tensor:
+    """The clean latent implied by a prediction at `timesteps` (epsilon or v). All `[B, 4, h, w]`."""
+    alpha = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+    noisy, pred = noisy.float(), pred.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
+    return (noisy - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+
+
+def reconstruction_l1(decoded: Tensor, pixels: Tensor) -> Tensor:
+    """DreamArtist's pixel reconstruction term: mean |x − D(x̂0)|, both `[B, 3, H, W]` in [-1, 1]."""
+    return (decoded.float() - pixels.float()).abs().mean()

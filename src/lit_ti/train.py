@@ -20,16 +20,17 @@ def _asset(name: str) -> str:
     return str(resources.files("lit_ti").joinpath("assets", name))
 
 
-def _toy_data(concept: str) -> str:
-    """`${lit_ti.toy_data:orange_cross}`: a toy concept's training folder, rendered on first use."""
+def _toy_data(concept: str, images: int = 16) -> str:
+    """`${lit_ti.toy_data:orange_cross,16}`: a toy concept's training folder of `images` renders, rendered on
+    first use (the first k renders of a concept are the same for every k)."""
     shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
-    if shipped.is_dir():
+    if shipped.is_dir() and images == 16:
         return str(shipped)
     from lit_ti.toy.world import write_concept
 
-    folder = Path("outputs") / "toy_data" / concept
+    folder = Path("outputs") / "toy_data" / (concept if images == 16 else f"{concept}-{images}")
     if not folder.is_dir():
-        write_concept(concept, folder)
+        write_concept(concept, folder, n=int(images))
     return str(folder.resolve())
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_ti.data import images as img
-from lit_ti.data.templates import fill, load_templates
+from lit_ti.data.templates import fill, load_templates, without_filewords
 from lit_ti.errors import UserError
 
 LATENT_SAMPLING = ("once", "deterministic", "random")
@@ -41,6 +41,9 @@ class ConceptDataModule(L.LightningDataModule):
             `random` (a fresh sample every step).
         filewords_regex / filewords_join: A1111's "filename word regex" and "join string".
         shuffle_tags / tag_dropout: shuffle or drop the comma-separated caption tags per sample.
+        attention_maps: weight the loss by DreamArtist attention maps `<stem>_att.<ext>` where present
+            (grey 0% -> 0, 50% -> 1, 100% -> 5), cropped like their image.
+        alpha_weight: weight the loss by each image's alpha channel (transparent = not learned).
         batch_size, num_workers: DataLoader settings; batch_size is capped at images × repeats.
         repeats: how many times each image appears per epoch.
         seed: seed of the one-off latent sample of `once`.
@@ -59,6 +62,8 @@ class ConceptDataModule(L.LightningDataModule):
         filewords_join: str = " ",
         shuffle_tags: bool = False,
         tag_dropout: float = 0.0,
+        attention_maps: bool = True,
+        alpha_weight: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
         repeats: int = 1,
@@ -84,6 +89,8 @@ class ConceptDataModule(L.LightningDataModule):
         self.filewords_join = filewords_join
         self.shuffle_tags = shuffle_tags
         self.tag_dropout = tag_dropout
+        self.attention_maps = attention_maps
+        self.alpha_weight = alpha_weight
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.repeats = repeats
@@ -91,13 +98,17 @@ class ConceptDataModule(L.LightningDataModule):
         self.paths: list[Path] = []
         self.captions: list[str] = []
         self.templates: list[str] = []
+        self.plain_templates: list[str] = []  # the same lines without [filewords]
         self.latents: tuple[Tensor, Tensor] | None = None  # (mean, std): [N, V, 4, h, w], V = 2 with flips
+        self.weights: Tensor | None = None  # [N, V, 1, h, w] loss weight at latent size, None = all 1
+        self.pixels: Tensor | None = None  # [N, V, 3, H, W] uint8, kept only when a method asks
 
     def setup(self, stage: str | None = None) -> None:
         """Scan the folder and read captions and templates; fails early on bad input."""
         if self.paths:
             return
         self.templates = load_templates(self.template)
+        self.plain_templates = without_filewords(self.template, self.templates)
         self.paths = img.list_images(self.dir)
         self.captions = [img.caption(p, self.filewords_regex, self.filewords_join) for p in self.paths]
         if any("[filewords]" in t for t in self.templates) and not any(self.captions):
@@ -107,15 +118,20 @@ class ConceptDataModule(L.LightningDataModule):
             )
 
     @torch.no_grad()
-    def cache_latents(self, encode: Encoder, resolution: int, batch_size: int = 8) -> None:
-        """Run the VAE encoder once over every image (and its mirror image when flipping)."""
+    def cache_latents(self, encode: Encoder, resolution: int, batch_size: int = 8, keep_pixels: bool = False) -> None:
+        """Run the VAE encoder once over every image (and its mirror image when flipping).
+
+        keep_pixels: also keep the cropped images (uint8) for methods with a pixel-space loss.
+        """
         self.setup()
         size = self.resolution or resolution
-        pixels, kept_paths, kept_captions, broken = [], [], [], []
+        pixels, weights, kept_paths, kept_captions, broken = [], [], [], [], []
         for path, text in zip(self.paths, self.captions):
             try:
                 pixels.append(img.to_tensor(img.resize(img.load_image(path), size, self.crop)))
+                weights.append(img.load_weight(path, size, self.crop, self.attention_maps, self.alpha_weight))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
+                pixels = pixels[: len(kept_paths)]
                 broken.append(f"{path.name} ({e})")
                 continue
             kept_paths.append(path)
@@ -133,6 +149,14 @@ class ConceptDataModule(L.LightningDataModule):
             means.append(torch.cat([m for m, _ in parts]).float().cpu())
             stds.append(torch.cat([s for _, s in parts]).float().cpu())
         mean, std = torch.stack(means, 1), torch.stack(stds, 1)  # [N, V, 4, h, w]
+        self.weights = None
+        if any(w is not None for w in weights):
+            w = torch.stack([torch.ones(1, size, size) if w is None else w for w in weights])  # [N, 1, H, W]
+            w = torch.nn.functional.interpolate(w, size=mean.shape[-2:], mode="area")  # mean over each 8x8 cell
+            self.weights = torch.stack([w, w.flip(-1)] if self.flip_p > 0 else [w], 1)
+        self.pixels = None
+        if keep_pixels:
+            self.pixels = torch.stack([((v + 1) * 127.5).round().to(torch.uint8) for v in views], 1)
         if self.latent_sampling == "deterministic":
             std = torch.zeros_like(std)
         elif self.latent_sampling == "once":
@@ -165,8 +189,9 @@ class _ConceptDataset(Dataset):
 
     def __init__(self, dm: ConceptDataModule) -> None:
         self.mean, self.std = dm.latents
+        self.weights, self.pixels = dm.weights, dm.pixels
         self.captions = dm.captions
-        self.templates = dm.templates
+        self.templates, self.plain_templates = dm.templates, dm.plain_templates
         self.name = dm.name
         self.flip_p, self.shuffle, self.dropout = dm.flip_p, dm.shuffle_tags, dm.tag_dropout
         self.repeats = dm.repeats
@@ -179,13 +204,20 @@ class _ConceptDataset(Dataset):
         # all randomness from torch's generator, so seeding and checkpointed RNG state cover it
         view = int(self.mean.shape[1] > 1 and torch.rand(()) < self.flip_p)
         latents = self.mean[i, view] + self.std[i, view] * torch.randn_like(self.std[i, view])
-        line = self.templates[int(torch.randint(len(self.templates), ()))]
+        k = int(torch.randint(len(self.templates), ()))
+        line = self.templates[k]
         rng = random.Random(int(torch.randint(2**31, ())))
         prompt = fill(line, self.name, self.captions[i], rng, self.shuffle, self.dropout)
-        return {
-            "latents": latents,
+        sample = {
+            "latents": latents,  # [4, h, w]
             "prompt": prompt,
             "template": line,
+            "template_plain": self.plain_templates[k],
             "caption": self.captions[i],
             "index": i,
         }
+        if self.weights is not None:
+            sample["weight"] = self.weights[i, view]  # [1, h, w]
+        if self.pixels is not None:
+            sample["pixels"] = self.pixels[i, view].float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+        return sample

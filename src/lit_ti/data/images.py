@@ -1,5 +1,6 @@
 """Reading training images and their captions (A1111 "filewords" rules)."""
 
+import glob
 import re
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image, ImageOps
 from lit_ti.errors import UserError
 
 SIDECAR_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".npz", ".caption"}  # never warned about
+MASK_SUFFIXES = ("_att", "_att_proc")  # DreamArtist attention maps: `X_att.png` weights the loss of `X.png`
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -20,7 +22,7 @@ def list_images(folder: Path) -> list[Path]:
         raise UserError(f"data.dir: {folder} is not a folder; point data.dir at a folder of training images")
     images, skipped = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.suffix.lower() in SIDECAR_SUFFIXES or path.name.startswith("."):
+        if path.suffix.lower() in SIDECAR_SUFFIXES or path.name.startswith(".") or path.stem.endswith(MASK_SUFFIXES):
             continue
         try:
             with Image.open(path) as im:
@@ -50,6 +52,34 @@ def load_image(path: Path) -> Image.Image:
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(background, im.convert("RGBA"))
         return im.convert("RGB")
+
+
+def attention_map(path: Path) -> Path | None:
+    """The image's DreamArtist attention map `<stem>_att.<any image ext>`, if there is one."""
+    found = sorted(p for p in path.parent.glob(f"{glob.escape(path.stem)}_att.*") if p.suffix.lower() != ".txt")
+    return found[0] if found else None
+
+
+def load_weight(path: Path, size: int, crop: str, attention: bool, alpha: bool) -> torch.Tensor | None:
+    """Per-pixel loss weight `[1, size, size]` for an image, cropped exactly like the image, or None (all 1).
+
+    attention: DreamArtist's `<stem>_att` map, grey g in [0, 255] -> g/127 up to 127 (0..1), then
+    1 + 4(g-127)/128 (1..5): 0% 0, 50% 1, 100% 5.  alpha: the image's own alpha channel (A1111's
+    "use alpha as loss weight").
+    """
+    weight = None
+    mask_path = attention_map(path) if attention else None
+    if mask_path is not None:
+        with Image.open(mask_path) as im:
+            g = np.asarray(resize(ImageOps.exif_transpose(im).convert("L"), size, crop), dtype=np.float32)
+        weight = np.where(g <= 127, g / 127, 1 + 4 * (g - 127) / 128)
+    if alpha:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if "A" in im.getbands() or "transparency" in im.info:
+                a = np.asarray(resize(im.convert("RGBA"), size, crop), dtype=np.float32)[..., 3] / 255
+                weight = a if weight is None else weight * a
+    return None if weight is None else torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))[None]
 
 
 def resize(im: Image.Image, size: int, crop: str) -> Image.Image:

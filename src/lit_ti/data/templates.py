@@ -1,6 +1,7 @@
 """Prompt templates: one prompt per line with `[name]` (the concept) and `[filewords]` (the caption)."""
 
 import random
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def load_templates(template: str) -> list[str]:
     if not lines:
         raise UserError(f"data.template={template!r} has no prompt lines; write one prompt per line")
     return lines
+
+
+def without_filewords(template: str, lines: list[str]) -> list[str]:
+    """The same lines without the caption, line for line (DreamArtist's "positive filewords only").
+
+    As A1111/DreamArtist: a `*_filewords` template's sibling without `_filewords` (shipped or next to the
+    file) when it has as many lines; otherwise `[filewords]` is cut out with its joining words.
+    """
+    if "_filewords" in template:
+        sibling = template.replace("_filewords", "")
+        if sibling in SHIPPED or Path(sibling).expanduser().is_file():
+            plain = load_templates(sibling)
+            if len(plain) == len(lines):
+                return plain
+    cut = re.compile(r"\s*(?:,\s*|\bof\s+)?\[filewords\]")
+    return [re.sub(r"\s+,", ",", cut.sub("", line)).strip(" ,") for line in lines]
 
 
 def fill(line: str, name: str, caption: str, rng: random.Random, shuffle: bool = False, dropout: float = 0.0) -> str:

@@ -32,6 +32,7 @@ class DiffusionMethod(L.LightningModule):
     """
 
     checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
+    needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
     strict_loading = False  # checkpoints deliberately lack the frozen backbone
 
     def __init__(
@@ -70,6 +71,8 @@ class DiffusionMethod(L.LightningModule):
         raise NotImplementedError
 
     def param_groups(self) -> list[dict]:
+        """Optimizer groups; a group's optional `lr_weight` scales the optimizer's lr for it (kept by the
+        LR schedule)."""
         raise NotImplementedError
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
@@ -134,20 +137,39 @@ class DiffusionMethod(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "cache_latents"):
-            datamodule.cache_latents(self.encode_images, self.backbone.resolution)
+            datamodule.cache_latents(self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels)
 
     # ----------------------------------------------------------------- step
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        latents = batch["latents"]  # [B, 4, h, w] fp32, cached
-        scheduler = self.backbone.scheduler
+    def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch (tests pin them per sample)."""
+        latents = batch["latents"]
         noise = torch.randn_like(latents)
-        timesteps = losses.sample_timesteps(scheduler, latents.shape[0], latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        return noise, losses.sample_timesteps(self.backbone.scheduler, latents.shape[0], latents.device)
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
+        """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
         cond = self.encode_prompts(batch["prompt"])  # [B, 77, d]
         dtype = self.unet.dtype
-        pred = self.unet(noisy.to(dtype), timesteps, cond.to(dtype)).sample
-        loss = losses.diffusion_mse(pred, losses.diffusion_target(scheduler, latents, noise, timesteps))
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return self.unet(noisy.to(dtype), timesteps, cond.to(dtype)).sample
+
+    def negative_prompts(self, batch: dict) -> list[str]:
+        """The negative prompt this method pairs with each prompt at sampling time ("" = unconditional)."""
+        return [""] * len(batch["prompt"])
+
+    def shared_step(self, batch: dict) -> dict[str, Tensor]:
+        """Noise the cached latents, predict, and score against the target (weighted by masks if any)."""
+        latents = batch["latents"]  # [B, 4, h, w] fp32, cached
+        scheduler = self.backbone.scheduler
+        noise, timesteps = self.draw_noise(batch)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = self.predict(noisy, timesteps, batch)
+        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
+        loss = losses.diffusion_mse(pred, target, batch.get("weight"))
+        return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.shared_step(batch)["loss"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -162,6 +184,8 @@ class DiffusionMethod(L.LightningModule):
     def configure_optimizers(self):
         factory = self.optimizer_factory or partial(torch.optim.AdamW, lr=5e-3, weight_decay=0.0)
         optimizer = factory(self.param_groups())
+        for group in optimizer.param_groups:  # e.g. DreamArtist's negative at lr × neg_lr_weight
+            group["lr"] *= group.get("lr_weight", 1.0)
         if self.lr_schedule is not None:
             pairs = parse_schedule(self.lr_schedule, int(self.trainer.estimated_stepping_batches))
             self.schedule_end = schedule_end(pairs)

@@ -47,17 +47,24 @@ class TextualInversion(DiffusionMethod):
         self.bank = EmbeddingBank()
         self.prompt_tokenizer: PromptTokenizer | None = None
 
-    def initial_vectors(self, backbone: Backbone, init_text: str, num_vectors: int) -> Tensor:
+    def initial_vectors(
+        self,
+        backbone: Backbone,
+        init_text: str,
+        num_vectors: int,
+        init_file: str | None = None,
+        key: str = "method.init_file",
+    ) -> Tensor:
         width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
-        if self.init_file:
-            files = io.read_embedding(self.init_file)
+        if init_file:
+            files = io.read_embedding(init_file)
             vectors = files[0].vectors
             if isinstance(vectors, dict) or vectors.shape[1] != width:
                 shape = (
                     {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
                 )
                 raise UserError(
-                    f"method.init_file: {self.init_file} holds vectors of shape {shape}, but this model's text "
+                    f"{key}: {init_file} holds vectors of shape {shape}, but this model's text "
                     f"encoder needs width {width}; it was trained for another model family"
                 )
             return vectors
@@ -65,7 +72,7 @@ class TextualInversion(DiffusionMethod):
 
     def build_trainables(self, backbone: Backbone) -> None:
         check_name(backbone.tokenizer, self.name, "name")
-        vectors = self.initial_vectors(backbone, self.init_text, self.num_vectors)
+        vectors = self.initial_vectors(backbone, self.init_text, self.num_vectors, self.init_file)
         self.bank.add(self.name, {"text_encoder": vectors})
         self.prompt_tokenizer = PromptTokenizer(backbone.tokenizer, self.bank)
 
@@ -94,23 +101,23 @@ class TextualInversion(DiffusionMethod):
                 suffix = "" if encoder == "text_encoder" else f"/{encoder}"
                 self.log(f"train/emb_norm/{name}{suffix}", v.detach().norm(dim=-1).mean(), batch_size=1)
 
-    def concepts(self) -> dict[str, Tensor]:
-        """What to export: `{name: [n, d]}` (the live vectors)."""
-        return {name: self.bank.get(name)["text_encoder"] for name in self.bank.names}
+    def concepts(self, tag: str = "") -> dict[str, Tensor]:
+        """What to export: `{file stem: [n, d]}` (the live vectors); `tag` marks periodic copies."""
+        return {f"{name}{tag}": self.bank.get(name)["text_encoder"] for name in self.bank.names}
 
     def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
-        """Write every concept as `<directory>/<name><tag>.<fmt>`; A1111 reads `<name><tag>` as its name."""
+        """Write every concept as `<directory>/<stem>.<fmt>`; A1111 reads the stem as its name."""
         unknown = set(formats) - set(FORMATS)
         if unknown:
             raise UserError(f"callbacks.export.formats: unknown {sorted(unknown)}; use some of {', '.join(FORMATS)}")
         written = []
-        for name, vectors in self.concepts().items():
+        for stem, vectors in self.concepts(tag).items():
             for fmt in formats:
                 written.append(
                     io.save_embedding(
-                        Path(directory) / f"{name}{tag}.{fmt}",
+                        Path(directory) / f"{stem}.{fmt}",
                         vectors,
-                        name=f"{name}{tag}",
+                        name=stem,
                         step=step,
                         sd_checkpoint=self.backbone.checkpoint_hash,
                         sd_checkpoint_name=self.backbone.name,

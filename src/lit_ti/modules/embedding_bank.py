@@ -32,9 +32,10 @@ class EmbeddingBank(nn.Module):
             raise ValueError(f"concept {name!r}: every encoder needs a [n, d] tensor with the same n")
         self.names.append(name)
         for encoder, v in vectors.items():
-            self.vectors[self._key(name, encoder)] = nn.Parameter(v.detach().to(torch.float32).clone())
+            self.vectors[self.key(name, encoder)] = nn.Parameter(v.detach().to(torch.float32).clone())
 
-    def _key(self, name: str, encoder: str) -> str:
+    def key(self, name: str, encoder: str) -> str:
+        """The `vectors` key of one concept's part for one encoder."""
         return f"{encoder}__{self.names.index(name)}"
 
     def encoders(self) -> list[str]:
@@ -42,14 +43,14 @@ class EmbeddingBank(nn.Module):
 
     def get(self, name: str) -> dict[str, Tensor]:
         """`{encoder: [n, d]}` for one concept (live parameters)."""
-        return {e: self.vectors[self._key(name, e)] for e in self.encoders() if self._key(name, e) in self.vectors}
+        return {e: self.vectors[self.key(name, e)] for e in self.encoders() if self.key(name, e) in self.vectors}
 
     def num_vectors(self, name: str) -> int:
         return next(iter(self.get(name).values())).shape[0]
 
     def table(self, encoder: str) -> Tensor:
         """All concepts' vectors for one encoder, stacked in bank order: `[sum n, d]`."""
-        return torch.cat([self.vectors[self._key(name, encoder)] for name in self.names])
+        return torch.cat([self.vectors[self.key(name, encoder)] for name in self.names])
 
     def offsets(self) -> dict[str, int]:
         """Row where each concept starts in `table()`."""

@@ -2,21 +2,25 @@
 
 * **recovery** = (L_init − L_learned) / (L_init − L_oracle): the denoising loss of held-out images of the
   concept (fixed images, noise and timesteps) when prompted with the initial vectors, the learned vectors
-  and the oracle caption ("a purple star"). 0 = nothing learned, 1 = as good as the true words.
+  and the oracle caption ("a purple star"). 0 = nothing learned, 1 = as good as the true words. For
+  DreamArtist the learned and initial losses are those of its guided prediction (ε_neg + w·(ε_pos − ε_neg)
+  at the training guidance, what the pair was trained to predict); the oracle's is the plain caption's.
 * **accuracy**: the share of samples generated with the learned token that the toy classifier reads as the
   concept (`accuracy_oracle`: the same for the oracle caption, the ceiling the base model allows).
+  DreamArtist samples put `a <name>-neg` in the negative prompt, as it is meant to be used.
 """
 
 import random
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
 from lit_ti import io
-from lit_ti.methods import TextualInversion
+from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
 from lit_ti.models import DiffusersFolder
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
@@ -31,8 +35,11 @@ def heldout_pixels(concept: str, n: int = 16) -> Tensor:
 
 
 @torch.no_grad()
-def denoising_loss(unet, scheduler, latents: Tensor, cond: Tensor, draws: int = 4, seed: int = 0) -> float:
-    """Mean epsilon-MSE over `draws` fixed (noise, timestep) pairs per image; `cond` is `[1, 77, d]`."""
+def denoising_loss(predict, scheduler, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
+    """Mean epsilon-MSE over `draws` fixed (noise, timestep) pairs per image.
+
+    predict(noisy [n, 4, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
+    """
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0] * draws
     x0 = latents.repeat(draws, 1, 1, 1)
@@ -40,8 +47,7 @@ def denoising_loss(unet, scheduler, latents: Tensor, cond: Tensor, draws: int = 
     # stratified timesteps: every draw covers the whole schedule
     t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * scheduler.config.num_train_timesteps).long()
     t = t[torch.randperm(n, generator=g)].to(x0.device)
-    dtype = unet.dtype
-    pred = unet(scheduler.add_noise(x0, noise, t).to(dtype), t, cond.expand(n, -1, -1).to(dtype)).sample
+    pred = predict(scheduler.add_noise(x0, noise, t), t, {"prompt": [prompt] * n})
     return float(((pred.float() - noise) ** 2).mean())
 
 
@@ -69,18 +75,22 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
     mean, _ = method.encode_images(pixels)
     prompt = f"a {method.name}"
 
-    def loss(text: str) -> float:
-        return denoising_loss(method.unet, bb.scheduler, mean, method.encode_prompts([text]))
+    def loss(text: str, predict=method.predict) -> float:
+        return denoising_loss(predict, bb.scheduler, mean, text)
+
+    def conditional(noisy, t, batch):  # plain words: the prediction without the method's guidance
+        return DiffusionMethod.predict(method, noisy, t, batch)
 
     learned = loss(prompt)
     with swapped(method.bank, init_vectors):
         initial = loss(prompt)
-    oracle = loss(f"a {colour} {shape}")
+    oracle = loss(f"a {colour} {shape}", conditional)
     other = next(c for c in ("green_circle", "red_square") if c != concept).replace("_", " ")
-    unrelated = loss(f"a {other}")
+    unrelated = loss(f"a {other}", conditional)
     recovery = (initial - learned) / (initial - oracle) if initial != oracle else float("nan")
 
-    accuracy = sample_accuracy(method, prompt, concept, samples, guidance)
+    negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
+    accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
     oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
     return {
         "recovery": recovery,
@@ -94,7 +104,9 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
 
 
 @torch.no_grad()
-def sample_accuracy(method, prompt: str, concept: str, samples: int, guidance: float = 5.0) -> float:
+def sample_accuracy(
+    method, prompt: str, concept: str, samples: int, guidance: float = 5.0, negative: str = ""
+) -> float:
     """Share of `samples` images generated from `prompt` that the toy classifier reads as `concept`."""
     if not samples:
         return float("nan")
@@ -103,19 +115,29 @@ def sample_accuracy(method, prompt: str, concept: str, samples: int, guidance: f
     hits = 0
     for start in range(0, samples, 16):
         n = min(16, samples - start)
-        images = method.sample(prompt, "", n, steps=20, guidance_scale=guidance, seed=start, scheduler=scheduler)
+        images = method.sample(prompt, negative, n, steps=20, guidance_scale=guidance, seed=start, scheduler=scheduler)
         hits += sum(read == concept for read in judge.read(images * 2 - 1))
     return hits / samples
 
 
-def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*") -> dict:
-    """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`."""
+def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*", cfg_scale: str = "3.0") -> dict:
+    """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`.
 
+    A DreamArtist pair is recognised by its `<stem>-neg` file next to `path`; its denoising loss is the
+    guided one at `cfg_scale` (the training guidance) and its samples use the negative.
+    """
+    path = Path(path)
     name = io.read_embedding(path)[0].name
-    method = TextualInversion(
-        DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base"))), name=name, init_file=path
-    )
+    neg = path.with_name(f"{path.stem}-neg{path.suffix}")
+    backbone = DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+    if neg.is_file():
+        method = DreamArtist(backbone, name=name, init_file=str(path), neg_init_file=str(neg), cfg_scale=cfg_scale)
+    else:
+        method = TextualInversion(backbone, name=name, init_file=str(path))
     method.configure_model()
     bb = method.backbone
-    start = init_vectors(bb.tokenizer, bb.text_encoder, init_text, method.bank.num_vectors(name))
-    return evaluate(method, concept, {"text_encoder__0": start}, samples=samples)
+    start = {}
+    for concept_name in method.bank.names:
+        vectors = init_vectors(bb.tokenizer, bb.text_encoder, init_text, method.bank.num_vectors(concept_name))
+        start[method.bank.key(concept_name, "text_encoder")] = vectors
+    return evaluate(method, concept, start, samples=samples)
