@@ -1,10 +1,12 @@
-"""Steady-state textual-inversion training speed and peak memory through the real Trainer.
+"""Steady-state training speed and peak memory of each method through the real Trainer.
 
     python benchmarks/ti_speed.py --backbone tiny --batch 1 4
+    python benchmarks/ti_speed.py --backbone tiny --methods ti da da_rec   # DreamArtist step cost vs TI
     python benchmarks/ti_speed.py --backbone sd15 --batch 1 8 32 --precision bf16-mixed   # on a GPU
 
-Prints one row per batch size: samples/s over the timed steps (after warm-up), time to the first step,
-and peak memory (CUDA max allocated on GPU, process max RSS on CPU).
+Prints one row per method and batch size: samples/s over the timed steps (after warm-up), the step time
+relative to TI's at the same batch, time to the first step, and peak memory (CUDA max allocated on GPU,
+process max RSS on CPU: a process-wide high-water mark, so only the first row's is clean on CPU).
 """
 
 import argparse
@@ -20,7 +22,7 @@ import lightning as L
 import torch
 
 from lit_ti.data import ConceptDataModule
-from lit_ti.methods import TextualInversion
+from lit_ti.methods import DreamArtist, TextualInversion
 from lit_ti.models import TinyBackbone
 
 warnings.filterwarnings("ignore")
@@ -52,12 +54,19 @@ class Timer(L.Callback):
         self.timed = trainer.global_step - self.warmup
 
 
-def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) -> dict:
+METHODS = {
+    "ti": lambda bb: TextualInversion(bb, name="bench-concept", num_vectors=4, init_text="thing"),
+    "da": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing"),
+    "da_rec": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing", reconstruction=True),
+}
+
+
+def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int, method_name: str = "ti") -> dict:
     L.seed_everything(0, verbose=False)
     torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    method = TextualInversion(TinyBackbone(size=backbone), name="bench-concept", num_vectors=4, init_text="thing")
+    method = METHODS[method_name](TinyBackbone(size=backbone))
     dm = ConceptDataModule(
         dir=str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "purple_star")),
         name="bench-concept",
@@ -81,6 +90,7 @@ def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int) 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
+        "method": method_name,
         "batch": batch,
         "samples/s": timer.timed * batch / timer.elapsed,
         "ms/step": 1000 * timer.elapsed / timer.timed,
@@ -93,18 +103,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny", choices=["tiny", "small", "sd15"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--methods", nargs="+", default=["ti"], choices=list(METHODS))
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"lit_ti TI step, backbone={args.backbone}, precision={args.precision}, device={device}")
-    print(f"{'batch':>5} {'samples/s':>10} {'ms/step':>9} {'first step s':>13} {'peak GiB':>9}")
+    print(f"lit_ti training step, backbone={args.backbone}, precision={args.precision}, device={device}")
+    print(
+        f"{'method':>7} {'batch':>5} {'samples/s':>10} {'ms/step':>9} {'x TI':>6} {'first step s':>13} {'peak GiB':>9}"
+    )
+    ti_ms = {}
     for batch in args.batch:
-        r = measure(args.backbone, batch, args.precision, args.steps, args.warmup)
-        print(
-            f"{r['batch']:>5} {r['samples/s']:>10.2f} {r['ms/step']:>9.1f} {r['first step s']:>13.2f} {r['peak GiB']:>9.2f}"
-        )
+        for name in args.methods:
+            r = measure(args.backbone, batch, args.precision, args.steps, args.warmup, name)
+            if name == "ti":
+                ti_ms[batch] = r["ms/step"]
+            ratio = f"{r['ms/step'] / ti_ms[batch]:>6.2f}" if batch in ti_ms else f"{'-':>6}"
+            print(
+                f"{name:>7} {r['batch']:>5} {r['samples/s']:>10.2f} {r['ms/step']:>9.1f} {ratio} "
+                f"{r['first step s']:>13.2f} {r['peak GiB']:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,30 @@ def test_default_run_writes_every_output(tmp_path):
     assert {"eval/recovery", "eval/accuracy"} <= set(events.Tags()["scalars"])
 
 
+def test_dreamartist_character_run(tmp_path):
+    run = train(
+        "experiment=dreamartist_character",
+        "trainer.max_steps=30",
+        "callbacks.toy_eval.samples=4",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    from lit_ti import io
+
+    pair = {p.name for p in tmp_path.iterdir()}
+    assert {"toy-concept.pt", "toy-concept-neg.pt", "toy-concept.safetensors", "toy-concept-neg.safetensors"} <= pair
+    assert io.load_embedding(tmp_path / "toy-concept-neg.pt")["toy-concept-neg"].shape[0] == 6
+    assert list((tmp_path / "previews").glob("*.png"))
+    tags = set(EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/loss_reconstruction",
+        "train/emb_norm/toy-concept",
+        "train/emb_norm/toy-concept-neg",
+    } <= tags
+    assert "eval/accuracy_positive_only" in tags
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -14,7 +14,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
 def test_experiments_are_found():
-    assert {"ti_subject", "ti_style"} <= set(EXPERIMENTS)
+    assert {"ti_subject", "ti_style", "dreamartist_character", "dreamartist_style"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("overrides", [[], ["debug=smoke"], *[[f"experiment={e}"] for e in EXPERIMENTS]])
@@ -46,6 +46,18 @@ def test_experiment_values(tmp_path):
     assert subject.data.template == "subject" and style.data.template == "style"
     assert subject.method.optimizer.lr == style.method.optimizer.lr == 0.005
     assert subject.method.optimizer.weight_decay == 0.0
+
+
+def test_dreamartist_experiment_values(tmp_path):
+    char = compose("experiment=dreamartist_character", f"paths.output_dir={tmp_path}")
+    style = compose("experiment=dreamartist_style", f"paths.output_dir={tmp_path}")
+    for cfg, lr, w, template in ((char, 0.003, 3.0, "subject"), (style, 0.005, 5.0, "style_filewords")):
+        assert cfg.method._target_ == "lit_ti.methods.DreamArtist"
+        assert (cfg.method.optimizer.lr, cfg.method.cfg_scale, cfg.data.template) == (lr, w, template)
+        assert (cfg.method.num_vectors, cfg.method.neg_num_vectors) == (3, 6)
+        assert cfg.method.ema_decay == cfg.method.neg_ema_decay == 0.97
+        assert cfg.callbacks.preview.negative_prompt == "[name]-neg"
+    assert char.trainer.max_steps == 5000 and style.trainer.max_steps == 2000
 
 
 def test_callbacks_switch_off(tmp_path):

@@ -92,7 +92,7 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
     oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
-    return {
+    results = {
         "recovery": recovery,
         "accuracy": accuracy,
         "accuracy_oracle": oracle_accuracy,
@@ -101,6 +101,13 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
         "loss_oracle": oracle,
         "loss_unrelated": unrelated,
     }
+    if negative:  # a method with a learned negative: also judge its positive alone (plain CFG, "" negative)
+        with swapped(method.bank, init_vectors):
+            initial_alone = loss(prompt, conditional)
+        alone = loss(prompt, conditional)
+        results["recovery_positive_only"] = (initial_alone - alone) / (initial_alone - oracle)
+        results["accuracy_positive_only"] = sample_accuracy(method, prompt, concept, samples, guidance)
+    return results
 
 
 @torch.no_grad()
