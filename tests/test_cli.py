@@ -61,6 +61,29 @@ def test_dreamartist_character_run(tmp_path):
     assert "eval/accuracy_positive_only" in tags
 
 
+def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
+    run = train(
+        "experiment=hypernetwork_style",
+        "trainer.max_steps=30",
+        "callbacks.toy_style_eval.samples=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    import torch
+
+    raw = torch.load(tmp_path / "toy-striped.pt", weights_only=True)
+    widths = sorted(k for k in raw if isinstance(k, int))
+    assert widths and raw["name"] == "toy-striped" and raw["step"] == 30
+    assert raw["layer_structure"] == [1.0, 2.0, 1.0] and raw["activation_func"] == "linear"
+    for width in widths:
+        k_state, v_state = raw[width]
+        assert k_state["linear.0.weight"].shape == (2 * width, width) and v_state["linear.1.weight"].shape == (
+            width,
+            2 * width,
+        )
+    assert "eval/style_rate = " in run.stdout + run.stderr
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -82,6 +82,7 @@ def test_shipped_templates():
         "hypernetwork": 27,
         "none": 1,
         "toy": 9,
+        "filewords": 1,
     }
     assert all("[name]" in line for line in load_templates("subject"))
     assert all("[filewords]" in line and "[name]" in line for line in load_templates("style_filewords"))

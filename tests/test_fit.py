@@ -34,10 +34,11 @@ def fit(
     trainer_kw=None,
     method_cls=TextualInversion,
     dm_kw=None,
+    base_kw=METHOD,
     **method_kw,
 ):
     L.seed_everything(0, verbose=False)
-    method = method_cls(TinyBackbone(), **{**METHOD, **method_kw})
+    method = method_cls(TinyBackbone(), **{**base_kw, **method_kw})
     dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
     callbacks = [
         ExportEmbeddings(str(tmp_path), every_n_steps=every),

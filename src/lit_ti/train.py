@@ -34,7 +34,17 @@ def _toy_data(concept: str, images: int = 16) -> str:
     return str(folder.resolve())
 
 
-for _name, _resolver in (("lit_ti.asset", _asset), ("lit_ti.toy_data", _toy_data)):
+def _toy_style(style: str) -> str:
+    """`${lit_ti.toy_style:striped}`: 32 renders of seen concepts in a style, rendered on first use."""
+    from lit_ti.toy.world import write_style
+
+    folder = Path("outputs") / "toy_data" / f"style-{style}"
+    if not folder.is_dir():
+        write_style(style, folder)
+    return str(folder.resolve())
+
+
+for _name, _resolver in (("lit_ti.asset", _asset), ("lit_ti.toy_data", _toy_data), ("lit_ti.toy_style", _toy_style)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 

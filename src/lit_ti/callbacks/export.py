@@ -1,4 +1,5 @@
-"""Write the trained concept files every N optimizer steps and at the end (also after Ctrl-C)."""
+"""Write the trained files (embeddings, hypernetworks) every N optimizer steps and at the end (also after
+Ctrl-C)."""
 
 from pathlib import Path
 
@@ -7,8 +8,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class ExportEmbeddings(L.Callback):
-    """Periodic copies go to `<dirpath>/embeddings/<name>-<step>.<fmt>` (A1111 naming); the final files to
-    `<dirpath>/<name>.<fmt>`.
+    """Periodic copies go to `<dirpath>/embeddings/<name>-<step>.<fmt>` (`hypernetworks/` for hypernetworks;
+    A1111 naming); the final files to `<dirpath>/<name>.<fmt>`.
 
     Args:
         dirpath: the run's output folder.
@@ -28,7 +29,8 @@ class ExportEmbeddings(L.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             self.last_step = step
-            pl_module.export(self.dirpath / "embeddings", step, tag=f"-{step}", formats=self.formats)
+            folder = self.dirpath / getattr(pl_module, "periodic_dirname", "embeddings")
+            pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:

@@ -5,6 +5,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_ti.toy.evaluation import evaluate
+from lit_ti.toy.style import evaluate_style
 
 TOY_MODEL = "toy_base"  # the shipped model's folder name; on any other model there is no ground truth
 
@@ -25,7 +26,7 @@ class ToyEvaluation(L.Callback):
         self.results: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.init is None:
+        if self.init is None and hasattr(pl_module, "bank"):
             self.init = {k: v.detach().clone() for k, v in pl_module.bank.vectors.items()}
 
     def state_dict(self) -> dict:
@@ -36,6 +37,8 @@ class ToyEvaluation(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
+        if not hasattr(pl_module, "bank"):
+            return  # not a concept-embedding method (hypernetworks are judged by lit_ti.toy.style)
         if pl_module.backbone.name != TOY_MODEL:
             rank_zero_info(
                 f"[lit_ti] toy evaluation skipped: the model is not the toy base ({pl_module.backbone.name})"
@@ -43,6 +46,31 @@ class ToyEvaluation(L.Callback):
             return
         init = {k: v.to(pl_module.device) for k, v in self.init.items()}
         self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        metrics = {f"eval/{k}": v for k, v in self.results.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+
+class ToyStyleEvaluation(L.Callback):
+    """At the end of a hypernetwork run on the toy model: `eval/style_rate` (share of striped samples for
+    unseen captions) and `eval/accuracy` (shape and colour still right), each also for the base model
+    (`_base`), and `eval/accuracy_drop`.
+
+    Args:
+        samples: generated images per measure.
+    """
+
+    def __init__(self, samples: int = 32) -> None:
+        self.samples = samples
+        self.results: dict = {}
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not hasattr(pl_module, "hypernetwork") or pl_module.backbone.name != TOY_MODEL:
+            rank_zero_info("[lit_ti] toy style evaluation skipped: needs a hypernetwork on the toy base model")
+            return
+        self.results = evaluate_style(pl_module, samples=self.samples)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

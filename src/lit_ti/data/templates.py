@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lit_ti.errors import UserError
 
-SHIPPED = ("subject", "subject_filewords", "style", "style_filewords", "hypernetwork", "none", "toy")
+SHIPPED = ("subject", "subject_filewords", "style", "style_filewords", "hypernetwork", "none", "toy", "filewords")
 
 
 def load_templates(template: str) -> list[str]:

@@ -1,5 +1,13 @@
-"""Embedding (and later hypernetwork) files: pure functions, no Lightning or Hydra."""
+"""Embedding and hypernetwork files: pure functions, no Lightning or Hydra."""
 
 from lit_ti.io.embeddings import EmbeddingFile, load_embedding, read_embedding, save_embedding
+from lit_ti.io.hypernetworks import load_hypernetwork, save_hypernetwork
 
-__all__ = ["EmbeddingFile", "load_embedding", "read_embedding", "save_embedding"]
+__all__ = [
+    "EmbeddingFile",
+    "load_embedding",
+    "load_hypernetwork",
+    "read_embedding",
+    "save_embedding",
+    "save_hypernetwork",
+]

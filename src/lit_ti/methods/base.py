@@ -109,20 +109,25 @@ class DiffusionMethod(L.LightningModule):
         dtype = self.unet.dtype
         size = size or self.backbone.resolution
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
-        ):
-            images = self.backbone.pipeline(scheduler)(
-                prompt_embeds=self.encode_prompts([prompt] * n).to(dtype),
-                negative_prompt_embeds=self.encode_prompts([negative_prompt] * n).to(dtype),
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="pt",
-            ).images
+        was_training = self.training
+        self.eval()  # trainable modules in inference mode (hypernetworks: dropout off, their strength)
+        try:
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
+            ):
+                images = self.backbone.pipeline(scheduler)(
+                    prompt_embeds=self.encode_prompts([prompt] * n).to(dtype),
+                    negative_prompt_embeds=self.encode_prompts([negative_prompt] * n).to(dtype),
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pt",
+                ).images
+        finally:
+            self.train(was_training)
         return images.float()
 
     # ----------------------------------------------------------------- data

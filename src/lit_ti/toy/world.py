@@ -11,7 +11,7 @@ inversion has something real to find.
 import argparse
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -28,6 +28,9 @@ COLOURS = {
 BACKGROUNDS = {"white": (238, 238, 238), "black": (24, 24, 24), "gray": (128, 128, 128)}
 SIZES = {"small": 0.18, "large": 0.32}  # radius as a share of the image side
 HELD_OUT = ("purple_star", "orange_cross", "green_triangle", "blue_circle", "yellow_square")
+STYLES = ("plain", "striped")  # the base model only ever sees `plain`; `striped` is for hypernetworks
+STRIPE_PERIOD = 8  # pixels at 64 px: horizontal bands on the background
+STRIPE_SHIFT = 70  # brightness difference of alternate bands
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges
 
@@ -40,6 +43,7 @@ class Scene:
     size: str
     x: float  # centre, as a share of the side
     y: float
+    style: str = "plain"
 
     @property
     def concept(self) -> str:
@@ -118,6 +122,13 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     big = size * SUPERSAMPLE
     im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
+    if scene.style == "striped":  # every other band lighter (dark backgrounds) or darker (light ones)
+        base = BACKGROUNDS[scene.background]
+        shift = STRIPE_SHIFT if sum(base) < 3 * 128 else -STRIPE_SHIFT
+        band = tuple(max(0, min(255, c + shift)) for c in base)
+        period = STRIPE_PERIOD * big // IMAGE_SIZE
+        for top in range(0, big, 2 * period):
+            draw.rectangle([0, top, big, top + period - 1], fill=band)
     cx, cy, r = scene.x * big, scene.y * big, SIZES[scene.size] * big
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[scene.colour])
@@ -133,6 +144,21 @@ def write_concept(concept: str, folder: str | Path, n: int = 16, seed: int = 0, 
     rng = random.Random(f"{concept}-{seed}")
     for i in range(n):
         scene = random_scene(rng, concept)
+        render(scene, size).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+    return folder
+
+
+def write_style(style: str, folder: str | Path, n: int = 32, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
+    """Render `n` scenes of seen concepts in `style`, captioned *without* the style: what a hypernetwork
+    must add on its own."""
+    if style not in STYLES:
+        raise ValueError(f"unknown toy style {style!r}: use one of {STYLES}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"style-{style}-{seed}")
+    for i in range(n):
+        scene = replace(random_scene(rng), style=style)
         render(scene, size).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
     return folder

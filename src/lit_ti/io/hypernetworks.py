@@ -1,0 +1,146 @@
+"""A1111 hypernetwork files, read and written.
+
+`.pt` (the webui's layout, torch legacy serialisation so its safe unpickler accepts it):
+`{<width>: (K state dict, V state dict), ..., "name", "step", "layer_structure", "activation_func",
+"is_layer_norm", "weight_initialization", "sd_checkpoint", "sd_checkpoint_name", "activate_output",
+"use_dropout", "dropout_structure", "last_layer_dropout", "optional_info"}`. Old NovelAI-era files with only
+the width keys and `linear1`/`linear2` module names load too, with the webui's defaults for missing keys.
+
+`.safetensors`: tensors `"<width>.<k|v>.<param>"`; the settings and metadata as JSON in the header.
+
+Pickles are opened with `weights_only=True`: a file that would run code is refused and never runs.
+"""
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lit_ti.errors import UserError
+from lit_ti.io.atomic import atomic_path
+from lit_ti.modules.hypernetwork import Hypernetwork
+
+
+def to_a1111(hn: Hypernetwork) -> dict:
+    """Our settings -> the webui's metadata keys."""
+    s = hn.settings
+    dropout = [float(p) for p in (s.get("dropout_structure") or [0.0] * len(s.get("layer_structure", [1, 2, 1])))]
+    return {
+        "layer_structure": [float(x) for x in s.get("layer_structure", [1, 2, 1])],
+        "activation_func": s.get("activation_func") or "linear",
+        "is_layer_norm": bool(s.get("add_layer_norm", False)),
+        "weight_initialization": s.get("weight_init", "Normal"),
+        "activate_output": bool(s.get("activate_output", False)),
+        "use_dropout": any(p > 0 for p in dropout),
+        "dropout_structure": dropout,
+        "last_layer_dropout": len(dropout) > 1 and dropout[-2] != 0,
+    }
+
+
+def from_a1111(meta: dict) -> dict:
+    """The webui's metadata (missing keys get its loading defaults) -> our settings."""
+    layers = list(meta.get("layer_structure") or [1, 2, 1])
+    dropout = meta.get("dropout_structure")
+    if dropout is None:
+        use = bool(meta.get("use_dropout", False))
+        last = bool(meta.get("last_layer_dropout", False))
+        dropout = [0.0] * len(layers) if not use else [0.0] + [0.3] * (len(layers) - 3) + [0.3 if last else 0.0, 0.0]
+    return {
+        "layer_structure": layers,
+        "activation_func": meta.get("activation_func") or "linear",
+        "weight_init": meta.get("weight_initialization") or "Normal",
+        "add_layer_norm": bool(meta.get("is_layer_norm", False)),
+        "activate_output": bool(meta.get("activate_output", True)),  # the webui's default for old files
+        "dropout_structure": [float(p) for p in dropout],
+    }
+
+
+def save_hypernetwork(
+    path: str | Path,
+    hn: Hypernetwork,
+    name: str | None = None,
+    step: int | None = None,
+    sd_checkpoint: str | None = None,
+    sd_checkpoint_name: str | None = None,
+    optional_info: str | None = None,
+) -> Path:
+    """Write by suffix (`.pt` A1111 layout, or `.safetensors`), atomically."""
+    path = Path(path)
+    meta = {
+        **to_a1111(hn),
+        "name": name or path.stem,
+        "step": None if step is None else int(step),
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+        "optional_info": optional_info,
+    }
+
+    def state(module) -> OrderedDict:
+        return OrderedDict(
+            (k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in module.state_dict().items()
+        )
+
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".pt":
+            data = {size: (state(hn.pair(size)[0]), state(hn.pair(size)[1])) for size in hn.sizes}
+            torch.save({**data, **meta}, tmp, _use_new_zipfile_serialization=False)
+        elif path.suffix.lower() == ".safetensors":
+            tensors = {
+                f"{size}.{kv}.{key}": value
+                for size in hn.sizes
+                for kv, module in zip("kv", hn.pair(size))
+                for key, value in state(module).items()
+            }
+            save_file(tensors, tmp, metadata={"lit_ti_hypernetwork": json.dumps(meta)})
+        else:
+            raise ValueError(f"{path}: unknown hypernetwork format; use .pt or .safetensors")
+    return path
+
+
+def _legacy(state: dict) -> dict:
+    """NovelAI-era module names: linear1/linear2 -> linear.0/linear.1."""
+    return {k.replace("linear1.", "linear.0.").replace("linear2.", "linear.1."): v for k, v in state.items()}
+
+
+def load_hypernetwork(path: str | Path) -> tuple[Hypernetwork, dict]:
+    """(module in fp32, the file's metadata) for an A1111 `.pt` or our `.safetensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such hypernetwork file")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("lit_ti_hypernetwork", "{}"))
+                flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            states: dict[int, tuple[dict, dict]] = {}
+            for key, value in flat.items():
+                size, kv, param = key.split(".", 2)
+                states.setdefault(int(size), ({}, {}))["kv".index(kv)][param] = value
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: holds a {type(data).__name__}, not a hypernetwork dict")
+            states = {int(k): (v[0], v[1]) for k, v in data.items() if isinstance(k, int) or str(k).isdigit()}
+            meta = {k: v for k, v in data.items() if not (isinstance(k, int) or str(k).isdigit())}
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"{path}: cannot be read as a hypernetwork ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "pickled files may contain only tensors and plain containers"
+        ) from None
+    if not states:
+        raise UserError(f"{path}: no width keys (320, 640, 768, ...): not an A1111 hypernetwork")
+    hn = Hypernetwork(sorted(states), **from_a1111(meta))
+    for size, (k_state, v_state) in states.items():
+        for module, state in zip(hn.pair(size), (k_state, v_state)):
+            try:
+                module.load_state_dict(_legacy(dict(state)))
+            except RuntimeError as e:
+                raise UserError(
+                    f"{path}: width {size} does not match its settings ({str(e).splitlines()[0]})"
+                ) from None
+    return hn, meta

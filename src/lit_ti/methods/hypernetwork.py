@@ -1,0 +1,122 @@
+"""Hypernetwork training (AUTOMATIC1111 style): small residual MLPs on attention K/V inputs learn a style
+while the whole backbone stays frozen. Same data, templates, callbacks and resume as textual inversion.
+
+Prompts are plain text (`[name]` is just a word here, as in A1111), so the text encoder's output is cached per
+prompt string: a run reuses a handful of template lines.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lit_ti import io
+from lit_ti.errors import UserError
+from lit_ti.methods.base import DiffusionMethod
+from lit_ti.models import Backbone
+from lit_ti.modules.embedding_bank import EmbeddingBank
+from lit_ti.modules.hypernetwork import Hypernetwork, attach
+from lit_ti.modules.text_conditioning import PromptTokenizer, encode
+
+
+class HypernetworkMethod(DiffusionMethod):
+    """Args (besides the base ones):
+
+    name: the file name (and the word `[name]` becomes in prompts).
+    sizes: context widths to create modules for; null = what the backbone uses (its text width, plus its
+        self-attention widths when `self_attention`), like A1111's 768/320/640/1280 for SD1.
+    layer_structure, activation_func, weight_initialization, add_layer_norm, activate_output,
+    dropout_structure: A1111's creation options (`dropout_structure` null = no dropout).
+    self_attention: also transform self-attention K/V at matching widths (A1111 does).
+    strength: the multiplier used outside training (previews, evaluation); training always uses 1.
+    init_file: an A1111 `.pt` or our `.safetensors` hypernetwork to continue from (its settings win).
+    """
+
+    checkpointed = ("hypernetwork",)
+    periodic_dirname = "hypernetworks"
+
+    def __init__(
+        self,
+        backbone,
+        name: str,
+        sizes: list[int] | None = None,
+        layer_structure: list[float] = (1, 2, 1),
+        activation_func: str = "linear",
+        weight_initialization: str = "Normal",
+        add_layer_norm: bool = False,
+        activate_output: bool = False,
+        dropout_structure: list[float] | None = None,
+        self_attention: bool = True,
+        strength: float = 1.0,
+        init_file: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(backbone, **kwargs)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.name = name
+        self.sizes = list(sizes) if sizes else None
+        self.hn_settings = dict(
+            layer_structure=list(layer_structure),
+            activation_func=activation_func,
+            weight_init=weight_initialization,
+            add_layer_norm=add_layer_norm,
+            activate_output=activate_output,
+            dropout_structure=list(dropout_structure) if dropout_structure else None,
+        )
+        self.self_attention = self_attention
+        self.strength = strength
+        self.init_file = init_file
+        self.cond_cache: dict[str, Tensor] = {}
+
+    def build_trainables(self, backbone: Backbone) -> None:
+        if self.init_file:
+            self.hypernetwork, _ = io.load_hypernetwork(self.init_file)
+        else:
+            self.hypernetwork = Hypernetwork(self.sizes or self.backbone_widths(backbone), **self.hn_settings)
+        self.hypernetwork.set_strength(self.strength)
+        attach(self.unet, self.hypernetwork, self.self_attention)
+        self.prompt_tokenizer = PromptTokenizer(backbone.tokenizer, EmbeddingBank())
+
+    def backbone_widths(self, backbone: Backbone) -> list[int]:
+        cfg = backbone.unet.config
+        widths = {int(cfg.cross_attention_dim)}
+        if self.self_attention:
+            widths |= {int(c) for c in cfg.block_out_channels}
+        return sorted(widths)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.hypernetwork.parameters())}]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Frozen text encoder output `[B, 77, d]`, cached per prompt (nothing upstream of the UNet trains)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cond_cache]
+        if missing:
+            ids, slots = self.prompt_tokenizer(missing, self.device)
+            for prompt, cond in zip(missing, encode(self.text_encoder, ids, slots, None, self.clip_skip)):
+                self.cond_cache[prompt] = cond
+        return torch.stack([self.cond_cache[p] for p in prompts])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        norm = torch.stack([p.detach().norm() for p in self.hypernetwork.parameters()]).norm()
+        self.log("train/hypernetwork_norm", norm, batch_size=1)
+
+    def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
+        """`<directory>/<name><tag>.pt` (A1111 layout) and `.safetensors`; the stored name stays `name` (A1111)."""
+        unknown = set(formats) - {"pt", "safetensors"}
+        if unknown:
+            raise UserError(
+                f"callbacks.export.formats: hypernetworks are written as pt or safetensors, not {sorted(unknown)}"
+            )
+        return [
+            io.save_hypernetwork(
+                Path(directory) / f"{self.name}{tag}.{fmt}",
+                self.hypernetwork,
+                name=self.name,
+                step=step,
+                sd_checkpoint=self.backbone.checkpoint_hash,
+                sd_checkpoint_name=self.backbone.name,
+            )
+            for fmt in formats
+        ]
