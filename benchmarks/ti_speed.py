@@ -1,7 +1,7 @@
 """Steady-state training speed and peak memory of each method through the real Trainer.
 
     python benchmarks/ti_speed.py --backbone tiny --batch 1 4
-    python benchmarks/ti_speed.py --backbone tiny --methods ti da da_rec   # DreamArtist step cost vs TI
+    python benchmarks/ti_speed.py --backbone tiny --methods ti da da_rec hn   # step cost vs TI
     python benchmarks/ti_speed.py --backbone sd15 --batch 1 8 32 --precision bf16-mixed   # on a GPU
 
 Prints one row per method and batch size: samples/s over the timed steps (after warm-up), the step time
@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from lit_ti.data import ConceptDataModule
-from lit_ti.methods import DreamArtist, TextualInversion
+from lit_ti.methods import DreamArtist, HypernetworkMethod, TextualInversion
 from lit_ti.models import TinyBackbone
 
 warnings.filterwarnings("ignore")
@@ -58,6 +58,7 @@ METHODS = {
     "ti": lambda bb: TextualInversion(bb, name="bench-concept", num_vectors=4, init_text="thing"),
     "da": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing"),
     "da_rec": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing", reconstruction=True),
+    "hn": lambda bb: HypernetworkMethod(bb, name="bench-concept"),
 }
 
 

@@ -188,17 +188,11 @@ def test_self_attention_switch(backbone):
         detach(unet, saved)
 
 
+fit_hn = partial(fit, method_cls=HypernetworkMethod, base_kw={"name": "zz-thing"})
+
+
 def test_fit_trains_only_the_hypernetwork_and_writes_a1111_files(tmp_path, concept_dir):
-    method, trainer = fit(
-        tmp_path,
-        concept_dir,
-        max_steps=4,
-        every=2,
-        method_cls=HypernetworkMethod,
-        base_kw={"name": "zz-thing"},
-        optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        dm_kw={"template": "subject"},
-    )
+    method, trainer = fit_hn(tmp_path, concept_dir, max_steps=4, every=2, optimizer=partial(torch.optim.AdamW, lr=1e-3))
     assert trainer.global_step == 4
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"] and all(k.startswith("hypernetwork.") for k in ckpt["state_dict"])
@@ -224,3 +218,26 @@ def test_style_measure_separates_plain_and_striped_renders(tmp_path):
     folder = write_style("striped", tmp_path / "style", n=3)
     captions = sorted(p.read_text() for p in folder.glob("*.txt"))
     assert len(captions) == 3 and not any("stripe" in c for c in captions)
+
+
+@torch.no_grad()
+def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir):
+    from lit_ti.methods.hypernetwork import attach_file
+    from lit_ti.models import TinyBackbone
+
+    lr = partial(torch.optim.AdamW, lr=1e-2)
+    fit_hn(tmp_path, concept_dir, max_steps=2, every=0, optimizer=lr, weight_initialization="XavierNormal")
+    pipe = TinyBackbone().load().pipeline()
+
+    def generate():
+        out = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+        return torch.from_numpy(out.images)
+
+    plain = generate()
+    hn, original = attach_file(pipe.unet, tmp_path / "zz-thing.safetensors", strength=1.0)
+    styled = generate()
+    hn.set_strength(0.0)
+    assert torch.equal(generate(), plain)
+    detach(pipe.unet, original)
+    assert not torch.allclose(styled, plain, atol=1e-4)
+    assert torch.equal(generate(), plain)

@@ -120,3 +120,17 @@ class HypernetworkMethod(DiffusionMethod):
             )
             for fmt in formats
         ]
+
+
+def attach_file(
+    unet, path: str | Path, strength: float = 1.0, self_attention: bool = True
+) -> tuple[Hypernetwork, dict]:
+    """Load a hypernetwork file (A1111 `.pt` or ours) onto a diffusers UNet for generation:
+
+    hn, original = attach_file(pipe.unet, "style.pt", strength=0.8)
+    images = pipe("a red circle").images
+    detach(pipe.unet, original)
+    """
+    hn, _ = io.load_hypernetwork(path)
+    hn.to(unet.device).eval().set_strength(strength)
+    return hn, attach(unet, hn, self_attention)
