@@ -241,3 +241,23 @@ def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir):
     detach(pipe.unet, original)
     assert not torch.allclose(styled, plain, atol=1e-4)
     assert torch.equal(generate(), plain)
+
+
+def test_resume_and_bf16_accumulation(tmp_path, concept_dir):
+    lr = partial(torch.optim.AdamW, lr=1e-3)
+    # resumed at an epoch boundary (4 images, batch 1): mid-epoch resume restarts the epoch's shuffle
+    straight, _ = fit_hn(tmp_path / "a", concept_dir, max_steps=8, every=4, optimizer=lr)
+    fit_hn(tmp_path / "b", concept_dir, max_steps=4, every=4, optimizer=lr)
+    resumed, trainer = fit_hn(
+        tmp_path / "c", concept_dir, max_steps=8, every=4, optimizer=lr, ckpt_path=tmp_path / "b/checkpoints/last.ckpt"
+    )
+    assert trainer.global_step == 8
+    a, b = straight.hypernetwork.state_dict(), resumed.hypernetwork.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "interrupted + resumed run differs"
+
+    method, trainer = fit_hn(
+        tmp_path / "d", concept_dir, max_steps=2, every=0, optimizer=lr, precision="bf16-mixed", accumulate=2
+    )
+    assert method.unet.dtype == torch.bfloat16 and trainer.global_step == 2
+    assert all(p.dtype == torch.float32 for p in method.hypernetwork.parameters())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
