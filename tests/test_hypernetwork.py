@@ -208,16 +208,16 @@ def test_fit_trains_only_the_hypernetwork_and_writes_a1111_files(tmp_path, conce
         assert all(not p.requires_grad for p in getattr(method, part).parameters())
 
 
-def test_style_measure_separates_plain_and_striped_renders(tmp_path):
+def test_style_measure_separates_plain_and_styled_renders(tmp_path):
     from lit_ti.toy.style import calibrate
     from lit_ti.toy.world import write_style
 
     result = calibrate(n=48)
-    assert result["plain_striped"] == 0.0 and result["striped_striped"] == 1.0
-    assert result["striped_accuracy"] >= 0.9  # the stripes do not hide shape and colour from the judge
-    folder = write_style("striped", tmp_path / "style", n=3)
+    assert result["plain_rate"] < 0.35 and result["topleft_rate"] == 1.0  # plain: a quadrant by chance
+    assert result["topleft_accuracy"] >= 0.9  # the judge still reads shape and colour
+    folder = write_style("topleft", tmp_path / "style", n=3)
     captions = sorted(p.read_text() for p in folder.glob("*.txt"))
-    assert len(captions) == 3 and not any("stripe" in c for c in captions)
+    assert len(captions) == 3 and not any("left" in c for c in captions)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ def _toy_data(concept: str, images: int = 16) -> str:
 
 
 def _toy_style(style: str) -> str:
-    """`${lit_ti.toy_style:striped}`: 32 renders of seen concepts in a style, rendered on first use."""
+    """`${lit_ti.toy_style:topleft}`: 32 renders of seen concepts in a style, rendered on first use."""
     from lit_ti.toy.world import write_style
 
     folder = Path("outputs") / "toy_data" / f"style-{style}"

@@ -53,7 +53,7 @@ class ToyEvaluation(L.Callback):
 
 
 class ToyStyleEvaluation(L.Callback):
-    """At the end of a hypernetwork run on the toy model: `eval/style_rate` (share of striped samples for
+    """At the end of a hypernetwork run on the toy model: `eval/style_rate` (share of samples in the style for
     unseen captions) and `eval/accuracy` (shape and colour still right), each also for the base model
     (`_base`), and `eval/accuracy_drop`.
 

@@ -28,9 +28,10 @@ COLOURS = {
 BACKGROUNDS = {"white": (238, 238, 238), "black": (24, 24, 24), "gray": (128, 128, 128)}
 SIZES = {"small": 0.18, "large": 0.32}  # radius as a share of the image side
 HELD_OUT = ("purple_star", "orange_cross", "green_triangle", "blue_circle", "yellow_square")
-STYLES = ("plain", "striped")  # the base model only ever sees `plain`; `striped` is for hypernetworks
-STRIPE_PERIOD = 8  # pixels at 64 px: horizontal bands on the background
-STRIPE_SHIFT = 70  # brightness difference of alternate bands
+# Composition styles: the base model places objects anywhere; `topleft` (for hypernetworks) always puts them in
+# the upper-left quadrant. (Texture styles such as stripes or tinted backgrounds were tried first: the toy
+# VAE, trained on plain renders only, cannot reconstruct them, so no UNet-side module could learn them.)
+STYLES = ("plain", "topleft")
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges
 
@@ -43,7 +44,6 @@ class Scene:
     size: str
     x: float  # centre, as a share of the side
     y: float
-    style: str = "plain"
 
     @property
     def concept(self) -> str:
@@ -122,13 +122,6 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     big = size * SUPERSAMPLE
     im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
-    if scene.style == "striped":  # every other band lighter (dark backgrounds) or darker (light ones)
-        base = BACKGROUNDS[scene.background]
-        shift = STRIPE_SHIFT if sum(base) < 3 * 128 else -STRIPE_SHIFT
-        band = tuple(max(0, min(255, c + shift)) for c in base)
-        period = STRIPE_PERIOD * big // IMAGE_SIZE
-        for top in range(0, big, 2 * period):
-            draw.rectangle([0, top, big, top + period - 1], fill=band)
     cx, cy, r = scene.x * big, scene.y * big, SIZES[scene.size] * big
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[scene.colour])
@@ -149,6 +142,14 @@ def write_concept(concept: str, folder: str | Path, n: int = 16, seed: int = 0, 
     return folder
 
 
+def styled(scene: Scene, style: str, rng: random.Random) -> Scene:
+    """The scene as `style` composes it (`topleft`: centre moved into the upper-left quadrant)."""
+    if style == "plain":
+        return scene
+    margin = SIZES[scene.size] + 0.04
+    return replace(scene, x=rng.uniform(margin, 0.5), y=rng.uniform(margin, 0.5))
+
+
 def write_style(style: str, folder: str | Path, n: int = 32, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
     """Render `n` scenes of seen concepts in `style`, captioned *without* the style: what a hypernetwork
     must add on its own."""
@@ -158,7 +159,7 @@ def write_style(style: str, folder: str | Path, n: int = 32, seed: int = 0, size
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"style-{style}-{seed}")
     for i in range(n):
-        scene = replace(random_scene(rng), style=style)
+        scene = styled(random_scene(rng), style, rng)
         render(scene, size).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
     return folder
