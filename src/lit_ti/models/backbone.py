@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from lit_ti.errors import UserError
 
@@ -119,7 +120,13 @@ class DiffusersFolder:
         try:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", model_max_length=77)
             kw = {"variant": self.variant} if self.variant else {}
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise in training logs
+            try:
+                text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
             # low_cpu_mem_usage=False: the same load, without a notice that asks for `accelerate`
             unet = UNet2DConditionModel.from_pretrained(
                 root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw
