@@ -190,3 +190,51 @@ def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, conce
     # diffusers conditions exactly as training did
     theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
     assert torch.allclose(theirs, method.encode_prompts([prompt]), atol=1e-5)
+
+
+def extra_guard(trainer):
+    from lit_ti.callbacks import NanGuard
+
+    return next(c for c in trainer.callbacks if isinstance(c, NanGuard))
+
+
+class Poisoned(TextualInversion):
+    """A loss that turns NaN on the steps listed in `bad` (every step when `bad` is None)."""
+
+    bad: frozenset | None = frozenset({2, 3})
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.bad is None or self.global_step in self.bad:
+            loss = loss * float("nan")
+        return loss
+
+
+def test_nan_steps_are_skipped_and_never_written(tmp_path, concept_dir):
+    from lit_ti.callbacks import NanGuard
+
+    method, trainer = fit(
+        tmp_path, concept_dir, max_steps=6, every=3, method_cls=Poisoned, extra_callbacks=[NanGuard(3)]
+    )
+    assert trainer.global_step == 6
+    assert extra_guard(trainer).skipped == 2
+    for path in [tmp_path / f"{NAME}.pt", tmp_path / "embeddings" / f"{NAME}-3.pt"]:
+        assert torch.isfinite(io.load_embedding(path)[path.stem]).all()
+    start = method.initial_vectors(method.backbone, "square thing", 2)
+    assert not torch.equal(method.bank.get(NAME)["text_encoder"].detach(), start)  # the good steps trained
+
+
+def test_only_nan_steps_stop_training_with_the_initial_vectors(tmp_path, concept_dir):
+    from lit_ti.callbacks import NanGuard
+
+    class AlwaysBad(Poisoned):
+        bad = None
+
+    method, trainer = fit(
+        tmp_path, concept_dir, max_steps=20, every=0, method_cls=AlwaysBad, extra_callbacks=[NanGuard(3)]
+    )
+    assert trainer.global_step == 3  # stopped after 3 bad steps in a row
+    start = method.initial_vectors(method.backbone, "square thing", 2)
+    assert torch.equal(io.load_embedding(tmp_path / f"{NAME}.pt")[NAME], start)
+    with pytest.raises(ValueError, match="non-finite"):
+        io.save_embedding(tmp_path / "bad.pt", torch.full((2, 32), float("nan")))

@@ -63,6 +63,8 @@ def save_embedding(
     path = Path(path)
     name = name or path.stem
     vectors = _cpu32(vectors)
+    if not all(bool(torch.isfinite(v).all()) for v in (vectors.values() if isinstance(vectors, dict) else [vectors])):
+        raise ValueError(f"{path}: refusing to write non-finite (NaN/Inf) vectors")
     sdxl = isinstance(vectors, dict)
     if sdxl and set(vectors) != set(SDXL_KEYS):
         raise ValueError(f"SDXL vectors need exactly the keys {SDXL_KEYS}, got {sorted(vectors)}")

@@ -69,6 +69,8 @@ def save_hypernetwork(
 ) -> Path:
     """Write by suffix (`.pt` A1111 layout, or `.safetensors`), atomically."""
     path = Path(path)
+    if not all(bool(torch.isfinite(p).all()) for p in hn.parameters()):
+        raise ValueError(f"{path}: refusing to write a hypernetwork with non-finite (NaN/Inf) weights")
     meta = {
         **to_a1111(hn),
         "name": name or path.stem,
