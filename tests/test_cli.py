@@ -22,6 +22,13 @@ def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+def train_ok(run_dir, *args: str) -> subprocess.CompletedProcess:
+    """A run into `run_dir` that must succeed."""
+    run = train(*args, f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_default_run_writes_every_output(tmp_path):
     run = train("trainer.max_steps=30", "callbacks.toy_eval.samples=4", f"hydra.run.dir={tmp_path}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -38,13 +45,7 @@ def test_default_run_writes_every_output(tmp_path):
 
 
 def test_dreamartist_character_run(tmp_path):
-    run = train(
-        "experiment=dreamartist_character",
-        "trainer.max_steps=30",
-        "callbacks.toy_eval.samples=4",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    train_ok(tmp_path, "experiment=dreamartist_character", "trainer.max_steps=30", "callbacks.toy_eval.samples=4")
     from lit_ti import io
 
     pair = {p.name for p in tmp_path.iterdir()}
@@ -62,13 +63,9 @@ def test_dreamartist_character_run(tmp_path):
 
 
 def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
-    run = train(
-        "experiment=hypernetwork_style",
-        "trainer.max_steps=30",
-        "callbacks.toy_style_eval.samples=2",
-        f"hydra.run.dir={tmp_path}",
+    run = train_ok(
+        tmp_path, "experiment=hypernetwork_style", "trainer.max_steps=30", "callbacks.toy_style_eval.samples=2"
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     import torch
 
     raw = torch.load(tmp_path / "toy-topleft.pt", weights_only=True)

@@ -6,17 +6,11 @@ import nbformat
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT
-from tests.test_cli import train
+from tests.test_cli import train_ok
 
 
 def test_explore_embedding_notebook_runs(tmp_path):
-    run = train(
-        "trainer.max_steps=20",
-        "callbacks.preview.every_n_steps=10",
-        "callbacks.toy_eval=null",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    train_ok(tmp_path, "trainer.max_steps=20", "callbacks.preview.every_n_steps=10", "callbacks.toy_eval=null")
     nb = nbformat.read(ROOT / "notebooks" / "explore_embedding.ipynb", as_version=4)
     os.environ["LIT_TI_RUN"] = str(tmp_path)
     os.environ["MPLBACKEND"] = "Agg"
