@@ -31,9 +31,8 @@ class NanGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = self._trainable(pl_module)
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if finite and all(bool(torch.isfinite(p).all()) for p in params):
+        tensors = params + [p.grad for p in params if p.grad is not None]
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):  # one host sync per step
             self.bad = 0
             return
         self.bad += 1

@@ -172,11 +172,12 @@ class DreamArtist(TextualInversion):
     # ----------------------------------------------------------------- export
     def concepts(self, tag: str = "") -> dict[str, Tensor]:
         """`{file stem: [n, d]}`: `<name><tag>` and `<name><tag>-neg`, so periodic copies stay usable pairs."""
-        pairs = {"": lambda n: self.ema.averaged(self.bank, n), "-live": self.bank.get}
-        if self.export_vectors == "live":
-            pairs = {"": self.bank.get}
-        elif self.export_vectors == "ema":
-            del pairs["-live"]
+        averaged = lambda n: self.ema.averaged(self.bank, n)  # noqa: E731
+        pairs = {
+            "ema": {"": averaged},
+            "live": {"": self.bank.get},
+            "both": {"": averaged, "-live": self.bank.get},
+        }[self.export_vectors]
         out = {}
         for suffix, vectors in pairs.items():
             out[f"{self.name}{tag}{suffix}"] = vectors(self.name)["text_encoder"]
