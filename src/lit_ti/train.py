@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from lit_ti.callbacks import GracefulStop
 from lit_ti.errors import UserError
+from lit_ti.io.atomic import remove_stale
 
 
 def _asset(name: str) -> str:
@@ -67,6 +69,7 @@ def run(cfg: DictConfig) -> float | None:
     start = time.time()
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    remove_stale(cfg.paths.output_dir)  # temp files of a killed run never became outputs
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
@@ -93,7 +96,24 @@ def run(cfg: DictConfig) -> float | None:
         + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
         + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
     )
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop) and c.received is not None), None)
+    if stop is not None:
+        rank_zero_info(
+            f"[lit_ti] stopped by {stop.received.name} at step {trainer.global_step}; checkpoint: {stop.checkpoint}"
+            f"\n[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={stop.checkpoint}"
+        )
+        sys.exit(128 + stop.received)
     return float(metric) if metric is not None else None
+
+
+def _overrides() -> list[str]:
+    """The command line's overrides (to print a resume command), or [] outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    except ValueError:
+        return []
 
 
 def main(cfg: DictConfig) -> float | None:

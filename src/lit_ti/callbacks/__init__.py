@@ -1,9 +1,18 @@
 """Behaviour around training that is not the method itself: exports, previews, logs."""
 
 from lit_ti.callbacks.export import ExportEmbeddings
+from lit_ti.callbacks.interrupt import GracefulStop
 from lit_ti.callbacks.loss_csv import LossCSV
 from lit_ti.callbacks.nan_guard import NanGuard
 from lit_ti.callbacks.preview import PreviewImages
 from lit_ti.callbacks.toy_eval import ToyEvaluation, ToyStyleEvaluation
 
-__all__ = ["ExportEmbeddings", "LossCSV", "NanGuard", "PreviewImages", "ToyEvaluation", "ToyStyleEvaluation"]
+__all__ = [
+    "ExportEmbeddings",
+    "GracefulStop",
+    "LossCSV",
+    "NanGuard",
+    "PreviewImages",
+    "ToyEvaluation",
+    "ToyStyleEvaluation",
+]

@@ -7,6 +7,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lit_ti.io.atomic import atomic_path
+
 
 class LossCSV(L.Callback):
     """Appends one row every `every_n_steps` optimizer steps; `loss` is the mean over the step's micro-batches.
@@ -21,6 +23,17 @@ class LossCSV(L.Callback):
         self.count = 0
         self.last_step = 0
         self.lr = 0.0
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run replays the steps after its checkpoint: drop the rows the killed run wrote for them
+        if trainer.global_step > 0 and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            keep = lines[:1] + [row for row in lines[1:] if _step(row) <= trainer.global_step]
+            if len(keep) < len(lines):
+                with atomic_path(self.path) as tmp:
+                    tmp.write_text("".join(keep))
+        self.last_step = trainer.global_step
 
     @rank_zero_only
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -48,3 +61,9 @@ class LossCSV(L.Callback):
             if new:
                 writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
             writer.writerow([step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", self.lr])
+
+
+def _step(row: str) -> float:
+    """The step of a CSV row; a torn last row (no newline) counts as past every step."""
+    head = row.split(",", 1)[0]
+    return int(head) if row.endswith("\n") and head.isdigit() else float("inf")

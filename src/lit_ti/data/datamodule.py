@@ -5,6 +5,7 @@ VAE encoder) once, through `cache_latents`, before the first step. Each sample i
 freshly drawn prompt, so a step costs no image decoding and no VAE pass.
 """
 
+import math
 import random
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_ti.data import images as img
+from lit_ti.data.sampler import EpochSampler
 from lit_ti.data.templates import fill, load_templates, without_filewords
 from lit_ti.errors import UserError
 
@@ -174,14 +176,28 @@ class ConceptDataModule(L.LightningDataModule):
                 f"{len(dataset)} (raise data.repeats to keep the batch size)",
                 stacklevel=2,
             )
+        batch_size = min(self.batch_size, len(dataset))
         return DataLoader(
             dataset,
-            batch_size=min(self.batch_size, len(dataset)),
-            shuffle=True,
+            batch_size=batch_size,
+            sampler=EpochSampler(len(dataset), self.seed, start=lambda: self._resume_point(len(dataset), batch_size)),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=True,
+            # worker seeds from their own generator: creating an iterator never draws from the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _resume_point(self, samples: int, batch_size: int) -> tuple[int, int] | None:
+        """(epoch, sample position) of the trainer's next batch, from its optimizer-step count (restored on
+        resume); every checkpoint is taken at an optimizer-step boundary."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        batches = samples // batch_size
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        epoch, step = divmod(trainer.global_step, steps_per_epoch)
+        return epoch, step * trainer.accumulate_grad_batches * batch_size
 
 
 class _ConceptDataset(Dataset):
@@ -199,14 +215,17 @@ class _ConceptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions) * self.repeats
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: tuple[int, int] | int) -> dict:
+        index, seed = item if isinstance(item, tuple) else (item, item)
         i = index % len(self.captions)
-        # all randomness from torch's generator, so seeding and checkpointed RNG state cover it
-        view = int(self.mean.shape[1] > 1 and torch.rand(()) < self.flip_p)
-        latents = self.mean[i, view] + self.std[i, view] * torch.randn_like(self.std[i, view])
-        k = int(torch.randint(len(self.templates), ()))
+        # every draw from the sample's own seed (see EpochSampler): resumes replay the same prompts and noise
+        g = torch.Generator().manual_seed(seed)
+        view = int(self.mean.shape[1] > 1 and torch.rand((), generator=g) < self.flip_p)
+        std = self.std[i, view]
+        latents = self.mean[i, view] + std * torch.randn(std.shape, generator=g)
+        k = int(torch.randint(len(self.templates), (), generator=g))
         line = self.templates[k]
-        rng = random.Random(int(torch.randint(2**31, ())))
+        rng = random.Random(seed)
         prompt = fill(line, self.name, self.captions[i], rng, self.shuffle, self.dropout)
         sample = {
             "latents": latents,  # [4, h, w]

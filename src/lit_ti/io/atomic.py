@@ -29,3 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files a killed run left behind under `folder` (they never replaced an output)."""
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

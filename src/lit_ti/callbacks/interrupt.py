@@ -1,0 +1,63 @@
+"""Ctrl-C (SIGINT) and SIGTERM end training at the next optimizer-step boundary with everything saved.
+
+Lightning turns Ctrl-C into a KeyboardInterrupt wherever the main thread happens to be (mid-backward, mid
+optimizer step) and exits with status 1. Here the signal only raises a flag; the step in flight finishes,
+then a checkpoint (`last.ckpt`, for `ckpt_path=`) is written, `trainer.should_stop` ends the fit, and the
+usual end-of-training exports write the final files. A second Ctrl-C stops at once (the files of the last
+completed export stay as they were).
+"""
+
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop(L.Callback):
+    """Args:
+    dirpath: where the interrupt checkpoint goes when the trainer has no ModelCheckpoint.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.received: signal.Signals | None = None
+        self.checkpoint: Path | None = None
+        self.previous: dict[int, object] = {}
+        self.step_at_start = 0
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:  # asked twice: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+        rank_zero_info(f"\n[lit_ti] {self.received.name}: finishing this step, then saving and stopping")
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning installed its own SIGTERM handler (which would stop without saving), so ours wins
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.getsignal(s) for s in SIGNALS}
+            for s in SIGNALS:
+                signal.signal(s, self._handle)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received is None or trainer.global_step == self.step_at_start or trainer.should_stop:
+            return  # no signal, or mid gradient accumulation: a checkpoint must sit on a step boundary
+        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else self.dirpath
+        self.checkpoint = folder / "last.ckpt"
+        trainer.save_checkpoint(self.checkpoint)
+        trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
