@@ -1,12 +1,16 @@
 """`python train.py ...` as a user runs it."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_ti import io
 from tests.conftest import ROOT
 
 
@@ -123,3 +127,35 @@ def test_multirun_sweeps(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == ["0", "1"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum):
+    args = ["trainer.max_steps=100000", "callbacks.loss_csv.every_n_steps=1", "callbacks.toy_eval=null"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    csv = tmp_path / "textual_inversion_loss.csv"
+    deadline = time.monotonic() + 120
+    while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err
+    assert {"toy-concept.pt", "toy-concept.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert io.load_embedding(tmp_path / "toy-concept.pt")  # the final files were written at the stop
+    assert f"stopped by {signal.Signals(signum).name} at step {step}" in out + err
+    resume = next(line for line in (out + err).splitlines() if "resume: python train.py" in line)
+    assert resume.endswith(f"ckpt_path={ckpt}") and all(a in resume for a in args)
+
+    train_ok(tmp_path, *args[1:], f"trainer.max_steps={step + 2}", f"ckpt_path={ckpt}")
+    rows = csv.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, step + 3))

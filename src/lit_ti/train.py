@@ -55,6 +55,7 @@ for _name, _resolver in (("lit_ti.asset", _asset), ("lit_ti.toy_data", _toy_data
 QUIET = (
     r"Found \d+ module\(s\) in eval mode",  # the frozen backbone is in eval mode on purpose
     r".*isinstance\(treespec, LeafSpec\)",  # lightning 2.6 against torch 2.13, harmless
+    r"You're resuming from a checkpoint that ended before the epoch ended",  # EpochSampler resumes exactly
     r"The number of training batches \(\d+\) is smaller than the logging",  # we log per optimizer step
 )
 
