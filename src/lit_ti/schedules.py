@@ -22,6 +22,7 @@ def parse_schedule(text: str, max_steps: int, key: str = "method.lr_schedule") -
     if max_steps <= 0:
         raise UserError(f"trainer.max_steps={max_steps}: an LR schedule string needs a positive max_steps")
     pairs: list[tuple[float, int]] = []
+    ends: list[float] = []
     for part in str(text).split(","):
         if not part.strip():
             continue
@@ -36,11 +37,13 @@ def parse_schedule(text: str, max_steps: int, key: str = "method.lr_schedule") -
         if not math.isfinite(rate) or rate < 0:
             raise UserError(f"{key}={text!r}: learning rate {rate_text!r} must be a finite number >= 0")
         end = _end_step(step_text, max_steps, text, key)
-        if pairs and end <= pairs[-1][1]:
+        if step_text is None or step_text.strip() == "-1":
+            end = math.inf  # open-ended: runs to max_steps; A1111 ignores what follows
+        if ends and ends[-1] < math.inf and end <= ends[-1]:
             raise UserError(f"{key}={text!r}: step {step_text} does not come after the previous part's step")
-        pairs.append((rate, min(end, max_steps)))
-        if end >= max_steps:
-            break
+        if not ends or ends[-1] < max_steps:  # parts past max_steps are checked but never reached
+            pairs.append((rate, int(min(end, max_steps))))
+        ends.append(end)
     if not pairs:
         raise UserError(f"{key}={text!r} is empty; give at least one rate, e.g. '0.005'")
     return pairs

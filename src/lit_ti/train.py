@@ -1,5 +1,6 @@
 """`run(cfg)`: build the datamodule, method, callbacks, loggers and trainer from a Hydra config and fit."""
 
+import re
 import sys
 import time
 import warnings
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_ti.callbacks import GracefulStop
@@ -60,9 +63,47 @@ QUIET = (
 )
 
 
-def _named(node: DictConfig | None) -> list:
+def _named(group: str, node: DictConfig | None) -> list:
     """Instantiate every non-null entry of a named group (callbacks, logger)."""
-    return [instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
+    return [_build(f"{group}.{k}", c) for k, c in (node or {}).items() if c is not None and "_target_" in c]
+
+
+def _build(key: str, node: DictConfig, **kwargs):
+    """`instantiate`, with a bad argument in the config reported as a user mistake naming its key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if (error := _config_error(key, node, e.__cause__)) is None:
+            raise
+        raise error from e
+
+
+def _call(key: str, node: DictConfig, factory, **kwargs):
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        if (error := _config_error(key, node, e)) is None:
+            raise
+        raise error from e
+
+
+def _config_error(key: str, node: DictConfig, cause: BaseException | None) -> UserError | None:
+    """A UserError for what the config got wrong (unknown/missing argument, a value the library rejects)."""
+    if isinstance(cause, UserError):
+        return cause
+    target = node.get("_target_", "?")
+    if isinstance(cause, TypeError):
+        if m := re.search(r"unexpected keyword argument '(\w+)'", str(cause)):
+            return UserError(f"{key}.{m.group(1)}: {target} takes no such argument; remove it or fix its spelling")
+        if m := re.search(r"missing \d+ required \w+ argument[s]?: (.+)$", str(cause)):
+            return UserError(f"{key}: {target} needs {m.group(1)}; set it in the config or on the command line")
+    if isinstance(cause, ValueError | MisconfigurationException) and key.split(".")[0] in (
+        "trainer",
+        "callbacks",
+        "logger",
+    ):
+        return UserError(f"{key}: {cause}")
+    return None
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -73,12 +114,15 @@ def run(cfg: DictConfig) -> float | None:
     remove_stale(cfg.paths.output_dir)  # temp files of a killed run never became outputs
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
-    datamodule = instantiate(cfg.data)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint; use a run's checkpoints/last.ckpt")
+    datamodule = _build("data", cfg.data)
     # the spec goes in as an object: passed through instantiate() it would turn back into a config
-    method = instantiate(cfg.method, _partial_=True)(backbone=instantiate(cfg.model))
-    callbacks = _named(cfg.get("callbacks"))
-    loggers = _named(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    method = _build("method", cfg.method, _partial_=True)
+    method = _call("method", cfg.method, method, backbone=_build("model", cfg.model))
+    callbacks = _named("callbacks", cfg.get("callbacks"))
+    loggers = _named("logger", cfg.get("logger"))
+    trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -76,6 +76,8 @@ class ConceptDataModule(L.LightningDataModule):
             raise UserError(f"data.latent_sampling={latent_sampling!r}: use one of {', '.join(LATENT_SAMPLING)}")
         if crop not in ("center", "squash"):
             raise UserError(f"data.crop={crop!r}: use 'center' or 'squash'")
+        if resolution is not None and (resolution < 8 or resolution % 8):
+            raise UserError(f"data.resolution={resolution}: use a multiple of 8 (the VAE's downscale), or null")
         if batch_size < 1 or repeats < 1 or num_workers < 0:
             raise UserError("data.batch_size and data.repeats must be >= 1, data.num_workers >= 0")
         if not 0 <= flip_p <= 1 or not 0 <= tag_dropout < 1:
@@ -128,20 +130,30 @@ class ConceptDataModule(L.LightningDataModule):
         self.setup()
         size = self.resolution or resolution
         pixels, weights, kept_paths, kept_captions, broken = [], [], [], [], []
+        small = []
         for path, text in zip(self.paths, self.captions):
             try:
-                pixels.append(img.to_tensor(img.resize(img.load_image(path), size, self.crop)))
+                image = img.load_image(path)
+                if min(image.size) * 2 < size:
+                    small.append(f"{img.display(path)} ({image.width}x{image.height})")
+                pixels.append(img.to_tensor(img.resize(image, size, self.crop)))
                 weights.append(img.load_weight(path, size, self.crop, self.attention_maps, self.alpha_weight))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 pixels = pixels[: len(kept_paths)]
-                broken.append(f"{path.name} ({e})")
+                broken.append(f"{img.display(path)} ({e})")
                 continue
             kept_paths.append(path)
             kept_captions.append(text)
         if broken:
             warnings.warn(f"data.dir: skipped {len(broken)} unreadable image(s): {'; '.join(broken)}", stacklevel=2)
+        if small:
+            warnings.warn(
+                f"data.dir: {len(small)} image(s) upscaled more than 2x to {size}px, so they will look blurry "
+                f"to the model: {', '.join(small)}; use larger images or a smaller data.resolution",
+                stacklevel=2,
+            )
         if not pixels:
-            raise UserError(f"data.dir: no image in {self.dir} could be decoded")
+            raise UserError(f"data.dir: no image in {self.dir} could be decoded: {'; '.join(broken)}")
         self.paths, self.captions = kept_paths, kept_captions
         x = torch.stack(pixels)  # [N, 3, H, W]
         views = [x, x.flip(-1)] if self.flip_p > 0 else [x]

@@ -1,6 +1,7 @@
 """Reading training images and their captions (A1111 "filewords" rules)."""
 
 import glob
+import os
 import re
 import warnings
 from pathlib import Path
@@ -16,28 +17,48 @@ MASK_SUFFIXES = ("_att", "_att_proc")  # DreamArtist attention maps: `X_att.png`
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files of `folder` (not recursive, sorted); anything Pillow cannot identify is skipped with
-    one warning that names every skipped file."""
+    """Image files of `folder` (not recursive, sorted); anything Pillow cannot open is skipped with one
+    warning that names every skipped file and why."""
     if not folder.is_dir():
         raise UserError(f"data.dir: {folder} is not a folder; point data.dir at a folder of training images")
     images, skipped = [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(folder.iterdir()):
         if path.suffix.lower() in SIDECAR_SUFFIXES or path.name.startswith(".") or path.stem.endswith(MASK_SUFFIXES):
             continue
-        try:
-            with Image.open(path) as im:
-                im.verify()
+        if path.is_dir():
+            continue
+        reason = why_unreadable(path)
+        if reason is None:
             images.append(path)
-        except Exception:
-            skipped.append(path.name)
-    if skipped:
-        warnings.warn(
-            f"data.dir: skipped {len(skipped)} file(s) that are not images: {', '.join(skipped)}",
-            stacklevel=2,
-        )
+        else:
+            skipped.append(f"{display(path)} ({reason})")
+    if skipped and images:
+        warnings.warn(f"data.dir: skipped {len(skipped)} file(s): {'; '.join(skipped)}", stacklevel=2)
     if not images:
-        raise UserError(f"data.dir: {folder} holds no images Pillow can read; add .png/.jpg/.webp files")
+        found = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+        raise UserError(f"data.dir: {folder} holds no images Pillow can read{found}; add .png/.jpg/.webp files")
     return images
+
+
+def why_unreadable(path: Path) -> str | None:
+    """None for an image Pillow can open, else a short reason."""
+    if not path.exists():
+        return "broken link"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Image.DecompressionBombError as e:
+        return f"{e}; downscale it"
+    except PermissionError:
+        return "no permission to read it"
+    except Exception:
+        return "empty file" if path.stat().st_size == 0 else "not an image, or a damaged one"
+    return None
+
+
+def display(path: Path) -> str:
+    """A file name fit for a message, whatever bytes it holds (non-UTF-8 names show as escapes)."""
+    return path.name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def load_image(path: Path) -> Image.Image:
@@ -102,7 +123,8 @@ def caption(path: Path, word_regex: str | None = None, join: str = " ") -> str:
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8", errors="replace").strip()
-    text = re.sub(r"^[-\d]+\s*", "", path.stem)
+    stem = os.fsencode(path.stem).decode("utf-8", errors="replace")  # non-UTF-8 names: no lone surrogates
+    text = re.sub(r"^[-\d]+\s*", "", stem)
     if word_regex:
         text = join.join(re.findall(word_regex, text))
     return text

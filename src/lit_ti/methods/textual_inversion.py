@@ -57,7 +57,10 @@ class TextualInversion(DiffusionMethod):
     ) -> Tensor:
         width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
         if init_file:
-            files = io.read_embedding(init_file)
+            try:
+                files = io.read_embedding(init_file)
+            except UserError as e:
+                raise UserError(f"{key}: {e}") from None
             vectors = files[0].vectors
             if isinstance(vectors, dict) or vectors.shape[1] != width:
                 shape = (

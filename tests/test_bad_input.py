@@ -1,0 +1,308 @@
+"""Bad input battery: every mistake ends in one message that names the file or key and the fix, and either a
+clean exit 2 before training or a skip with a warning; odd-but-valid images train.
+
+Runs go through `lit_ti.train.main` (what `python train.py` calls) in-process; mistakes only Hydra sees
+(unknown keys, unknown options) go through the real command line.
+"""
+
+import io as _io
+import os
+import shutil
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lit_ti.io import save_embedding
+from tests.conftest import compose, make_concept_dir
+from tests.test_cli import train as train_cli
+
+TOY_BASE = Path(__file__).resolve().parents[1] / "src" / "lit_ti" / "assets" / "toy_base"
+FAST = ["trainer.max_steps=1", "callbacks.toy_eval=null", "callbacks.preview=null", "callbacks.model_checkpoint=null"]
+
+
+@dataclass
+class Outcome:
+    code: int  # 0 = trained
+    errors: list[str]  # the `error: ...` lines on stderr
+    warnings: list[str]
+    out: Path
+
+    @property
+    def trained(self) -> bool:
+        return self.code == 0 and (self.out / "zz-concept.safetensors").is_file()
+
+
+def run(tmp_path: Path, capsys, *overrides: str) -> Outcome:
+    import lit_ti.train
+
+    out = tmp_path / "run"
+    cfg = compose(f"paths.output_dir={out}", "name=zz-concept", *FAST, *overrides)
+    code = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lit_ti.train.main(cfg)
+        except SystemExit as e:
+            code = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err
+    return Outcome(code, errors, [str(w.message) for w in caught], out)
+
+
+# ---------------------------------------------------------------- data builders
+def good(folder: Path) -> Path:
+    return make_concept_dir(folder, n=3)
+
+
+def png_bytes(size=(32, 32), mode="RGB", colour=(200, 40, 40)) -> bytes:
+    buf = _io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = _io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header that claims 40000 x 40000 pixels (a decompression bomb), with a tiny body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def exif_rotated() -> bytes:
+    im = Image.new("RGB", (48, 32), (30, 30, 200))
+    im.paste((255, 255, 255), (0, 0, 12, 32))  # white strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    return jpeg_bytes(im, exif=exif.tobytes(), quality=95)
+
+
+def with_file(name: str | bytes, data: bytes | None = None, make=None):
+    """A good folder plus one extra file."""
+
+    def build(folder: Path) -> Path:
+        good(folder)
+        path = os.path.join(os.fsencode(folder), name) if isinstance(name, bytes) else folder / name
+        if make is not None:
+            make(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        return folder
+
+    return build
+
+
+def only(name: str, data: bytes):
+    def build(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(data)
+        return folder
+
+    return build
+
+
+def image(mode: str, colour, **info):
+    def make(path):
+        im = Image.new(mode, (40, 40), colour)
+        if mode == "P":
+            im.putpalette([0, 0, 0, 250, 20, 20] * 128)
+        im.save(path, **info)
+
+    return make
+
+
+def truncated(fmt: str) -> bytes:
+    buf = _io.BytesIO()
+    im = Image.effect_noise((64, 64), 60).convert("RGB")
+    im.save(buf, fmt)
+    data = buf.getvalue()
+    return data[: len(data) * 6 // 10]
+
+
+def dangling_link(path):
+    os.symlink("/no/such/target.png", path)
+
+
+def no_permission(path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    Path(path).write_bytes(png_bytes())
+    os.chmod(path, 0)
+
+
+def cmyk(path):
+    Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(path, "JPEG")
+
+
+def sixteen_bit(path):
+    Image.new("I;16", (40, 40), 40000).save(path)
+
+
+def template_file(text: str | None):
+    def build(folder: Path) -> Path:
+        good(folder)
+        if text is not None:
+            (folder.parent / "template.txt").write_text(text)
+        return folder
+
+    return build
+
+
+def wide_embedding(folder: Path) -> Path:
+    good(folder)
+    save_embedding(folder.parent / "wide.safetensors", torch.randn(2, 999))
+    return folder
+
+
+def hostile_pickle(folder: Path) -> Path:
+    good(folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {folder.parent / 'PWNED'}",))
+
+    torch.save({"string_to_param": {"*": Evil()}}, folder.parent / "evil.pt")
+    return folder
+
+
+def incomplete_model(missing: str):
+    def build(folder: Path) -> Path:
+        good(folder)
+        shutil.copytree(TOY_BASE, folder.parent / "model")
+        shutil.rmtree(folder.parent / "model" / missing)
+        return folder
+
+    return build
+
+
+# ---------------------------------------------------------------- the battery
+# (id, data builder, overrides, expectation); {data}/{root} are the data folder and the test's tmp folder.
+# expectation: ("error", *substrings) | ("warn", *substrings) | ("train",)
+CASES = [
+    # files the loader must skip, naming them
+    ("corrupt-file", with_file("corrupt.png", os.urandom(2048)), [], ("warn", "corrupt.png")),
+    ("zero-byte", with_file("empty.png", b""), [], ("warn", "empty.png")),
+    ("truncated-png", with_file("cut.png", truncated("PNG")), [], ("warn", "cut.png")),
+    ("truncated-jpeg", with_file("cut.jpg", truncated("JPEG")), [], ("warn", "cut.jpg")),
+    ("not-an-image", with_file("notes.md", b"# my notes\n"), [], ("warn", "notes.md")),
+    ("text-named-jpg", with_file("fake.jpg", b"this is not a jpeg"), [], ("warn", "fake.jpg")),
+    ("decompression-bomb", with_file("bomb.png", bomb_png()), [], ("warn", "bomb.png", "pixels")),
+    ("unreadable-link", with_file("gone.png", make=dangling_link), [], ("warn", "gone.png", "broken link")),
+    ("unreadable-mode", with_file("locked.png", make=no_permission), [], ("warn", "locked.png", "permission")),
+    # odd images that must train, upright and in RGB
+    ("rgba", with_file("rgba.png", make=image("RGBA", (200, 20, 20, 128))), [], ("train",)),
+    ("palette", with_file("pal.png", make=image("P", 1)), [], ("train",)),
+    ("palette-transparency", with_file("palt.png", make=image("P", 1, transparency=0)), [], ("train",)),
+    ("cmyk", with_file("cmyk.jpg", make=cmyk), [], ("train",)),
+    ("16-bit", with_file("deep.png", make=sixteen_bit), [], ("train",)),
+    ("grayscale", with_file("grey.png", make=image("L", 128)), [], ("train",)),
+    ("grayscale-alpha", with_file("greya.png", make=image("LA", (128, 200))), [], ("train",)),
+    ("1-bit", with_file("bits.png", make=image("1", 1)), [], ("train",)),
+    ("exif-rotated", with_file("rotated.jpg", exif_rotated()), [], ("train",)),
+    ("tiny-8x8", with_file("tiny.png", png_bytes((8, 8))), [], ("warn", "tiny.png", "8x8")),
+    ("non-utf8-name", with_file(b"caf\xe9 \xff.png", png_bytes()), [], ("train",)),
+    ("long-name", with_file("a" * 240 + ".png", png_bytes()), [], ("train",)),
+    ("latin1-caption", with_file("c.txt", "caf\xe9 cr\xe8me".encode("latin-1")), [], ("train",)),
+    # folders
+    ("empty-folder", lambda f: f.mkdir() or f, [], ("error", "data.dir", "no images")),
+    ("missing-folder", lambda f: f, [], ("error", "data.dir", "not a folder")),
+    ("folder-is-a-file", lambda f: (f.write_text("x"), f)[1], [], ("error", "data.dir", "not a folder")),
+    ("only-non-images", only("readme.txt.md", b"hello"), [], ("error", "data.dir", "no images")),
+    ("only-broken-images", only("cut.png", truncated("PNG")), [], ("error", "data.dir", "cut.png")),
+    # templates
+    ("template-missing", good, ["data.template={root}/nope.txt"], ("error", "data.template", "nope.txt")),
+    ("template-empty", template_file(""), ["data.template={root}/template.txt"], ("error", "data.template")),
+    ("template-no-name", template_file("a photo\n"), ["data.template={root}/template.txt"], ("error", "[name]")),
+    ("template-unknown", good, ["data.template=subjekt"], ("error", "data.template", "subject")),
+    (
+        "filewords-no-captions",
+        only("0001.png", png_bytes()),
+        ["data.template=style_filewords"],
+        ("error", "[filewords]"),
+    ),
+    # names and vectors
+    ("name-is-a-token", good, ["name=cat"], ("error", "name='cat'", "already")),
+    ("name-empty", good, ["name=''"], ("error", "name")),
+    ("too-many-vectors", good, ["method.num_vectors=80"], ("error", "method.num_vectors", "75")),
+    ("zero-vectors", good, ["method.num_vectors=0"], ("error", "method.num_vectors")),
+    # LR schedule strings
+    ("schedule-bad-step", good, ["method.lr_schedule='0.1:abc'"], ("error", "method.lr_schedule", "abc")),
+    ("schedule-bad-rate", good, ["method.lr_schedule=abc"], ("error", "method.lr_schedule")),
+    ("schedule-not-increasing", good, ["method.lr_schedule='0.1:10, 0.05:5'"], ("error", "method.lr_schedule")),
+    ("schedule-negative", good, ["method.lr_schedule='-0.1'"], ("error", "method.lr_schedule")),
+    ("schedule-empty", good, ["method.lr_schedule=''"], ("error", "method.lr_schedule")),
+    # models and embedding files
+    ("model-missing", good, ["model=diffusers", "model.path={root}/no-model"], ("error", "model.path")),
+    ("model-no-unet", incomplete_model("unet"), ["model=diffusers", "model.path={root}/model"], ("error", "unet")),
+    ("model-no-tokenizer", incomplete_model("tokenizer"), ["model.path={root}/model"], ("error", "tokenizer")),
+    ("init-file-wrong-width", wide_embedding, ["method.init_file={root}/wide.safetensors"], ("error", "999")),
+    ("init-file-missing", good, ["method.init_file={root}/none.pt"], ("error", "method.init_file")),
+    ("init-file-hostile", hostile_pickle, ["method.init_file={root}/evil.pt"], ("error", "evil.pt")),
+    # settings
+    ("resolution-not-multiple-of-8", good, ["data.resolution=65"], ("error", "data.resolution")),
+    ("batch-size-zero", good, ["data.batch_size=0"], ("error", "data.batch_size")),
+    ("crop-unknown", good, ["data.crop=middle"], ("error", "data.crop")),
+    ("resume-missing", good, ["ckpt_path={root}/none.ckpt"], ("error", "ckpt_path")),
+    ("precision-unknown", good, ["trainer.precision=17"], ("error", "trainer", "Precision 17")),
+    ("export-format-unknown", good, ["callbacks.export.formats=[pt,gif]"], ("error", "callbacks.export.formats")),
+]
+
+
+@pytest.mark.parametrize(("build", "overrides", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, capsys, build, overrides, expect):
+    data = build(tmp_path / "data")
+    filled = [o.format(data=data, root=tmp_path) for o in overrides]
+    outcome = run(tmp_path, capsys, f"data.dir={data}", "data.template=subject", *filled)
+    kind, *needles = expect
+    if kind == "error":
+        assert outcome.code == 2, f"expected exit 2, got {outcome.code}; warnings: {outcome.warnings}"
+        assert len(outcome.errors) == 1, outcome.errors
+        assert all(n in outcome.errors[0] for n in needles), outcome.errors[0]
+        assert not list(outcome.out.glob("*.safetensors"))  # failed before training
+    else:
+        assert outcome.trained, (outcome.code, outcome.errors)
+        about_data = [w for w in outcome.warnings if "data." in w]
+        if kind == "warn":
+            assert any(all(n in w for n in needles) for w in about_data), about_data
+        else:
+            assert not about_data, about_data
+    assert not (tmp_path / "PWNED").exists()  # no file ever runs code
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.lr=0.1", "Could not override 'method.lr'"),  # a key that does not exist
+        ("+method.foo=1", "method.foo"),  # added key that no constructor takes
+        ("method=textual_inversio", "method/textual_inversio"),  # an option that does not exist
+    ],
+)
+def test_unknown_config_keys_on_the_command_line(tmp_path, override, message):
+    result = train_cli(override, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_exif_rotated_image_trains_upright(tmp_path):
+    from lit_ti.data.images import load_image
+
+    (tmp_path / "r.jpg").write_bytes(exif_rotated())
+    im = load_image(tmp_path / "r.jpg")
+    assert im.size == (32, 48)  # turned: portrait
+    top = im.getpixel((16, 4))
+    assert min(top) > 200  # the white strip now runs along the top
