@@ -23,8 +23,8 @@ def test_config_composes_and_instantiates_without_loading(tmp_path, overrides):
     OmegaConf.resolve(cfg)
     datamodule = instantiate(cfg.data)
     method = instantiate(cfg.method, _partial_=True)(backbone=instantiate(cfg.model))
-    callbacks = _named(cfg.callbacks)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_named(cfg.logger))
+    callbacks = _named("callbacks", cfg.callbacks)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_named("logger", cfg.logger))
     assert isinstance(trainer, L.Trainer)
     assert method.backbone is None, "the backbone must load in configure_model, not at config time"
     assert Path(datamodule.dir).is_dir()
@@ -62,7 +62,7 @@ def test_dreamartist_experiment_values(tmp_path):
 
 def test_callbacks_switch_off(tmp_path):
     cfg = compose("callbacks.preview=null", f"paths.output_dir={tmp_path}")
-    names = [type(c).__name__ for c in _named(cfg.callbacks)]
+    names = [type(c).__name__ for c in _named("callbacks", cfg.callbacks)]
     assert "PreviewImages" not in names and "ExportEmbeddings" in names
 
 
