@@ -174,7 +174,7 @@ def test_code_carrying_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"string_to_param": {"*": torch.zeros(1, 8)}, "payload": _Evil(marker)}, tmp_path / "evil.pt")
     assert not marker.exists()
-    with pytest.raises(UserError, match="evil.pt"):
+    with pytest.raises(UserError, match=r"evil.pt: refused: .* would call getattr"):
         io.load_embedding(tmp_path / "evil.pt")
     assert not marker.exists()
 

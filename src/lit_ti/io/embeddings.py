@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.pickles import load_pickle
 
 Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -114,7 +115,7 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
         elif suffix in (".pt", ".bin", ".ckpt"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_pickle(path, "embedding")
         else:
             raise UserError(f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin or .safetensors")
     except UserError:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.pickles import load_pickle
 from lit_ti.modules.hypernetwork import Hypernetwork
 
 
@@ -122,7 +123,7 @@ def load_hypernetwork(path: str | Path) -> tuple[Hypernetwork, dict]:
                 size, kv, param = key.split(".", 2)
                 states.setdefault(int(size), ({}, {}))["kv".index(kv)][param] = value
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_pickle(path, "hypernetwork")
             if not isinstance(data, dict):
                 raise UserError(f"{path}: holds a {type(data).__name__}, not a hypernetwork dict")
             states = {int(k): (v[0], v[1]) for k, v in data.items() if isinstance(k, int) or str(k).isdigit()}
