@@ -252,7 +252,12 @@ CASES = [
     ("model-no-tokenizer", incomplete_model("tokenizer"), ["model.path={root}/model"], ("error", "tokenizer")),
     ("init-file-wrong-width", wide_embedding, ["method.init_file={root}/wide.safetensors"], ("error", "999")),
     ("init-file-missing", good, ["method.init_file={root}/none.pt"], ("error", "method.init_file")),
-    ("init-file-hostile", hostile_pickle, ["method.init_file={root}/evil.pt"], ("error", "evil.pt", "refused", "system")),
+    (
+        "init-file-hostile",
+        hostile_pickle,
+        ["method.init_file={root}/evil.pt"],
+        ("error", "evil.pt", "refused", "system"),
+    ),
     # settings
     ("resolution-not-multiple-of-8", good, ["data.resolution=65"], ("error", "data.resolution")),
     ("batch-size-zero", good, ["data.batch_size=0"], ("error", "data.batch_size")),
