@@ -1,103 +1,151 @@
-"""Steady-state training speed and peak memory of each method through the real Trainer.
+"""Training speed, memory and FLOPs of lit_ti's methods next to a naive baseline, side by side in one run.
 
-    python benchmarks/ti_speed.py --backbone tiny --batch 1 4
-    python benchmarks/ti_speed.py --backbone tiny --methods ti da da_rec hn   # step cost vs TI
+    python benchmarks/ti_speed.py --backbone tiny                  # TI vs naive, batch 1 and 4 (CPU: < 1 min)
+    python benchmarks/ti_speed.py --backbone small --methods ti da da_rec hn
     python benchmarks/ti_speed.py --backbone sd15 --batch 1 8 32 --precision bf16-mixed   # on a GPU
 
-Prints one row per method and batch size: samples/s over the timed steps (after warm-up), the step time
-relative to TI's at the same batch, time to the first step, and peak memory (CUDA max allocated on GPU,
-process max RSS on CPU: a process-wide high-water mark, so only the first row's is clean on CPU).
+Each row runs in its own fresh child process, so peak memory is that row's own: process peak RSS (VmHWM)
+on CPU, `torch.cuda.max_memory_allocated` on GPU. `naive` is the step of diffusers' example script
+(`naive_baseline.py`: decode + VAE-encode every image every step, AdamW over the whole token table with a
+row restore); the other rows go through lit_ti's real Trainer. Columns: steady-state samples/s after
+warm-up, `x naive` (samples/s over the naive row's at the same batch), `x TI` (step time over TI's), time to
+the first step, peak memory and its ratio to naive, and forward+backward FLOPs per sample
+(`torch.utils.flop_counter`) with the FLOP rate they imply (and its share of `--peak-tflops` on GPU).
 """
 
 import argparse
+import logging
+import multiprocessing as mp
 import os
-import resource
 import time
 import warnings
 from importlib import resources
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import lightning as L
 import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from lit_ti.data import ConceptDataModule
 from lit_ti.methods import DreamArtist, HypernetworkMethod, TextualInversion
 from lit_ti.models import TinyBackbone
 
-warnings.filterwarnings("ignore")
+DATA = Path(str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "purple_star")))
+TI = dict(name="bench-concept", num_vectors=4, init_text="thing")
+METHODS = {
+    "ti": lambda bb, **kw: TextualInversion(bb, **TI, **kw),
+    "da": lambda bb, **kw: DreamArtist(bb, **TI, **kw),
+    "da_rec": lambda bb, **kw: DreamArtist(bb, **TI, reconstruction=True, **kw),
+    "hn": lambda bb, **kw: HypernetworkMethod(bb, name="bench-concept", **kw),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
 class Timer(L.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.first, self.timed = warmup, None, None, 0
 
-    def _sync(self):
+    def _now(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module):
-        self._sync()
-        self.start = time.perf_counter()
+        self.start = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 1:
-            self._sync()
-            self.first = time.perf_counter() - self.start
+            self.first = self._now() - self.start
         if trainer.global_step == self.warmup:
-            self._sync()
-            self.t0 = time.perf_counter()
+            self.t0 = self._now()
 
     def on_train_end(self, trainer, pl_module):
-        self._sync()
-        self.elapsed = time.perf_counter() - self.t0
+        self.elapsed = self._now() - self.t0
         self.timed = trainer.global_step - self.warmup
 
 
-METHODS = {
-    "ti": lambda bb: TextualInversion(bb, name="bench-concept", num_vectors=4, init_text="thing"),
-    "da": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing"),
-    "da_rec": lambda bb: DreamArtist(bb, name="bench-concept", num_vectors=4, init_text="thing", reconstruction=True),
-    "hn": lambda bb: HypernetworkMethod(bb, name="bench-concept"),
-}
+def flops_per_sample(method, dm) -> float:
+    """Forward + backward FLOPs of one training step, per sample."""
+    batch = next(iter(dm.train_dataloader()))
+    batch = {k: v.to(method.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        method.shared_step(batch)["loss"].backward()
+    return counter.get_total_flops() / batch["latents"].shape[0]
 
 
-def measure(backbone: str, batch: int, precision: str, steps: int, warmup: int, method_name: str = "ti") -> dict:
+def measure(name: str, backbone: str, batch: int, precision: str, steps: int, warmup: int, switches: dict) -> dict:
+    """One row, in a fresh process."""
     L.seed_everything(0, verbose=False)
     torch.set_float32_matmul_precision("high")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    method = METHODS[method_name](TinyBackbone(size=backbone))
-    dm = ConceptDataModule(
-        dir=str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "purple_star")),
-        name="bench-concept",
-        batch_size=batch,
-        repeats=max(1, batch),
-    )
-    timer = Timer(warmup)
-    trainer = L.Trainer(
-        max_steps=warmup + steps,
-        precision=precision,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(method, datamodule=dm)
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**30
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banners per row
+    gpu = torch.cuda.is_available()
+    if name == "naive":
+        from naive_baseline import run
+
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+        bb = TinyBackbone(size=backbone).load()
+        if gpu:
+            for m in (bb.unet, bb.vae, bb.text_encoder):
+                m.cuda()
+        row = run(bb, DATA, batch, steps, warmup, dtype=dtype)
+        row["flops"] = None
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {
-        "method": method_name,
-        "batch": batch,
-        "samples/s": timer.timed * batch / timer.elapsed,
-        "ms/step": 1000 * timer.elapsed / timer.timed,
-        "first step s": timer.first,
-        "peak GiB": peak,
-    }
+        method = METHODS[name](TinyBackbone(size=backbone), **switches)
+        dm = ConceptDataModule(dir=str(DATA), name="bench-concept", batch_size=batch, repeats=max(1, batch))
+        timer = Timer(warmup)
+        trainer = L.Trainer(
+            max_steps=warmup + steps,
+            precision=precision,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
+        trainer.fit(method, datamodule=dm)
+        row = {
+            "samples/s": timer.timed * batch / timer.elapsed,
+            "ms/step": 1000 * timer.elapsed / timer.timed,
+            "first step s": timer.first,
+            "flops": flops_per_sample(method, dm) if name == "ti" else None,
+        }
+    row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else _vm_hwm() / 2**30
+    row["device"] = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    return row
+
+
+def _vm_hwm() -> int:
+    """This process's peak resident set in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _child(queue, *args) -> None:
+    queue.put(measure(*args))
+
+
+def in_child(*args) -> dict:
+    # fork on CPU (the imports are done once, the tensor runtime starts fresh in the child); spawn where
+    # CUDA is, since a forked child cannot use it
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    while proc.is_alive() or not queue.empty():
+        try:
+            row = queue.get(timeout=1)
+            proc.join()
+            return row
+        except Exception:  # queue.Empty: still measuring
+            continue
+    raise SystemExit(f"the {args[0]!r} measurement failed (exit code {proc.exitcode}); its traceback is above")
 
 
 def main() -> None:
@@ -105,25 +153,47 @@ def main() -> None:
     parser.add_argument("--backbone", default="tiny", choices=["tiny", "small", "sd15"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--methods", nargs="+", default=["ti"], choices=list(METHODS))
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive rows")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"lit_ti training step, backbone={args.backbone}, precision={args.precision}, device={device}")
-    print(
-        f"{'method':>7} {'batch':>5} {'samples/s':>10} {'ms/step':>9} {'x TI':>6} {'first step s':>13} {'peak GiB':>9}"
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="method switches, e.g. gradient_checkpointing=true"
     )
-    ti_ms = {}
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: by name)")
+    args = parser.parse_args()
+
+    names = ([] if args.no_baseline else ["naive"]) + args.methods
+    switches = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    header = f"{'method':>7} {'batch':>5} {'samples/s':>10} {'x naive':>8} {'ms/step':>9} {'x TI':>6} "
+    header += f"{'first s':>8} {'peak GiB':>9} {'x naive':>8} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'of peak':>8}"
+    printed = False
     for batch in args.batch:
-        for name in args.methods:
-            r = measure(args.backbone, batch, args.precision, args.steps, args.warmup, name)
-            if name == "ti":
-                ti_ms[batch] = r["ms/step"]
-            ratio = f"{r['ms/step'] / ti_ms[batch]:>6.2f}" if batch in ti_ms else f"{'-':>6}"
+        rows = {}
+        for name in names:
+            r = rows[name] = in_child(name, args.backbone, batch, args.precision, args.steps, args.warmup, switches)
+            if not printed:
+                print(
+                    f"backbone={args.backbone} precision={args.precision} device={r['device']} steps={args.steps}"
+                    + "".join(f" {k}={v}" for k, v in switches.items())
+                )
+                print(header)
+                printed = True
+            naive, ti = rows.get("naive"), rows.get("ti")
+            speed = f"{r['samples/s'] / naive['samples/s']:>8.2f}" if naive and name != "naive" else f"{'':>8}"
+            step = f"{r['ms/step'] / ti['ms/step']:>6.2f}" if ti and name not in ("ti", "naive") else f"{'':>6}"
+            mem = f"{r['peak GiB'] / naive['peak GiB']:>8.2f}" if naive and name != "naive" else f"{'':>8}"
+            flops = tflops = share = ""
+            if r["flops"]:
+                flops = f"{r['flops'] / 1e9:.3g}"
+                rate = r["flops"] * r["samples/s"] / 1e12
+                tflops = f"{rate:.3g}"
+                peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in r["device"]), None)
+                share = f"{rate / peak:.1%}" if peak and torch.cuda.is_available() else ""
             print(
-                f"{name:>7} {r['batch']:>5} {r['samples/s']:>10.2f} {r['ms/step']:>9.1f} {ratio} "
-                f"{r['first step s']:>13.2f} {r['peak GiB']:>9.2f}"
+                f"{name:>7} {batch:>5} {r['samples/s']:>10.2f} {speed} {r['ms/step']:>9.1f} {step} "
+                f"{r['first step s']:>8.2f} {r['peak GiB']:>9.3f} {mem} {flops:>10} {tflops:>8} {share:>8}",
+                flush=True,
             )
 
 

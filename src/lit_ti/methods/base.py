@@ -29,6 +29,9 @@ class DiffusionMethod(L.LightningModule):
     lr_schedule: A1111 schedule string such as `"0.005:100, 1e-3:1000, 1e-5"` (absolute rates), or null.
     lr_scheduler: a partial torch LR scheduler stepped per optimizer step, or null (not with lr_schedule).
     clip_skip: A1111 clip skip (1 = last CLIP layer).
+    gradient_checkpointing: recompute the UNet's activations in the backward pass instead of keeping them
+        (less memory, about a third more compute; see docs/benchmarks.md).
+    channels_last: UNet weights and inputs in channels-last memory format.
     """
 
     checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
@@ -42,6 +45,8 @@ class DiffusionMethod(L.LightningModule):
         lr_schedule: str | None = None,
         lr_scheduler: Callable | None = None,
         clip_skip: int = 1,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
@@ -53,8 +58,11 @@ class DiffusionMethod(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.lr_scheduler_factory = lr_scheduler
         self.clip_skip = clip_skip
+        self.gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
         self.backbone: Backbone | None = None
         self.schedule_end: int | None = None
+        self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -65,6 +73,10 @@ class DiffusionMethod(L.LightningModule):
         self.backbone = bb
         # registered as submodules so Lightning moves them to the device; frozen and in eval mode
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        if self.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.build_trainables(bb)
 
     def build_trainables(self, backbone: Backbone) -> None:
@@ -155,7 +167,12 @@ class DiffusionMethod(L.LightningModule):
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
         cond = self.encode_prompts(batch["prompt"])  # [B, 77, d]
         dtype = self.unet.dtype
-        return self.unet(noisy.to(dtype), timesteps, cond.to(dtype)).sample
+        return self.unet(self.to_unet(noisy), timesteps, cond.to(dtype)).sample
+
+    def to_unet(self, x: Tensor) -> Tensor:
+        """Latents as the UNet takes them: its dtype, and channels-last when that switch is on."""
+        x = x.to(self.unet.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def negative_prompts(self, batch: dict) -> list[str]:
         """The negative prompt this method pairs with each prompt at sampling time ("" = unconditional)."""
@@ -174,12 +191,17 @@ class DiffusionMethod(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.shared_step(batch)["loss"]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
+        if self.log_now:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Loggers write every `trainer.log_every_n_steps` steps, and `self.log` costs about 1 ms per value on
+        # CPU (a tenth of a tiny model's step), so the other steps log nothing. Decided once per batch.
+        self.log_now = (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
         # read before the step: Lightning steps the LR scheduler before on_train_batch_end
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        if self.log_now:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.schedule_end is not None and self.global_step >= self.schedule_end:

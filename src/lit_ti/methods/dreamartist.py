@@ -131,7 +131,7 @@ class DreamArtist(TextualInversion):
         """Guided prediction `[B, 4, h, w]` (fp32) from one UNet pass over the doubled batch."""
         cond = self.encode_prompts(self.negative_prompts(batch) + list(batch["prompt"]))  # [2B, 77, d]
         dtype = self.unet.dtype
-        out = self.unet(torch.cat([noisy, noisy]).to(dtype), torch.cat([timesteps, timesteps]), cond.to(dtype))
+        out = self.unet(self.to_unet(torch.cat([noisy, noisy])), torch.cat([timesteps, timesteps]), cond.to(dtype))
         pred_neg, pred_pos = out.sample.float().chunk(2)  # same noise and t in both halves
         w = losses.cfg_weights(*self.cfg, timesteps, self.backbone.scheduler.config.num_train_timesteps)
         return losses.guided(pred_neg, pred_pos, w)
@@ -145,10 +145,12 @@ class DreamArtist(TextualInversion):
                 raise RuntimeError("reconstruction needs the training images; the datamodule did not keep them")
             x0 = losses.predicted_x0(self.backbone.scheduler, out["noisy"], out["pred"], out["timesteps"])
             rec = losses.reconstruction_l1(self.decode(x0), batch["pixels"])
-            self.log("train/loss_diffusion", out["loss"], batch_size=size)
-            self.log("train/loss_reconstruction", rec, batch_size=size)
+            if self.log_now:
+                self.log("train/loss_diffusion", out["loss"], batch_size=size)
+                self.log("train/loss_reconstruction", rec, batch_size=size)
             loss = loss + self.reconstruction_weight * rec
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if self.log_now:
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -99,6 +99,8 @@ class HypernetworkMethod(DiffusionMethod):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
+        if not self.log_now:
+            return
         norm = torch.stack([p.detach().norm() for p in self.hypernetwork.parameters()]).norm()
         self.log("train/hypernetwork_norm", norm, batch_size=1)
 

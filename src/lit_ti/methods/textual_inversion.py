@@ -99,6 +99,8 @@ class TextualInversion(DiffusionMethod):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
+        if not self.log_now:
+            return
         for name in self.bank.names:
             for encoder, v in self.bank.get(name).items():
                 suffix = "" if encoder == "text_encoder" else f"/{encoder}"
