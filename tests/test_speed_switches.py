@@ -23,7 +23,7 @@ def step(**switches) -> tuple[float, torch.Tensor, TextualInversion]:
 def test_gradient_checkpointing_and_channels_last_keep_loss_and_gradient():
     loss, grad, _ = step()
     for switches in ({"gradient_checkpointing": True}, {"channels_last": True}):
-        loss2, grad2, method = step(**switches)
+        loss2, grad2, _ = step(**switches)
         assert loss2 == pytest.approx(loss, rel=1e-5)
         assert torch.allclose(grad2, grad, atol=1e-6, rtol=1e-4), switches
     assert step(gradient_checkpointing=True)[2].unet.is_gradient_checkpointing
