@@ -198,7 +198,9 @@ class DiffusionMethod(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Loggers write every `trainer.log_every_n_steps` steps, and `self.log` costs about 1 ms per value on
         # CPU (a tenth of a tiny model's step), so the other steps log nothing. Decided once per batch.
-        self.log_now = (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+        # The last step always logs, so `trainer.callback_metrics` (what a sweep optimises) holds the end.
+        step, trainer = self.global_step + 1, self.trainer
+        self.log_now = step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps
         # read before the step: Lightning steps the LR scheduler before on_train_batch_end
         if self.log_now:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
