@@ -39,6 +39,8 @@ class PreviewImages(L.Callback):
         prompt / negative_prompt: `[name]` is replaced by the concept name.
         sampler: one of ddim, euler, euler_a, dpmpp_2m.
         size: image size in pixels; null = the backbone's native size.
+        embed_in_png: also write A1111's image embeddings, `<dirpath>/image_embeddings/<stem>-<step>.png`
+            (the first preview with the vectors in a text chunk and in its pixels; methods with embeddings).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class PreviewImages(L.Callback):
         sampler: str = "ddim",
         num_images: int = 1,
         size: int | None = None,
+        embed_in_png: bool = True,
     ) -> None:
         if sampler not in SAMPLERS:
             raise UserError(f"callbacks.preview.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
@@ -66,6 +69,7 @@ class PreviewImages(L.Callback):
         self.sampler = sampler
         self.num_images = num_images
         self.size = size
+        self.embed_in_png = embed_in_png
         self.last_step = -1
         self.written: list[Path] = []
 
@@ -104,4 +108,7 @@ class PreviewImages(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("preview", row, step, dataformats="HWC")
         self.written.append(path)
+        if self.embed_in_png and hasattr(pl_module, "export_images"):
+            first = Image.fromarray(row[:, : images.shape[2]])
+            self.written += pl_module.export_images(self.dirpath / "image_embeddings", step, first)
         return path

@@ -1,6 +1,12 @@
 """Embedding and hypernetwork files: pure functions, no Lightning or Hydra."""
 
-from lit_ti.io.embeddings import EmbeddingFile, load_embedding, read_embedding, save_embedding
+from lit_ti.io.embeddings import (
+    EmbeddingFile,
+    load_embedding,
+    read_embedding,
+    save_embedding,
+    save_image_embedding,
+)
 from lit_ti.io.hypernetworks import load_hypernetwork, save_hypernetwork
 
 __all__ = [
@@ -10,4 +16,5 @@ __all__ = [
     "read_embedding",
     "save_embedding",
     "save_hypernetwork",
+    "save_image_embedding",
 ]

@@ -14,16 +14,18 @@ tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`. Pickles are opened with `
 file that would run code is refused. Every write goes through a temp file and a rename.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.pickles import load_pickle
+from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, KEY, read_png_embedding, save_png_embedding
 
 Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -84,14 +86,7 @@ def save_embedding(
             if sdxl:  # A1111 reads SDXL .pt files only when they hold nothing but the two tensors
                 data = dict(vectors)
             else:
-                data = {
-                    "string_to_token": {"*": A1111_TOKEN_ID},
-                    "string_to_param": {"*": vectors},
-                    "name": name,
-                    "step": None if step is None else int(step),
-                    "sd_checkpoint": sd_checkpoint,
-                    "sd_checkpoint_name": sd_checkpoint_name,
-                }
+                data = a1111_dict(vectors, name, step, sd_checkpoint, sd_checkpoint_name)
             torch.save(data, tmp, _use_new_zipfile_serialization=False)
         elif suffix == ".bin":
             if sdxl:
@@ -100,6 +95,36 @@ def save_embedding(
         else:
             raise ValueError(f"{path}: unknown embedding format; use .pt, .safetensors or .bin")
     return path
+
+
+def a1111_dict(vectors: Tensor, name: str, step=None, sd_checkpoint=None, sd_checkpoint_name=None) -> dict:
+    """The dict A1111 pickles into `.pt` files (and dumps as JSON into PNGs)."""
+    return {
+        "string_to_token": {"*": A1111_TOKEN_ID},
+        "string_to_param": {"*": vectors},
+        "name": name,
+        "step": None if step is None else int(step),
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    }
+
+
+def save_image_embedding(
+    path: str | Path,
+    preview: Image.Image,
+    vectors: Tensor,
+    name: str | None = None,
+    step: int | None = None,
+    sd_checkpoint: str | None = None,
+    sd_checkpoint_name: str | None = None,
+) -> Path:
+    """A1111's "embedding in PNG": `preview` with the vectors in a text chunk and in the pixels."""
+    path = Path(path)
+    vectors = _cpu32(vectors)
+    if isinstance(vectors, dict) or not bool(torch.isfinite(vectors).all()):
+        raise ValueError(f"{path}: PNG embeddings hold one finite [n, d] tensor (A1111 cannot embed SDXL pairs)")
+    data = a1111_dict(vectors, name or path.stem, step, sd_checkpoint, sd_checkpoint_name)
+    return save_png_embedding(path, preview, data, shorthash=sd_checkpoint)
 
 
 def read_embedding(path: str | Path) -> list[EmbeddingFile]:
@@ -116,8 +141,16 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
                 meta = f.metadata() or {}
         elif suffix in (".pt", ".bin", ".ckpt"):
             data = load_pickle(path, "embedding")
+        elif suffix in IMAGE_SUFFIXES:
+            data = read_png_embedding(path)
+            if data is None:
+                raise UserError(f"{path}: an image without an embedding in it (no {KEY} chunk, no data blocks)")
+            if "name" in data and "string_to_param" in data:  # A1111 names image embeddings by their data
+                return [replace(e, name=str(data["name"])) for e in _identify(path, data, meta)]
         else:
-            raise UserError(f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin or .safetensors")
+            raise UserError(
+                f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin, .safetensors or an A1111 .png"
+            )
     except UserError:
         raise
     except Exception as e:

@@ -129,3 +129,19 @@ class TextualInversion(DiffusionMethod):
                     )
                 )
         return written
+
+    def export_images(self, directory: Path, step: int, preview) -> list[Path]:
+        """A1111's "save images with embedding in PNG chunks": `<directory>/<stem>-<step>.png` per concept,
+        named `<stem>-<step>` inside, around the PIL `preview` image."""
+        return [
+            io.save_image_embedding(
+                Path(directory) / f"{stem}.png",
+                preview,
+                vectors,
+                name=stem,
+                step=step,
+                sd_checkpoint=self.backbone.checkpoint_hash,
+                sd_checkpoint_name=self.backbone.name,
+            )
+            for stem, vectors in self.concepts(f"-{step}").items()
+        ]
