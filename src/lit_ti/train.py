@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_ti.callbacks import GracefulStop
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io.atomic import remove_stale
 
 
@@ -164,15 +164,7 @@ def _overrides() -> list[str]:
 def main(cfg: DictConfig) -> float | None:
     """`run` with user mistakes reported as one line (exit status 2) instead of a traceback."""
     try:
-        return run(cfg)
-    except Exception as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        return report_user_errors(run, cfg)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,0 +1,158 @@
+"""`python generate.py prompt=...`: images from a backbone with embeddings and a hypernetwork.
+
+Embeddings come from `embeddings_dir` (every `.pt`, `.safetensors`, `.bin` or A1111 PNG in it) and
+`embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
+concepts share a prompt and a DreamArtist pair works as `prompt="... <name> ..." negative_prompt="<name>-neg"`.
+Prompts are encoded exactly as in training (`PromptTokenizer` + `encode`, multi-vector names, clip skip) and
+handed to a diffusers pipeline built around the same modules. Each image is saved as a PNG carrying A1111's
+`parameters` text, plus a grid when there is more than one.
+"""
+
+import random
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers.utils import make_image_grid
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import PngImagePlugin
+
+from lit_ti import io
+from lit_ti.callbacks.preview import SAMPLERS
+from lit_ti.errors import UserError
+from lit_ti.io.atomic import atomic_path
+from lit_ti.models import weight_dtype
+from lit_ti.modules.embedding_bank import EmbeddingBank
+from lit_ti.modules.text_conditioning import PromptTokenizer, encode
+
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
+SUFFIXES = (".pt", ".safetensors", ".bin", ".png", ".webp")
+
+
+def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
+    paths = [Path(f).expanduser() for f in files]
+    if directory:
+        folder = Path(directory).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"embeddings_dir: {folder} is not a folder of embedding files")
+        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+    return paths
+
+
+def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
+    """A bank of the concepts named in `text`, skipping (with a warning) files for another model."""
+    width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
+    bank = EmbeddingBank()
+    for path in paths:
+        try:
+            entries = io.read_embedding(path)
+        except UserError as e:
+            if path.suffix.lower() in (".png", ".webp"):
+                continue  # a plain picture in the folder, as A1111 skips it
+            raise UserError(f"embeddings: {e}") from None
+        for entry in entries:
+            if not re.search(rf"(?<![\w-]){re.escape(entry.name)}(?![\w-])", text, re.IGNORECASE):
+                continue
+            vectors = entry.vectors
+            if isinstance(vectors, dict) or vectors.shape[1] != width:
+                shape = (
+                    {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
+                )
+                warnings.warn(f"{path}: skipped '{entry.name}', vectors {shape} do not fit width {width}", stacklevel=2)
+                continue
+            ours, theirs = backbone.checkpoint_hash or backbone.name, entry.sd_checkpoint or entry.sd_checkpoint_name
+            if theirs and ours and theirs not in (backbone.checkpoint_hash, backbone.name):
+                warnings.warn(
+                    f"{path}: '{entry.name}' was trained on {theirs}, this model is {ours}; it may look off",
+                    stacklevel=2,
+                )
+            if entry.name in bank.names:  # the same concept in two formats is fine; two different ones are not
+                if torch.equal(bank.get(entry.name)["text_encoder"].detach(), vectors):
+                    continue
+                raise UserError(f"embeddings: two different files define '{entry.name}'; keep one ({path})")
+            bank.add(entry.name, {"text_encoder": vectors})
+    return bank
+
+
+def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Path | None) -> str:
+    """A1111's `parameters` PNG text: prompt, negative prompt, then `Key: value` settings."""
+    settings = {
+        "Steps": cfg.steps,
+        "Sampler": SAMPLER_NAMES[cfg.sampler],
+        "CFG scale": cfg.cfg_scale,
+        "Seed": seed,
+        "Size": f"{size}x{size}",
+        "Model hash": backbone.checkpoint_hash,
+        "Model": backbone.name,
+        "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
+        "Hypernet": hypernetwork.stem if hypernetwork else None,
+        "Hypernet strength": cfg.hypernetwork_strength if hypernetwork else None,
+    }
+    lines = [cfg.prompt] + ([f"Negative prompt: {cfg.negative_prompt}"] if cfg.negative_prompt else [])
+    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)])
+
+
+@torch.no_grad()
+def run(cfg: DictConfig) -> list[Path]:
+    if cfg.sampler not in SAMPLERS:
+        raise UserError(f"sampler={cfg.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if cfg.clip_skip < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.n_iter < 1:
+        raise UserError("clip_skip, steps, batch_size and n_iter must all be >= 1")
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    backbone = instantiate(cfg.model).load(weight_dtype(cfg.precision))
+    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+        module.to(device)
+    size = cfg.size or backbone.resolution
+    files = embedding_files(cfg.embeddings_dir, list(cfg.embeddings))
+    bank = load_concepts(files, f"{cfg.prompt}\n{cfg.negative_prompt}", backbone).to(device)
+    tokenizer = PromptTokenizer(backbone.tokenizer, bank)
+    table = bank.table("text_encoder") if bank.names else None
+
+    def embed(prompt: str, n: int) -> torch.Tensor:
+        ids, slots = tokenizer([prompt] * n, device)
+        return encode(backbone.text_encoder, ids, slots, table, cfg.clip_skip).to(backbone.unet.dtype)
+
+    hypernetwork = Path(cfg.hypernetwork).expanduser() if cfg.hypernetwork else None
+    original = None
+    if hypernetwork is not None:
+        from lit_ti.methods.hypernetwork import attach_file
+
+        _, original = attach_file(backbone.unet, hypernetwork, cfg.hypernetwork_strength)
+    pipe = backbone.pipeline(SAMPLERS[cfg.sampler].from_config(backbone.scheduler.config))
+    seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**32)
+    out, images, written = Path(cfg.out_dir), [], []
+    try:
+        for it in range(cfg.n_iter):
+            seeds = [seed + it * cfg.batch_size + i for i in range(cfg.batch_size)]
+            batch = pipe(
+                prompt_embeds=embed(cfg.prompt, len(seeds)),
+                negative_prompt_embeds=embed(cfg.negative_prompt, len(seeds)),
+                height=size,
+                width=size,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.cfg_scale,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            ).images
+            for s, image in zip(seeds, batch):
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", parameters(cfg, s, size, backbone, hypernetwork))
+                path = out / f"{len(written):05d}-{s}.png"
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG", pnginfo=info)
+                written.append(path)
+                images.append(image)
+    finally:
+        if original is not None:
+            from lit_ti.modules.hypernetwork import detach
+
+            detach(backbone.unet, original)
+    if len(images) > 1:
+        with atomic_path(out / "grid.png") as tmp:
+            make_image_grid(images, rows=cfg.n_iter, cols=cfg.batch_size).save(tmp, format="PNG")
+    print(
+        f"[lit_ti] {len(written)} image(s) in {out}"
+        + (f"; concepts used: {', '.join(bank.names)}" if bank.names else "")
+    )
+    return written

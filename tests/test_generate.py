@@ -1,0 +1,101 @@
+"""`python generate.py`: trained files change the images; PNGs carry A1111's parameters."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_ti import io
+from lit_ti.modules.hypernetwork import Hypernetwork
+from tests.conftest import CONFIGS
+
+TOY = CONFIGS.parent / "src" / "lit_ti" / "assets" / "toy_base"
+
+
+def generate(tmp_path, capsys, *overrides: str) -> list[Image.Image]:
+    from hydra import compose, initialize_config_dir
+
+    import lit_ti.train  # noqa: F401  (resolvers)
+    from lit_ti.generate import run
+
+    out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose("generate", overrides=[f"out_dir={out}", "steps=4", "seed=5", *overrides])
+    paths = run(cfg)
+    assert all(p.parent == out for p in paths)
+    return [Image.open(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def trained_files(tmp_path_factory):
+    """A random embedding pair and hypernetwork at the toy base's widths (what generation needs)."""
+    from lit_ti.models import DiffusersFolder
+
+    folder = tmp_path_factory.mktemp("files")
+    bb = DiffusersFolder(str(TOY)).load()
+    width = bb.text_encoder.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    io.save_embedding(folder / "emb" / "zz-star.pt", torch.randn(2, width, generator=g), step=10)
+    io.save_embedding(folder / "emb" / "zz-star-neg.safetensors", torch.randn(3, width, generator=g))
+    Image.new("RGB", (16, 16)).save(folder / "emb" / "a-picture.png")  # a plain image is skipped
+    unet = bb.unet
+    hn = Hypernetwork(
+        sorted({unet.config.cross_attention_dim, *unet.config.block_out_channels}), weight_init="XavierNormal"
+    )
+    io.save_hypernetwork(folder / "style.pt", hn, name="style")
+    return folder
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
+
+
+def test_embeddings_pair_and_hypernetwork_change_the_images(tmp_path, capsys, trained_files):
+    plain = generate(tmp_path, capsys, "prompt='a zz-star'", "batch_size=2")
+    with_pair = generate(
+        tmp_path,
+        capsys,
+        "prompt='a zz-star'",
+        "negative_prompt=zz-star-neg",
+        f"embeddings_dir={trained_files / 'emb'}",
+        "batch_size=2",
+    )
+    styled = generate(
+        tmp_path,
+        capsys,
+        "prompt='a zz-star'",
+        f"hypernetwork={trained_files / 'style.pt'}",
+        "hypernetwork_strength=0.8",
+        "batch_size=2",
+    )
+    again = generate(tmp_path, capsys, "prompt='a zz-star'", "batch_size=2")
+    assert np.array_equal(pixels(plain), pixels(again))  # same seed, same images
+    assert np.abs(pixels(with_pair) - pixels(plain)).mean() > 1  # the embeddings changed them
+    assert np.abs(pixels(styled) - pixels(plain)).mean() > 1  # the hypernetwork changed them
+    used = [line for line in capsys.readouterr().out.splitlines() if "concepts used" in line]
+    assert len(used) == 1 and used[0].endswith("concepts used: zz-star-neg, zz-star")
+    text = styled[1].text["parameters"]
+    assert text.startswith("a zz-star\nSteps: 4, Sampler: Euler a, CFG scale: 7.0, Seed: 6, Size: 64x64")
+    assert "Hypernet: style, Hypernet strength: 0.8" in text
+    assert (tmp_path / "out0" / "grid.png").is_file()
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "generate.py", *args], cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_command_line_and_its_mistakes(tmp_path, trained_files):
+    run = script(
+        "prompt=a zz-star", "steps=2", "seed=1", f"embeddings_dir={trained_files / 'emb'}", f"hydra.run.dir={tmp_path}"
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert Image.open(tmp_path / "00000-1.png").text["parameters"].startswith("a zz-star\nSteps: 2")
+    bad = script("embeddings_dir=/no/such/folder", f"hydra.run.dir={tmp_path / 'bad'}")
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(errors) == 1 and "embeddings_dir" in errors[0]
