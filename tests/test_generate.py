@@ -99,3 +99,20 @@ def test_command_line_and_its_mistakes(tmp_path, trained_files):
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(errors) == 1 and "embeddings_dir" in errors[0]
+
+
+def test_embedding_from_another_model_warns_and_wrong_width_is_skipped(tmp_path, capsys, trained_files):
+    import shutil
+
+    folder = tmp_path / "emb"
+    shutil.copytree(trained_files / "emb", folder)
+    width = io.load_embedding(folder / "zz-star.pt")["zz-star"].shape[1]
+    io.save_embedding(
+        folder / "zz-other.pt", torch.zeros(1, width), sd_checkpoint="deadbeef", sd_checkpoint_name="sd15"
+    )
+    io.save_embedding(folder / "zz-wide.pt", torch.zeros(1, width + 1))
+    with pytest.warns(UserWarning, match="zz-") as caught:
+        generate(tmp_path, capsys, "prompt='a zz-other zz-wide'", f"embeddings_dir={folder}", "steps=1")
+    messages = [str(w.message) for w in caught]
+    assert any("'zz-other' was trained on deadbeef" in m for m in messages)
+    assert any("skipped 'zz-wide'" in m and f"width {width}" in m for m in messages)
