@@ -124,3 +124,36 @@ def test_local_tagger_writes_captions(tmp_path):
         f"src={src}", f"dst={dst}", "width=32", f"caption.tagger={tmp_path / 'tagger'}", "existing_caption=prepend"
     )
     assert (dst / "00000-0-a.txt").read_text() == "my caption red, square shape\n"
+
+
+def test_local_blip_captioner_writes_captions(tmp_path):
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "red", "square"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(words), bos_token_id=5, sep_token_id=3, eos_token_id=3, pad_token_id=0, **small
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+    )
+    model = BlipForConditionalGeneration(config)
+    head = model.text_decoder.cls.predictions  # the decoder always says "red"
+    head.decoder.weight.data.zero_()
+    head.bias.data.fill_(-10.0)
+    head.bias.data[words.index("red")] = 10.0
+    model.save_pretrained(tmp_path / "blip")
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(tmp_path / "blip")
+    src = tmp_path / "raw"
+    src.mkdir()
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(src / "x.png")
+    dst = tmp_path / "clean"
+    preprocess(f"src={src}", f"dst={dst}", "width=32", f"caption.blip={tmp_path / 'blip'}")
+    assert (dst / "00000-0-x.txt").read_text().startswith("red red")
