@@ -15,26 +15,28 @@ from PIL import Image
 from lit_ti.errors import UserError
 
 
-def _folder(path: str, key: str) -> Path:
+def _load(path: str, key: str, what: str, *classes):
+    """`cls.from_pretrained(folder)` for each class, from a local folder only; one UserError otherwise."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise UserError(
             f"{key}: {folder} is not a local transformers model folder (no config.json); captioning runs only "
             "from models on disk; download one elsewhere and point the key at it, or set it to null"
         )
-    return folder
+    try:
+        return [cls.from_pretrained(folder) for cls in classes]
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: cannot load {what} from {folder}: {e}") from None
 
 
 class BlipCaptioner:
     def __init__(self, path: str, max_new_tokens: int = 30) -> None:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        folder = _folder(path, "caption.blip")
-        try:
-            self.processor = BlipProcessor.from_pretrained(folder)
-            self.model = BlipForConditionalGeneration.from_pretrained(folder).eval()
-        except (OSError, ValueError) as e:
-            raise UserError(f"caption.blip: cannot load a BLIP captioner from {folder}: {e}") from None
+        self.processor, model = _load(
+            path, "caption.blip", "a BLIP captioner", BlipProcessor, BlipForConditionalGeneration
+        )
+        self.model = model.eval()
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
@@ -73,12 +75,10 @@ class Tagger:
     def __init__(self, path: str, **format_kw) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        folder = _folder(path, "caption.tagger")
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(folder)
-            self.model = AutoModelForImageClassification.from_pretrained(folder).eval()
-        except (OSError, ValueError) as e:
-            raise UserError(f"caption.tagger: cannot load an image tagger from {folder}: {e}") from None
+        self.processor, model = _load(
+            path, "caption.tagger", "an image tagger", AutoImageProcessor, AutoModelForImageClassification
+        )
+        self.model = model.eval()
         self.labels = self.model.config.id2label
         self.format_kw = format_kw
 

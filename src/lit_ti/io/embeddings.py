@@ -154,9 +154,9 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
     except UserError:
         raise
     except Exception as e:
+        # pickles report their own errors (io.pickles); this is a damaged safetensors file or image
         raise UserError(
-            f"{path}: cannot be read as an embedding ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "pickled files may contain only tensors and plain containers"
+            f"{path}: cannot be read as an embedding ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     return _identify(path, data, meta)
 
