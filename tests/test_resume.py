@@ -52,10 +52,11 @@ def trained_state(method) -> dict[str, torch.Tensor]:
     [
         ({}, 1, 6, signal.SIGINT),  # 4 batches per epoch: step 6 is mid-epoch 1
         ({}, 2, 3, signal.SIGTERM),  # mid-epoch and between accumulation groups
+        ({"trainer_kw": {"limit_train_batches": 3}}, 1, 5, signal.SIGINT),  # epochs cut to 3 batches
         (DA, 1, 5, signal.SIGTERM),  # with EMA (reset every 3) on both embeddings
         (HN, 1, 7, signal.SIGINT),  # hypernetwork with dropout
     ],
-    ids=["ti", "ti-accumulate", "dreamartist-ema", "hypernetwork"],
+    ids=["ti", "ti-accumulate", "ti-limited-epochs", "dreamartist-ema", "hypernetwork"],
 )
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, concept_dir, kw, accumulate, stop_at, signum):
     steps = 10

@@ -143,10 +143,12 @@ def run(cfg: DictConfig) -> float | None:
     )
     stop = next((c for c in callbacks if isinstance(c, GracefulStop) and c.received is not None), None)
     if stop is not None:
-        rank_zero_info(
-            f"[lit_ti] stopped by {stop.received.name} at step {trainer.global_step}; checkpoint: {stop.checkpoint}"
-            f"\n[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={stop.checkpoint}"
-        )
+        rank_zero_info(f"[lit_ti] stopped by {stop.received.name} at step {trainer.global_step}")
+        if stop.checkpoint is not None:  # None when training was ending anyway (max steps, NaN guard)
+            rank_zero_info(
+                f"[lit_ti] checkpoint: {stop.checkpoint}\n"
+                f"[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={stop.checkpoint}"
+            )
         sys.exit(128 + stop.received)
     return float(metric) if metric is not None else None
 

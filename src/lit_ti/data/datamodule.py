@@ -207,6 +207,8 @@ class ConceptDataModule(L.LightningDataModule):
         if trainer is None:
             return None
         batches = samples // batch_size
+        limit = trainer.limit_train_batches  # what Lightning cuts an epoch to (an int, or a share as a float)
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         epoch, step = divmod(trainer.global_step, steps_per_epoch)
         return epoch, step * trainer.accumulate_grad_batches * batch_size
