@@ -23,12 +23,14 @@ from lit_ti import io
 from lit_ti.callbacks.preview import SAMPLERS
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.embeddings import shape_of
+from lit_ti.io.png_embeddings import IMAGE_SUFFIXES
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptTokenizer, encode
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
-SUFFIXES = (".pt", ".safetensors", ".bin", ".png", ".webp")
+SUFFIXES = (".pt", ".safetensors", ".bin", *IMAGE_SUFFIXES)  # what io.read_embedding reads
 
 
 def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
@@ -49,7 +51,7 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
         try:
             entries = io.read_embedding(path)
         except UserError as e:
-            if path.suffix.lower() in (".png", ".webp"):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
                 continue  # a plain picture in the folder, as A1111 skips it
             raise UserError(f"embeddings: {e}") from None
         for entry in entries:
@@ -57,10 +59,10 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
                 continue
             vectors = entry.vectors
             if isinstance(vectors, dict) or vectors.shape[1] != width:
-                shape = (
-                    {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
+                warnings.warn(
+                    f"{path}: skipped '{entry.name}', vectors {shape_of(vectors)} do not fit width {width}",
+                    stacklevel=2,
                 )
-                warnings.warn(f"{path}: skipped '{entry.name}', vectors {shape} do not fit width {width}", stacklevel=2)
                 continue
             ours, theirs = backbone.checkpoint_hash or backbone.name, entry.sd_checkpoint or entry.sd_checkpoint_name
             if theirs and ours and theirs not in (backbone.checkpoint_hash, backbone.name):

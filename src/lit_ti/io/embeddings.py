@@ -44,6 +44,11 @@ class EmbeddingFile:
     extra: dict = field(default_factory=dict)
 
 
+def shape_of(vectors: Vectors) -> list[int] | dict[str, list[int]]:
+    """Shape for messages: `[n, d]`, or `{"clip_l": [n, 768], "clip_g": [n, 1280]}` for SDXL."""
+    return {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
+
+
 def _cpu32(vectors: Vectors) -> Vectors:
     if isinstance(vectors, dict):
         return {k: _cpu32(v) for k, v in vectors.items()}

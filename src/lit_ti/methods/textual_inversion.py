@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lit_ti import io
 from lit_ti.errors import UserError
+from lit_ti.io.embeddings import shape_of
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
@@ -63,11 +64,8 @@ class TextualInversion(DiffusionMethod):
                 raise UserError(f"{key}: {e}") from None
             vectors = files[0].vectors
             if isinstance(vectors, dict) or vectors.shape[1] != width:
-                shape = (
-                    {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
-                )
                 raise UserError(
-                    f"{key}: {init_file} holds vectors of shape {shape}, but this model's text "
+                    f"{key}: {init_file} holds vectors of shape {shape_of(vectors)}, but this model's text "
                     f"encoder needs width {width}; it was trained for another model family"
                 )
             return vectors
