@@ -15,7 +15,7 @@ import json
 import os
 import random
 import time
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +85,13 @@ def render_dataset(
     n: int, seed: int = 0, workers: int = min(8, os.cpu_count() or 1)
 ) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
     """`n` renders of seen concepts: uint8 `[n, 3, 64, 64]` and each one's caption variants."""
-    with Pool(workers) as pool:
-        rows = pool.map(_render_one, [seed * 10_000_000 + i for i in range(n)], chunksize=256)
+    seeds = [seed * 10_000_000 + i for i in range(n)]
+    if n < 2048 or workers < 2:  # a pool's start-up costs more than it saves
+        rows = [_render_one(s) for s in seeds]
+    else:
+        # spawn, not fork: forking a process that already runs threads (torch, a test runner) can deadlock
+        with get_context("spawn").Pool(workers) as pool:
+            rows = pool.map(_render_one, seeds, chunksize=256)
     images = torch.from_numpy(np.stack([r[0] for r in rows])).permute(0, 3, 1, 2).contiguous()
     return images, [r[1] for r in rows]
 
