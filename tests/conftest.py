@@ -54,7 +54,7 @@ def concept_dir(tmp_path) -> Path:
     return make_concept_dir(tmp_path / "concept")
 
 
-def compose(*overrides: str):
+def compose(*overrides: str, hydra: bool = False):
     """The training config as `python train.py <overrides>` would see it (Hydra's compose API)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -62,4 +62,4 @@ def compose(*overrides: str):
     import lit_ti.train  # noqa: F401  (registers the lit_ti.asset resolver)
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return hydra_compose("train", overrides=list(overrides))
+        return hydra_compose("train", overrides=list(overrides), return_hydra_config=hydra)

@@ -33,6 +33,24 @@ def sample_timesteps(scheduler: DDPMScheduler, batch: int, device: torch.device)
     return torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device, dtype=torch.long)
 
 
+@torch.no_grad()
+def denoising_loss(predict, scheduler, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
+    """Mean MSE to the model's target over `draws` fixed (noise, timestep) pairs per image: a denoising loss
+    that is the same problem for every model and run (evaluation, validation).
+
+    predict(noisy [n, 4, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = latents.shape[0] * draws
+    x0 = latents.repeat(draws, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=g).to(x0)
+    # stratified timesteps: every draw covers the whole schedule
+    t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * scheduler.config.num_train_timesteps).long()
+    t = t[torch.randperm(n, generator=g)].to(x0.device)
+    pred = predict(scheduler.add_noise(x0, noise, t), t, {"prompt": [prompt] * n})
+    return float(((pred.float() - diffusion_target(scheduler, x0, noise, t).float()) ** 2).mean())
+
+
 # ----------------------------------------------------------------------------- DreamArtist
 CFG_RAMPS = ("ln", "cos", "cos2", "sqrt")
 

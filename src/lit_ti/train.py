@@ -60,6 +60,7 @@ QUIET = (
     r".*isinstance\(treespec, LeafSpec\)",  # lightning 2.6 against torch 2.13, harmless
     r"You're resuming from a checkpoint that ended before the epoch ended",  # EpochSampler resumes exactly
     r"The number of training batches \(\d+\) is smaller than the logging",  # we log per optimizer step
+    r"You have overridden `transfer_batch_to_device`",  # on purpose: noise seeds stay on the host
 )
 
 

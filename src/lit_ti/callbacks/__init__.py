@@ -6,6 +6,7 @@ from lit_ti.callbacks.loss_csv import LossCSV
 from lit_ti.callbacks.nan_guard import NanGuard
 from lit_ti.callbacks.preview import PreviewImages
 from lit_ti.callbacks.toy_eval import ToyEvaluation, ToyStyleEvaluation
+from lit_ti.callbacks.val_loss import ValidationLoss
 
 __all__ = [
     "ExportEmbeddings",
@@ -15,4 +16,5 @@ __all__ = [
     "PreviewImages",
     "ToyEvaluation",
     "ToyStyleEvaluation",
+    "ValidationLoss",
 ]

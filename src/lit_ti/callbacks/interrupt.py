@@ -52,8 +52,17 @@ class GracefulStop(L.Callback):
         self.step_at_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received is None or trainer.global_step == self.step_at_start or trainer.should_stop:
-            return  # no signal, or mid gradient accumulation: a checkpoint must sit on a step boundary
+        if trainer.global_step == self.step_at_start or trainer.should_stop:
+            return  # mid gradient accumulation: a checkpoint must sit on a step boundary
+        received = self.received is not None
+        if trainer.world_size > 1:
+            # every rank must stop at the same step (and all take part in the checkpoint), even when the
+            # signal reached only some of them, or reached them a step apart
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+            if received and self.received is None:
+                self.received = signal.SIGTERM
+        if not received:
+            return
         folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else self.dirpath
         self.checkpoint = folder / "last.ckpt"
         trainer.save_checkpoint(self.checkpoint)

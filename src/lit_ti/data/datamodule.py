@@ -188,11 +188,22 @@ class ConceptDataModule(L.LightningDataModule):
                 f"{len(dataset)} (raise data.repeats to keep the batch size)",
                 stacklevel=2,
             )
-        batch_size = min(self.batch_size, len(dataset))
+        rank, world = self._shard()
+        per_rank = len(dataset) // world
+        if per_rank < 1:
+            raise UserError(f"{len(dataset)} samples per epoch cannot feed {world} processes; raise data.repeats")
+        batch_size = min(self.batch_size, per_rank)
+        sampler = EpochSampler(
+            len(dataset),
+            self.seed,
+            start=lambda: self._resume_point(per_rank, batch_size, world),
+            rank=rank,
+            world_size=world,
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(len(dataset), self.seed, start=lambda: self._resume_point(len(dataset), batch_size)),
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=True,
@@ -200,9 +211,22 @@ class ConceptDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _resume_point(self, samples: int, batch_size: int) -> tuple[int, int] | None:
-        """(epoch, sample position) of the trainer's next batch, from its optimizer-step count (restored on
-        resume); every checkpoint is taken at an optimizer-step boundary."""
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process; the EpochSampler shards itself (see data/sampler.py)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise UserError(
+                "trainer.use_distributed_sampler=true: lit_ti's sampler shards the data across processes itself "
+                "(so that N processes equal one with N times the batch); set trainer.use_distributed_sampler=false"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _resume_point(self, samples: int, batch_size: int, world_size: int = 1) -> tuple[int, int] | None:
+        """(epoch, global sample position) of the trainer's next batch, from its optimizer-step count
+        (restored on resume); every checkpoint is taken at an optimizer-step boundary. `samples` are one
+        rank's samples per epoch."""
         trainer = self.trainer
         if trainer is None:
             return None
@@ -211,7 +235,7 @@ class ConceptDataModule(L.LightningDataModule):
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         epoch, step = divmod(trainer.global_step, steps_per_epoch)
-        return epoch, step * trainer.accumulate_grad_batches * batch_size
+        return epoch, step * trainer.accumulate_grad_batches * batch_size * world_size
 
 
 class _ConceptDataset(Dataset):
@@ -242,6 +266,9 @@ class _ConceptDataset(Dataset):
         rng = random.Random(seed)
         prompt = fill(line, self.name, self.captions[i], rng, self.shuffle, self.dropout)
         sample = {
+            # the step's noise and timestep come from this seed (the method draws them), so they depend on the
+            # sample, not on the process or the batch it lands in: DDP ranks and resumes reproduce them
+            "noise_seed": int(torch.randint(2**62, (), generator=g)),
             "latents": latents,  # [4, h, w]
             "prompt": prompt,
             "template": line,

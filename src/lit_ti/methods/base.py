@@ -156,12 +156,35 @@ class DiffusionMethod(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "cache_latents"):
             datamodule.cache_latents(self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # the noise seeds stay on the host: reading them back from a GPU would stall every step
+        seeds = batch.pop("noise_seed", None) if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if seeds is not None:
+            batch["noise_seed"] = seeds
+        return batch
+
     # ----------------------------------------------------------------- step
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch (tests pin them per sample)."""
+        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch.
+
+        Drawn per sample from the batch's `noise_seed`s when the datamodule gives them (so they do not depend on
+        the process or batch a sample lands in: DDP with N ranks equals one process with N× the batch), else
+        from the global RNG.
+        """
         latents = batch["latents"]
-        noise = torch.randn_like(latents)
-        return noise, losses.sample_timesteps(self.backbone.scheduler, latents.shape[0], latents.device)
+        seeds = batch.get("noise_seed")
+        if seeds is None:
+            noise = torch.randn_like(latents)
+            return noise, losses.sample_timesteps(self.backbone.scheduler, latents.shape[0], latents.device)
+        steps = self.backbone.scheduler.config.num_train_timesteps
+        noise, timesteps = [], []
+        for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
+            g = torch.Generator().manual_seed(seed)
+            noise.append(torch.randn(latents.shape[1:], generator=g))
+            timesteps.append(int(torch.randint(steps, (), generator=g)))
+        noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
+        return noise, torch.tensor(timesteps, device=latents.device)
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
@@ -192,7 +215,7 @@ class DiffusionMethod(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.shared_step(batch)["loss"]
         if self.log_now:
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 
 from lit_ti import io
+from lit_ti.losses import denoising_loss
 from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
 from lit_ti.models import DiffusersFolder
 from lit_ti.modules.text_conditioning import init_vectors
@@ -32,23 +33,6 @@ EVAL_SEED = 12345  # held-out images: never the training renders (those use seed
 def heldout_pixels(concept: str, n: int = 16) -> Tensor:
     rng = random.Random(f"eval-{concept}-{EVAL_SEED}")
     return toy_classifier.to_tensor([render(random_scene(rng, concept)) for _ in range(n)])
-
-
-@torch.no_grad()
-def denoising_loss(predict, scheduler, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
-    """Mean epsilon-MSE over `draws` fixed (noise, timestep) pairs per image.
-
-    predict(noisy [n, 4, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
-    """
-    g = torch.Generator().manual_seed(seed)
-    n = latents.shape[0] * draws
-    x0 = latents.repeat(draws, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=g).to(x0)
-    # stratified timesteps: every draw covers the whole schedule
-    t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * scheduler.config.num_train_timesteps).long()
-    t = t[torch.randperm(n, generator=g)].to(x0.device)
-    pred = predict(scheduler.add_noise(x0, noise, t), t, {"prompt": [prompt] * n})
-    return float(((pred.float() - noise) ** 2).mean())
 
 
 @contextmanager

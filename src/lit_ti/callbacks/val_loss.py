@@ -1,0 +1,80 @@
+"""A deterministic validation loss, for sweeps on real data (where no toy evaluator knows the truth).
+
+The training loss is a poor objective: every step draws other noise and timesteps, so it is mostly noise.
+Here every image is scored at the same `draws` (noise, timestep) pairs, stratified over the schedule, with a
+fixed prompt per image (its first template line, no tag shuffling), so two runs are compared on exactly the
+same denoising problems. Images come from a held-out folder when given, else from the training set.
+"""
+
+import random
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_ti import losses
+from lit_ti.data.datamodule import ConceptDataModule
+from lit_ti.data.templates import fill
+
+
+class ValidationLoss(L.Callback):
+    """Logs `val/loss` at the end of training (and every `every_n_steps` steps when set).
+
+    Args:
+        dir: a folder of held-out images of the concept (captions as in data.dir); null = the training images.
+        draws: (noise, timestep) pairs per image.
+        every_n_steps: also measure during training; null = only at the end.
+        seed: the seed of the fixed noise and timesteps.
+    """
+
+    def __init__(self, dir: str | None = None, draws: int = 8, every_n_steps: int | None = None, seed: int = 0):
+        self.dir = dir
+        self.draws = draws
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.images: tuple[torch.Tensor, list[str]] | None = None  # latents [N, 4, h, w], prompts
+        self.last_step: int | None = None
+
+    def _images(self, trainer, pl_module) -> tuple[torch.Tensor, list[str]]:
+        if self.images is None:
+            train = trainer.datamodule
+            data = train
+            if self.dir is not None:
+                data = ConceptDataModule(
+                    self.dir, train.name, train.template, train.resolution, train.crop, latent_sampling="deterministic"
+                )
+                data.cache_latents(pl_module.encode_images, pl_module.backbone.resolution)
+            line = next((t for t in data.templates if "[name]" in t), data.templates[0])
+            prompts = [fill(line, data.name, caption, random.Random(0)) for caption in data.captions]
+            self.images = data.latents[0][:, 0], prompts  # the unflipped view
+        return self.images
+
+    @torch.no_grad()
+    def measure(self, trainer, pl_module) -> float:
+        latents, prompts = self._images(trainer, pl_module)
+        scheduler = pl_module.backbone.scheduler
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            total = sum(
+                losses.denoising_loss(
+                    pl_module.predict, scheduler, latents[i : i + 1].to(pl_module.device), p, self.draws, self.seed + i
+                )
+                for i, p in enumerate(prompts)
+            )
+        finally:
+            pl_module.train(was_training)
+        value = total / len(prompts)
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/loss": value}, step=trainer.global_step)
+        trainer.callback_metrics["val/loss"] = torch.tensor(value)
+        return value
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_step:
+            self.last_step = step  # once per optimizer step, not per accumulated micro-batch
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank_zero_info(f"[lit_ti] val/loss = {self.measure(trainer, pl_module):.5f}")
