@@ -151,7 +151,7 @@ def test_accumulation_equals_one_big_batch(tmp_path, concept_dir):
     micro, t1 = fit(tmp_path / "a", concept_dir, accumulate=4, dm_kw=dm, **common)
     whole, t2 = fit(tmp_path / "b", concept_dir, dm_kw={**dm, "batch_size": 4}, **common)
     assert t1.fit_loop.epoch_loop.batch_progress.total.completed == 4 and t2.global_step == 1
-    init = micro.initial_vectors(micro.backbone, "square thing", 2)
+    init = micro.initial_vectors(micro.backbone, "square thing", 2)["text_encoder"]
     assert (micro.bank.get(NAME)["text_encoder"] - init).norm() > 1e-2  # a real step was taken
     for name in (NAME, NEG):
         a, b = micro.bank.get(name)["text_encoder"], whole.bank.get(name)["text_encoder"]
@@ -234,8 +234,8 @@ def test_pair_loads_into_diffusers_and_conditions_as_trained(tmp_path, concept_d
     pipe.load_textual_inversion(str(tmp_path / f"{NEG}.safetensors"), token=NEG)  # safetensors: say it
     prompt, negative = f"a photo of {NAME}", f"{NEG}, blurry"
     pos, neg = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
-    assert torch.allclose(pos, method.encode_prompts([prompt]), atol=1e-5)
-    assert torch.allclose(neg, method.encode_prompts([negative]), atol=1e-5)
+    assert torch.allclose(pos, method.encode_prompts([prompt]).states, atol=1e-5)
+    assert torch.allclose(neg, method.encode_prompts([negative]).states, atol=1e-5)
 
 
 # --- masks ----------------------------------------------------------------------------------------------------

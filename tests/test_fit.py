@@ -157,7 +157,7 @@ def test_gradient_clipping_goes_through_the_trainer(tmp_path, concept_dir):
         trainer_kw={"gradient_clip_val": 1e-4, "gradient_clip_algorithm": "norm"},
     )
     init = TinyBackbone().load()
-    start = clipped.initial_vectors(init, "square thing", 2)
+    start = clipped.initial_vectors(init, "square thing", 2)["text_encoder"]
     moved = float((clipped.bank.get(NAME)["text_encoder"].detach() - start).norm())
     assert moved == pytest.approx(1e-4, rel=1e-2)
     assert float((free.bank.get(NAME)["text_encoder"].detach() - start).norm()) > 10 * moved
@@ -189,7 +189,7 @@ def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, conce
     assert not torch.allclose(torch.from_numpy(without), torch.from_numpy(with_token), atol=1e-3)
     # diffusers conditions exactly as training did
     theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
-    assert torch.allclose(theirs, method.encode_prompts([prompt]), atol=1e-5)
+    assert torch.allclose(theirs, method.encode_prompts([prompt]).states, atol=1e-5)
 
 
 def extra_guard(trainer):
@@ -220,7 +220,7 @@ def test_nan_steps_are_skipped_and_never_written(tmp_path, concept_dir):
     assert extra_guard(trainer).skipped == 2
     for path in [tmp_path / f"{NAME}.pt", tmp_path / "embeddings" / f"{NAME}-3.pt"]:
         assert torch.isfinite(io.load_embedding(path)[path.stem]).all()
-    start = method.initial_vectors(method.backbone, "square thing", 2)
+    start = method.initial_vectors(method.backbone, "square thing", 2)["text_encoder"]
     assert not torch.equal(method.bank.get(NAME)["text_encoder"].detach(), start)  # the good steps trained
 
 
@@ -234,7 +234,7 @@ def test_only_nan_steps_stop_training_with_the_initial_vectors(tmp_path, concept
         tmp_path, concept_dir, max_steps=20, every=0, method_cls=AlwaysBad, extra_callbacks=[NanGuard(3)]
     )
     assert trainer.global_step == 3  # stopped after 3 bad steps in a row
-    start = method.initial_vectors(method.backbone, "square thing", 2)
+    start = method.initial_vectors(method.backbone, "square thing", 2)["text_encoder"]
     assert torch.equal(io.load_embedding(tmp_path / f"{NAME}.pt")[NAME], start)
     with pytest.raises(ValueError, match="non-finite"):
         io.save_embedding(tmp_path / "bad.pt", torch.full((2, 32), float("nan")))

@@ -18,6 +18,7 @@ from torch import Tensor
 from lit_ti import losses
 from lit_ti.errors import UserError
 from lit_ti.models import Backbone, weight_dtype
+from lit_ti.modules.text_conditioning import Conditioning
 from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
 
 
@@ -73,6 +74,8 @@ class DiffusionMethod(L.LightningModule):
         self.backbone = bb
         # registered as submodules so Lightning moves them to the device; frozen and in eval mode
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        if bb.text_encoder_2 is not None:
+            self.text_encoder_2 = bb.text_encoder_2
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
         if self.channels_last:
@@ -87,14 +90,14 @@ class DiffusionMethod(L.LightningModule):
         LR schedule)."""
         raise NotImplementedError
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """UNet conditioning `[B, 77, d]` for a list of prompts."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """UNet conditioning (states `[B, 77, d]`, SDXL's pooled `[B, 1280]`) for a list of prompts."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> "DiffusionMethod":
         super().train(mode)
         if self.backbone is not None:  # the frozen parts never leave eval mode
-            for module in (self.unet, self.vae, self.text_encoder):
+            for module in self.backbone.frozen:
                 module.eval()
         return self
 
@@ -128,9 +131,15 @@ class DiffusionMethod(L.LightningModule):
                 torch.random.fork_rng(devices=devices),
                 torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
             ):
+                pos = self.encode_prompts([prompt] * n).to(dtype)
+                neg = self.encode_prompts([negative_prompt] * n).to(dtype)
+                pooled = {}
+                if pos.pooled is not None:
+                    pooled = {"pooled_prompt_embeds": pos.pooled, "negative_pooled_prompt_embeds": neg.pooled}
                 images = self.backbone.pipeline(scheduler)(
-                    prompt_embeds=self.encode_prompts([prompt] * n).to(dtype),
-                    negative_prompt_embeds=self.encode_prompts([negative_prompt] * n).to(dtype),
+                    prompt_embeds=pos.states,
+                    negative_prompt_embeds=neg.states,
+                    **pooled,
                     height=size,
                     width=size,
                     num_inference_steps=steps,
@@ -188,9 +197,18 @@ class DiffusionMethod(L.LightningModule):
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
-        cond = self.encode_prompts(batch["prompt"])  # [B, 77, d]
+        return self.call_unet(noisy, timesteps, self.encode_prompts(batch["prompt"]))
+
+    def call_unet(self, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        """The frozen UNet on noisy latents `[B, 4, h, w]`; SDXL also gets its pooled text embedding and its
+        size conditioning (original = target = the training size, no crop: what its pipeline passes)."""
         dtype = self.unet.dtype
-        return self.unet(self.to_unet(noisy), timesteps, cond.to(dtype)).sample
+        extra = {}
+        if cond.pooled is not None:
+            h, w = (side * self.backbone.vae_scale_factor for side in noisy.shape[-2:])
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=noisy.device, dtype=dtype).expand(noisy.shape[0], 6)
+            extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
+        return self.unet(self.to_unet(noisy), timesteps, cond.states.to(dtype), **extra).sample
 
     def to_unet(self, x: Tensor) -> Tensor:
         """Latents as the UNet takes them: its dtype, and channels-last when that switch is on."""

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from lit_ti import losses
 from lit_ti.errors import UserError
-from lit_ti.methods.textual_inversion import TextualInversion
+from lit_ti.methods.textual_inversion import TextualInversion, file_vectors
 from lit_ti.models import Backbone
 from lit_ti.modules.ema import BankEMA
-from lit_ti.modules.text_conditioning import PromptTokenizer, check_name
+from lit_ti.modules.text_conditioning import PromptEncoder, check_name
 
 EXPORTS = ("ema", "live", "both")
 
@@ -104,9 +104,9 @@ class DreamArtist(TextualInversion):
             backbone, self.neg_init_text, self.neg_num_vectors, self.neg_init_file, "method.neg_init_file"
         )
         if not self.neg_init_file:
-            neg = neg + self.neg_init_noise * torch.randn_like(neg)
-        self.bank.add(self.neg_name, {"text_encoder": neg})
-        self.prompt_tokenizer = PromptTokenizer(backbone.tokenizer, self.bank)
+            neg = {enc: v + self.neg_init_noise * torch.randn_like(v) for enc, v in neg.items()}
+        self.bank.add(self.neg_name, neg)
+        self.prompt_encoder = PromptEncoder(backbone, self.bank, self.clip_skip)
         self.ema = BankEMA(self.bank, self.ema_settings)
         if self.vae_checkpointing:
             self.vae.enable_gradient_checkpointing()
@@ -130,9 +130,8 @@ class DreamArtist(TextualInversion):
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """Guided prediction `[B, 4, h, w]` (fp32) from one UNet pass over the doubled batch."""
         cond = self.encode_prompts(self.negative_prompts(batch) + list(batch["prompt"]))  # [2B, 77, d]
-        dtype = self.unet.dtype
-        out = self.unet(self.to_unet(torch.cat([noisy, noisy])), torch.cat([timesteps, timesteps]), cond.to(dtype))
-        pred_neg, pred_pos = out.sample.float().chunk(2)  # same noise and t in both halves
+        out = self.call_unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), cond)
+        pred_neg, pred_pos = out.float().chunk(2)  # same noise and t in both halves
         w = losses.cfg_weights(*self.cfg, timesteps, self.backbone.scheduler.config.num_train_timesteps)
         return losses.guided(pred_neg, pred_pos, w)
 
@@ -182,6 +181,6 @@ class DreamArtist(TextualInversion):
         }[self.export_vectors]
         out = {}
         for suffix, vectors in pairs.items():
-            out[f"{self.name}{tag}{suffix}"] = vectors(self.name)["text_encoder"]
-            out[f"{self.name}{tag}{suffix}-neg"] = vectors(self.neg_name)["text_encoder"]
+            out[f"{self.name}{tag}{suffix}"] = file_vectors(vectors(self.name))
+            out[f"{self.name}{tag}{suffix}-neg"] = file_vectors(vectors(self.neg_name))
         return out

@@ -16,7 +16,7 @@ from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.hypernetwork import Hypernetwork, attach
-from lit_ti.modules.text_conditioning import PromptTokenizer, encode
+from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder
 
 
 class HypernetworkMethod(DiffusionMethod):
@@ -75,7 +75,7 @@ class HypernetworkMethod(DiffusionMethod):
             self.hypernetwork = Hypernetwork(self.sizes or self.backbone_widths(backbone), **self.hn_settings)
         self.hypernetwork.set_strength(self.strength)
         attach(self.unet, self.hypernetwork, self.self_attention)
-        self.prompt_tokenizer = PromptTokenizer(backbone.tokenizer, EmbeddingBank())
+        self.prompt_encoder = PromptEncoder(backbone, EmbeddingBank(), self.clip_skip)
 
     def backbone_widths(self, backbone: Backbone) -> list[int]:
         cfg = backbone.unet.config
@@ -88,14 +88,16 @@ class HypernetworkMethod(DiffusionMethod):
         return [{"params": list(self.hypernetwork.parameters())}]
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Frozen text encoder output `[B, 77, d]`, cached per prompt (nothing upstream of the UNet trains)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Frozen text encoder output, cached per prompt (nothing upstream of the UNet trains)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cond_cache]
         if missing:
-            ids, slots = self.prompt_tokenizer(missing, self.device)
-            for prompt, cond in zip(missing, encode(self.text_encoder, ids, slots, None, self.clip_skip)):
-                self.cond_cache[prompt] = cond
-        return torch.stack([self.cond_cache[p] for p in prompts])
+            cond = self.prompt_encoder(missing, self.device)
+            for i, prompt in enumerate(missing):
+                self.cond_cache[prompt] = Conditioning(cond.states[i], None if cond.pooled is None else cond.pooled[i])
+        rows = [self.cond_cache[p] for p in prompts]
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return Conditioning(torch.stack([r.states for r in rows]), pooled)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

@@ -14,9 +14,17 @@ from lit_ti.io.embeddings import shape_of
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
-from lit_ti.modules.text_conditioning import PromptTokenizer, check_name, encode, init_vectors
+from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name, init_vectors
 
 FORMATS = ("pt", "safetensors", "bin")
+SDXL_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # the community SDXL file layout
+
+
+def file_vectors(vectors: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+    """A concept's `{encoder: [n, d]}` as files hold it: `[n, d]`, or SDXL's `{"clip_l", "clip_g"}`."""
+    if set(vectors) == {"text_encoder"}:
+        return vectors["text_encoder"]
+    return {SDXL_FILE_KEYS[enc]: v for enc, v in vectors.items()}
 
 
 class TextualInversion(DiffusionMethod):
@@ -46,7 +54,7 @@ class TextualInversion(DiffusionMethod):
         self.init_text = init_text
         self.init_file = init_file
         self.bank = EmbeddingBank()
-        self.prompt_tokenizer: PromptTokenizer | None = None
+        self.prompt_encoder: PromptEncoder | None = None
 
     def initial_vectors(
         self,
@@ -55,34 +63,39 @@ class TextualInversion(DiffusionMethod):
         num_vectors: int,
         init_file: str | None = None,
         key: str = "method.init_file",
-    ) -> Tensor:
-        width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
+    ) -> dict[str, Tensor]:
+        """`{encoder: [n, d]}` for every text encoder of the backbone (SDXL: both)."""
+        encoders = backbone.text_encoders
+        widths = {enc: te.get_input_embeddings().weight.shape[1] for enc, (_, te) in encoders.items()}
         if init_file:
             try:
                 files = io.read_embedding(init_file)
             except UserError as e:
                 raise UserError(f"{key}: {e}") from None
             vectors = files[0].vectors
-            if isinstance(vectors, dict) or vectors.shape[1] != width:
+            if backbone.is_sdxl and isinstance(vectors, dict):
+                vectors = {enc: vectors[file_key] for enc, file_key in SDXL_FILE_KEYS.items()}
+            elif not backbone.is_sdxl and not isinstance(vectors, dict):
+                vectors = {"text_encoder": vectors}
+            if not isinstance(vectors, dict) or any(v.shape[1] != widths[enc] for enc, v in vectors.items()):
+                want = {SDXL_FILE_KEYS[e]: w for e, w in widths.items()} if backbone.is_sdxl else widths["text_encoder"]
                 raise UserError(
-                    f"{key}: {init_file} holds vectors of shape {shape_of(vectors)}, but this model's text "
-                    f"encoder needs width {width}; it was trained for another model family"
+                    f"{key}: {init_file} holds vectors of shape {shape_of(files[0].vectors)}, but this model's text "
+                    f"encoders need width {want}; it was trained for another model family"
                 )
             return vectors
-        return init_vectors(backbone.tokenizer, backbone.text_encoder, init_text, num_vectors)
+        return {enc: init_vectors(tok, te, init_text, num_vectors) for enc, (tok, te) in encoders.items()}
 
     def build_trainables(self, backbone: Backbone) -> None:
         check_name(backbone.tokenizer, self.name, "name")
-        vectors = self.initial_vectors(backbone, self.init_text, self.num_vectors, self.init_file)
-        self.bank.add(self.name, {"text_encoder": vectors})
-        self.prompt_tokenizer = PromptTokenizer(backbone.tokenizer, self.bank)
+        self.bank.add(self.name, self.initial_vectors(backbone, self.init_text, self.num_vectors, self.init_file))
+        self.prompt_encoder = PromptEncoder(backbone, self.bank, self.clip_skip)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.bank.parameters())}]
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        ids, slots = self.prompt_tokenizer(list(prompts), self.device)
-        return encode(self.text_encoder, ids, slots, self.bank.table("text_encoder"), self.clip_skip)
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        return self.prompt_encoder(list(prompts), self.device)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -104,9 +117,10 @@ class TextualInversion(DiffusionMethod):
                 suffix = "" if encoder == "text_encoder" else f"/{encoder}"
                 self.log(f"train/emb_norm/{name}{suffix}", v.detach().norm(dim=-1).mean(), batch_size=1)
 
-    def concepts(self, tag: str = "") -> dict[str, Tensor]:
-        """What to export: `{file stem: [n, d]}` (the live vectors); `tag` marks periodic copies."""
-        return {f"{name}{tag}": self.bank.get(name)["text_encoder"] for name in self.bank.names}
+    def concepts(self, tag: str = "") -> dict[str, Tensor | dict[str, Tensor]]:
+        """What to export: `{file stem: vectors}` (the live ones; SDXL: `{"clip_l", "clip_g"}`); `tag` marks
+        periodic copies."""
+        return {f"{name}{tag}": file_vectors(self.bank.get(name)) for name in self.bank.names}
 
     def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
         """Write every concept as `<directory>/<stem>.<fmt>`; A1111 reads the stem as its name."""

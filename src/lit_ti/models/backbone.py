@@ -8,8 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from lit_ti.errors import UserError
@@ -20,7 +27,7 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 @dataclass
 class Backbone:
-    """Loaded, frozen SD1.x/SD2.x components.
+    """Loaded, frozen SD1.x/SD2.x/SDXL components.
 
     `text_encoders` maps an encoder key (the diffusers attribute name) to (tokenizer, encoder); SDXL adds
     `text_encoder_2`, and everything keyed by encoder (embedding bank, files) follows that key.
@@ -33,10 +40,23 @@ class Backbone:
     scheduler: DDPMScheduler  # the training noise schedule; previews build their sampler from its config
     name: str  # recorded in embedding files as sd_checkpoint_name
     checkpoint_hash: str | None = None  # A1111 short hash when loaded from a single file
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's OpenCLIP bigG encoder
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def text_encoders(self) -> dict[str, tuple[CLIPTokenizer, CLIPTextModel]]:
-        return {"text_encoder": (self.tokenizer, self.text_encoder)}
+        encoders = {"text_encoder": (self.tokenizer, self.text_encoder)}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = (self.tokenizer_2, self.text_encoder_2)
+        return encoders
+
+    @property
+    def frozen(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *(encoder for _, encoder in self.text_encoders.values())]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -53,6 +73,18 @@ class Backbone:
 
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
         """A diffusers pipeline around these very modules (no copy, no reload), for sampling."""
+        if self.is_sdxl:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=scheduler or self.scheduler,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         pipe = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -67,7 +99,7 @@ class Backbone:
         return pipe
 
     def freeze(self) -> "Backbone":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.frozen:
             module.requires_grad_(False)
             module.eval()
         return self

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lit_ti.errors import UserError
 from lit_ti.models.backbone import Backbone, check_prediction_type
@@ -47,6 +47,26 @@ SIZES = {
             layers_per_block=2,
         ),
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    ),
+    # SDXL-shaped: two text encoders of different widths (so a mix-up cannot pass), pooled + size conditioning
+    "sdxl_tiny": dict(
+        image=64,
+        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
+        unet=dict(
+            block_out_channels=(32, 64),
+            attention_head_dim=(2, 4),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 48,  # 6 size/crop numbers × 8 + the pooled width
+        ),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+        # 10 layers: diffusers recognises a bigG encoder in a single file by its 10th block
+        text_2=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=10, num_attention_heads=4),
     ),
     "sd15": dict(
         image=512,  # -> latent 4x64x64
@@ -82,12 +102,17 @@ def _find_bpe_file() -> Path:
     )
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """The SD1.x CLIP tokenizer (49,408 tokens), built offline from the openai-clip BPE file.
+def clip_tokenizer(pad: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The CLIP tokenizer (49,408 tokens), built offline from the openai-clip BPE file.
 
+    pad: the padding token: `<|endoftext|>` for SD1.x and SDXL's first encoder; `!` for the OpenCLIP
+        encoders (SD2.x, SDXL's second), which pad with token 0.
     Each call returns its own copy: loaders such as diffusers' `load_textual_inversion` add tokens to it.
     """
-    return copy.deepcopy(_clip_tokenizer())
+    tokenizer = copy.deepcopy(_clip_tokenizer())
+    if pad != tokenizer.pad_token:
+        tokenizer.pad_token = pad
+    return tokenizer
 
 
 def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -123,7 +148,8 @@ class TinyBackbone:
     """Random-weight SD-shaped components (no files, no downloads).
 
     Args:
-        size: `tiny` (64 px, 2.6 M parameters), `small` (128 px, 38 M) or `sd15` (512 px, SD1.5's shapes).
+        size: `tiny` (64 px, 2.6 M parameters), `small` (128 px, 38 M), `sd15` (512 px, SD1.5's shapes) or
+            `sdxl_tiny` (64 px, SDXL-shaped: two text encoders, pooled and size conditioning).
         seed: weight initialisation seed; the same seed gives bit-identical weights.
         prediction_type: `epsilon` or `v_prediction`.
     """
@@ -149,24 +175,18 @@ class TinyBackbone:
                 sample_size=cfg["image"],
                 **cfg["vae"],
             )
-            text = cfg["text"]
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    max_position_embeddings=77,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    hidden_act="quick_gelu",
-                    projection_dim=text["hidden_size"],
-                    **text,
-                )
-            )
+            text_encoder = _text_encoder(CLIPTextModel, tokenizer, cfg["text"], "quick_gelu")
+            width = cfg["text"]["hidden_size"]
+            text_encoder_2 = tokenizer_2 = None
+            if "text_2" in cfg:  # SDXL's second (OpenCLIP bigG-like) encoder, with the pooled projection
+                tokenizer_2 = clip_tokenizer(pad="!")
+                text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, tokenizer_2, cfg["text_2"], "gelu")
+                width += cfg["text_2"]["hidden_size"]
             unet = UNet2DConditionModel(
                 sample_size=cfg["image"] // 2 ** (n_vae - 1),
                 in_channels=4,
                 out_channels=4,
-                cross_attention_dim=text["hidden_size"],
+                cross_attention_dim=width,
                 norm_num_groups=32,
                 **cfg["unet"],
             )
@@ -185,6 +205,7 @@ class TinyBackbone:
             verbosity = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()  # a fresh model has no fp32-only modules to warn about
             unet, text_encoder = unet.to(dtype), text_encoder.to(dtype)
+            text_encoder_2 = None if text_encoder_2 is None else text_encoder_2.to(dtype)
             diffusers_logging.set_verbosity(verbosity)
         return Backbone(
             unet=unet,
@@ -193,4 +214,20 @@ class TinyBackbone:
             tokenizer=tokenizer,
             scheduler=scheduler,
             name=f"lit_ti-{self.size}-seed{self.seed}",
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         ).freeze()
+
+
+def _text_encoder(cls, tokenizer: CLIPTokenizer, sizes: dict, act: str):
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act=act,
+        projection_dim=sizes["hidden_size"],
+        **sizes,
+    )
+    return cls(config)

@@ -7,6 +7,7 @@ slots. Gradients flow into the vectors only.
 
 import re
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -111,13 +112,24 @@ class PromptTokenizer:
         return ids, slots
 
 
-def encode(
-    text_encoder: CLIPTextModel, input_ids: Tensor, slots: Tensor, table: Tensor | None, clip_skip: int = 1
-) -> Tensor:
-    """CLIP hidden states `[B, 77, d]` with `table[slots]` written over the token embeddings.
+class Conditioning(NamedTuple):
+    """What the UNet is conditioned on: hidden states `[B, 77, d]` and, for SDXL, the pooled `[B, 1280]`
+    embedding of its second encoder (with d = 768 + 1280, both encoders' states side by side)."""
 
-    clip_skip follows A1111: 1 = last layer; N > 1 = hidden state N from the end, then the final layer norm.
-    """
+    states: Tensor
+    pooled: Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> "Conditioning":
+        return Conditioning(self.states.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = [p.pooled for p in parts]
+        return Conditioning(torch.cat([p.states for p in parts]), None if pooled[0] is None else torch.cat(pooled))
+
+
+def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, hidden_states: bool):
+    """The encoder's output with `table[slots]` written over the token embeddings."""
 
     def splice(_module, _args, out: Tensor) -> Tensor:
         rows = table[slots.clamp(min=0)].to(out.dtype)  # [B, 77, d]
@@ -127,11 +139,48 @@ def encode(
     if table is not None and bool((slots >= 0).any()):
         handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
     try:
-        out = text_encoder(input_ids, output_hidden_states=clip_skip > 1)
+        return text_encoder(input_ids, output_hidden_states=hidden_states)
     finally:
         if handle is not None:
             handle.remove()
+
+
+def encode(
+    text_encoder: CLIPTextModel, input_ids: Tensor, slots: Tensor, table: Tensor | None, clip_skip: int = 1
+) -> Tensor:
+    """CLIP hidden states `[B, 77, d]` with `table[slots]` written over the token embeddings.
+
+    clip_skip follows A1111: 1 = last layer; N > 1 = hidden state N from the end, then the final layer norm.
+    """
+    out = _run(text_encoder, input_ids, slots, table, clip_skip > 1)
     if clip_skip <= 1:
         return out.last_hidden_state
     final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
     return final_norm(out.hidden_states[-clip_skip])
+
+
+class PromptEncoder:
+    """Prompts -> `Conditioning` through every text encoder of a backbone, the bank's vectors spliced in.
+
+    SD1.x/SD2.x: one encoder, A1111's clip skip. SDXL (as its pipeline and A1111 do): each encoder's hidden
+    state `clip_skip + 1` from the end without the final norm (the penultimate layer by default), concatenated
+    along the feature axis, and the projected pooled output of the second encoder.
+    """
+
+    def __init__(self, backbone, bank: EmbeddingBank, clip_skip: int = 1) -> None:
+        self.sdxl = backbone.is_sdxl
+        self.bank = bank
+        self.clip_skip = clip_skip
+        self.parts = [(key, PromptTokenizer(tok, bank), enc) for key, (tok, enc) in backbone.text_encoders.items()]
+
+    def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
+        states, pooled = [], None
+        for key, tokenizer, text_encoder in self.parts:
+            ids, slots = tokenizer(list(prompts), device)
+            table = self.bank.table(key) if key in self.bank.encoders() else None
+            if not self.sdxl:
+                return Conditioning(encode(text_encoder, ids, slots, table, self.clip_skip))
+            out = _run(text_encoder, ids, slots, table, hidden_states=True)
+            states.append(out.hidden_states[-(self.clip_skip + 1)])
+            pooled = getattr(out, "text_embeds", pooled)  # the second encoder (with projection)
+        return Conditioning(torch.cat(states, dim=-1), pooled)

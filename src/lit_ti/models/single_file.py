@@ -1,0 +1,145 @@
+"""A1111-style single-file checkpoints (`model.safetensors` / `.ckpt`: SD1.x, SD2.x, SDXL), loaded offline.
+
+diffusers' `from_single_file` converts the original (LDM) key layout, but it needs the diffusers configs of
+the model family, which it would download from the hub. We ship those configs (`assets/single_file/`, no
+weights), pick one by the checkpoint's text-encoder keys, and pass the CLIP tokenizer built from the local
+vocabulary, so nothing is fetched. The checkpoint's A1111 short hash (first 10 hex digits of the file's
+sha256) goes into every embedding written from it, as A1111 does.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
+
+from lit_ti.errors import UserError
+from lit_ti.io.pickles import load_pickle
+from lit_ti.models.backbone import Backbone, check_prediction_type
+from lit_ti.models.tiny import clip_tokenizer
+
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# family -> (a key only that family's checkpoints hold, the shipped config folder)
+FAMILIES = {
+    "sdxl": ("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
+    "sd2": ("cond_stage_model.model.ln_final.weight", "sd21"),
+    "sd1": ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd15"),
+}
+
+
+def short_hash(path: str | Path) -> str:
+    """A1111's checkpoint short hash: the first 10 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """The weight names of a single-file checkpoint (a `.ckpt`'s `state_dict`, as A1111 nests it)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                return set(f.keys())
+        except Exception as e:
+            raise UserError(f"model.path: {path} is not a readable safetensors file ({e})") from None
+    state = load_pickle(path, "checkpoint")
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"model.path: {path} holds no state dict")
+    return set(state)
+
+
+def detect_family(keys: set[str], path: Path) -> str:
+    """`sd1`, `sd2` or `sdxl`, from which text encoder the checkpoint carries."""
+    for family, (key, _) in FAMILIES.items():
+        if key in keys:
+            return family
+    if "conditioner.embedders.0.model.ln_final.weight" in keys:
+        raise UserError(
+            f"model.path: {path} is an SDXL refiner, which has no CLIP-L encoder to train; use a base model"
+        )
+    raise UserError(
+        f"model.path: {path} is not an SD1.x/SD2.x/SDXL checkpoint (no text encoder found among its "
+        f"{len(keys)} weights); for a diffusers folder use model=diffusers"
+    )
+
+
+@dataclass
+class SingleFile:
+    """One `.safetensors` / `.ckpt` file as A1111 and ComfyUI use them.
+
+    Args:
+        path: the checkpoint file.
+        config: a diffusers folder whose `model_index.json` and component configs describe this checkpoint
+            (any diffusers copy of the same architecture; weights in it are ignored). null = the configs we
+            ship for the detected family: SD1.5, SD2.1 (768 px, v-prediction) or SDXL base.
+        prediction_type: `epsilon` or `v_prediction`; null = the config's. SD2 checkpoints do not say which
+            they are: SD2-base (512 px) needs `epsilon` (and data.resolution=512).
+    """
+
+    path: str
+    config: str | None = None
+    prediction_type: str | None = None
+
+    def load(self, dtype: torch.dtype = torch.float32) -> Backbone:
+        check_prediction_type(self.prediction_type, "model.prediction_type")
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.path: {path} is not a file; point it at a .safetensors or .ckpt checkpoint")
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(f"model.path: {path} is not a checkpoint file ({', '.join(SUFFIXES)})")
+        family = detect_family(checkpoint_keys(path), path)
+        config = Path(self.config).expanduser() if self.config else shipped_config(family)
+        if not (config / "model_index.json").is_file():
+            raise UserError(f"model.config: {config} has no model_index.json; use a diffusers model folder")
+        pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        tokenizers = {"tokenizer": clip_tokenizer(pad="<|endoftext|>" if family == "sd1" else "!")}
+        if family == "sdxl":
+            tokenizers = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad="!")}
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # no progress bars / "no safety checker" notices in training logs
+        try:
+            pipe = pipeline_class.from_single_file(
+                str(path),
+                config=str(config),
+                local_files_only=True,
+                torch_dtype=torch.float32,
+                **tokenizers,
+                **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(
+                f"model.path: could not load {path} as {family} with the configs in {config}: "
+                f"{str(e).splitlines()[0][:300]}"
+            ) from None
+            if dtype != torch.float32:  # the VAE stays fp32 (see DiffusersFolder)
+                for part in ("unet", "text_encoder", "text_encoder_2"):
+                    if getattr(pipe, part, None) is not None:
+                        getattr(pipe, part).to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **overrides)
+        encoder_2 = getattr(pipe, "text_encoder_2", None)
+        return Backbone(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=scheduler,
+            name=path.stem,
+            checkpoint_hash=short_hash(path),
+            text_encoder_2=encoder_2,
+            tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        ).freeze()
+
+
+def shipped_config(family: str) -> Path:
+    return Path(str(resources.files("lit_ti").joinpath("assets", "single_file", FAMILIES[family][1])))
