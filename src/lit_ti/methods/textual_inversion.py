@@ -6,6 +6,7 @@ AdamW without weight decay, LR schedule strings).
 
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_ti import io
@@ -144,7 +145,15 @@ class TextualInversion(DiffusionMethod):
 
     def export_images(self, directory: Path, step: int, preview) -> list[Path]:
         """A1111's "save images with embedding in PNG chunks": `<directory>/<stem>-<step>.png` per concept,
-        named `<stem>-<step>` inside, around the PIL `preview` image."""
+        named `<stem>-<step>` inside, around the PIL `preview` image. Not for SDXL: A1111's PNG format holds
+        one encoder's vectors, so SDXL pairs are skipped (with one warning)."""
+        if self.backbone.is_sdxl:
+            if not getattr(self, "warned_png", False):
+                self.warned_png = True
+                rank_zero_warn(
+                    "SDXL embeddings cannot be written into PNGs (A1111's format holds one encoder); skipped"
+                )
+            return []
         return [
             io.save_image_embedding(
                 Path(directory) / f"{stem}.png",

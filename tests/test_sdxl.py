@@ -1,0 +1,67 @@
+"""SDXL: one concept owns a CLIP-L and an OpenCLIP-bigG part, both trained, written as `clip_l` + `clip_g`."""
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from lit_ti import io
+from lit_ti.models import TinyBackbone
+from lit_ti.modules.embedding_bank import EmbeddingBank
+from lit_ti.modules.text_conditioning import PromptEncoder, init_vectors
+from tests.test_cli import train_ok
+
+SMOKE = ("model=tiny", "model.size=sdxl_tiny", "trainer.max_steps=3", "callbacks.toy_eval=null")
+
+
+def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
+    train_ok(tmp_path, *SMOKE, "callbacks.preview.every_n_steps=3", "callbacks.preview.num_inference_steps=2")
+    assert list((tmp_path / "previews").glob("*.png"))  # sampled through diffusers' SDXL pipeline
+    bb = TinyBackbone(size="sdxl_tiny").load()  # the run's model: same seed, same weights
+    widths = {"clip_l": 32, "clip_g": 48}
+
+    # the community / A1111 SDXL layout: exactly the two tensors, [n, width] each, in both formats
+    tensors = load_file(tmp_path / "toy-concept.safetensors")
+    pt = torch.load(tmp_path / "toy-concept.pt", weights_only=True)
+    assert type(pt) is dict and set(pt) == set(tensors) == {"clip_l", "clip_g"}
+    for key, width in widths.items():
+        assert tensors[key].shape == (2, width) and torch.equal(pt[key], tensors[key])
+    start = {
+        "clip_l": init_vectors(bb.tokenizer, bb.text_encoder, "*", 2),
+        "clip_g": init_vectors(bb.tokenizer_2, bb.text_encoder_2, "*", 2),
+    }
+    for key in widths:  # both parts trained
+        assert (tensors[key] - start[key]).abs().max() > 1e-4, key
+    assert io.read_embedding(tmp_path / "toy-concept.safetensors")[0].vectors.keys() == widths.keys()
+
+    # diffusers' SDXL pipeline, each part loaded into its encoder, encodes the prompt exactly as training did
+    pipe = StableDiffusionXLPipeline(
+        vae=bb.vae,
+        text_encoder=bb.text_encoder,
+        text_encoder_2=bb.text_encoder_2,
+        tokenizer=bb.tokenizer,
+        tokenizer_2=bb.tokenizer_2,
+        unet=bb.unet,
+        scheduler=bb.scheduler,
+    )
+    pipe.load_textual_inversion(
+        tensors["clip_l"], token="toy-concept", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        tensors["clip_g"], token="toy-concept", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    prompt = "a toy-concept on a plain background"
+    with torch.no_grad():
+        states, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        bank = EmbeddingBank()
+        bank.add("toy-concept", {"text_encoder": tensors["clip_l"], "text_encoder_2": tensors["clip_g"]})
+        ours = PromptEncoder(TinyBackbone(size="sdxl_tiny").load(), bank)([prompt])
+    assert states.shape == ours.states.shape == (1, 77, 80)
+    assert torch.allclose(states, ours.states, atol=1e-5)
+    assert torch.allclose(pooled, ours.pooled, atol=1e-5)
+
+
+def test_sdxl_dreamartist_writes_two_sdxl_pairs(tmp_path):
+    train_ok(tmp_path, *SMOKE, "experiment=dreamartist_character", "callbacks.preview=null")
+    for stem, n in (("toy-concept", 3), ("toy-concept-neg", 6)):
+        tensors = load_file(tmp_path / f"{stem}.safetensors")
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (n, 32), "clip_g": (n, 48)}
