@@ -293,8 +293,8 @@ def test_bad_input(tmp_path, capsys, build, overrides, expect):
     ("override", "message"),
     [
         ("method.lr=0.1", "Could not override 'method.lr'"),  # a key that does not exist
-        ("+method.foo=1", "method.foo"),  # added key that no constructor takes
-        ("method=textual_inversio", "method/textual_inversio"),  # an option that does not exist
+        pytest.param("+method.foo=1", "method.foo", marks=pytest.mark.slow),  # added key no constructor takes
+        pytest.param("method=textual_inversio", "method/textual_inversio", marks=pytest.mark.slow),  # no such option
     ],
 )
 def test_unknown_config_keys_on_the_command_line(tmp_path, override, message):

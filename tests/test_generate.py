@@ -115,4 +115,4 @@ def test_embedding_from_another_model_warns_and_wrong_width_is_skipped(tmp_path,
         generate(tmp_path, capsys, "prompt='a zz-other zz-wide'", f"embeddings_dir={folder}", "steps=1")
     messages = [str(w.message) for w in caught]
     assert any("'zz-other' was trained on deadbeef" in m for m in messages)
-    assert any("skipped 'zz-wide'" in m and f"width {width}" in m for m in messages)
+    assert any("skipped 'zz-wide'" in m and f"widths [{width}]" in m for m in messages)

@@ -1,5 +1,7 @@
 """SDXL: one concept owns a CLIP-L and an OpenCLIP-bigG part, both trained, written as `clip_l` + `clip_g`."""
 
+import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
@@ -65,3 +67,25 @@ def test_sdxl_dreamartist_writes_two_sdxl_pairs(tmp_path):
     for stem, n in (("toy-concept", 3), ("toy-concept-neg", 6)):
         tensors = load_file(tmp_path / f"{stem}.safetensors")
         assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (n, 32), "clip_g": (n, 48)}
+
+
+def test_sdxl_diffusers_folder_and_generate_with_an_sdxl_embedding(tmp_path, capsys):
+    from lit_ti.models import DiffusersFolder
+    from tests.test_generate import generate, pixels
+
+    bb = TinyBackbone(size="sdxl_tiny").load()
+    bb.pipeline().save_pretrained(tmp_path / "sdxl")
+    loaded = DiffusersFolder(str(tmp_path / "sdxl")).load()
+    assert loaded.is_sdxl and len(loaded.tokenizer_2) == 49408 and loaded.tokenizer_2.pad_token == "!"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.text_encoder_2.parameters(), bb.text_encoder_2.parameters()))
+
+    g = torch.Generator().manual_seed(0)
+    sdxl = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)}
+    io.save_embedding(tmp_path / "emb" / "zz-thing.safetensors", sdxl)
+    io.save_embedding(tmp_path / "emb" / "zz-old.pt", torch.randn(1, 32, generator=g))  # an SD1 file: skipped
+    model = ["model=diffusers", f"model.path={tmp_path / 'sdxl'}", "size=64"]
+    plain = generate(tmp_path, capsys, *model, "prompt='a zz-thing'")
+    with pytest.warns(UserWarning, match="zz-old.*do not fit"):
+        used = generate(tmp_path, capsys, *model, "prompt='a zz-thing, zz-old'", f"embeddings_dir={tmp_path / 'emb'}")
+    assert "concepts used: zz-thing" in capsys.readouterr().out
+    assert np.abs(pixels(plain) - pixels(used)).max() > 0

@@ -65,6 +65,7 @@ def test_single_file_loads_every_weight_offline(single_file, monkeypatch):
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.parametrize("single_file", ["tiny"], indirect=True)  # SDXL training is tested in test_sdxl
 def test_training_on_a_single_file_records_its_hash(single_file, tmp_path):
     original, path, config = single_file
     run = train(

@@ -3,7 +3,7 @@
 Embeddings come from `embeddings_dir` (every `.pt`, `.safetensors`, `.bin` or A1111 PNG in it) and
 `embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
 concepts share a prompt and a DreamArtist pair works as `prompt="... <name> ..." negative_prompt="<name>-neg"`.
-Prompts are encoded exactly as in training (`PromptTokenizer` + `encode`, multi-vector names, clip skip) and
+Prompts are encoded exactly as in training (`PromptEncoder`: multi-vector names, clip skip, SDXL's two encoders) and
 handed to a diffusers pipeline built around the same modules. Each image is saved as a PNG carrying A1111's
 `parameters` text, plus a grid when there is more than one.
 """
@@ -27,7 +27,7 @@ from lit_ti.io.embeddings import shape_of
 from lit_ti.io.png_embeddings import IMAGE_SUFFIXES
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
-from lit_ti.modules.text_conditioning import PromptTokenizer, encode
+from lit_ti.modules.text_conditioning import PromptEncoder
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
 SUFFIXES = (".pt", ".safetensors", ".bin", *IMAGE_SUFFIXES)  # what io.read_embedding reads
@@ -45,7 +45,7 @@ def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
 
 def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
     """A bank of the concepts named in `text`, skipping (with a warning) files for another model."""
-    width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
+    widths = {enc: te.get_input_embeddings().weight.shape[1] for enc, (_, te) in backbone.text_encoders.items()}
     bank = EmbeddingBank()
     for path in paths:
         try:
@@ -57,10 +57,11 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
         for entry in entries:
             if not re.search(rf"(?<![\w-]){re.escape(entry.name)}(?![\w-])", text, re.IGNORECASE):
                 continue
-            vectors = entry.vectors
-            if isinstance(vectors, dict) or vectors.shape[1] != width:
+            vectors = as_bank_entry(entry.vectors, widths)
+            if vectors is None:
                 warnings.warn(
-                    f"{path}: skipped '{entry.name}', vectors {shape_of(vectors)} do not fit width {width}",
+                    f"{path}: skipped '{entry.name}', vectors {shape_of(entry.vectors)} do not fit this model's "
+                    f"text encoders (widths {list(widths.values())})",
                     stacklevel=2,
                 )
                 continue
@@ -71,11 +72,23 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
                     stacklevel=2,
                 )
             if entry.name in bank.names:  # the same concept in two formats is fine; two different ones are not
-                if torch.equal(bank.get(entry.name)["text_encoder"].detach(), vectors):
+                if all(torch.equal(bank.get(entry.name)[k].detach(), v) for k, v in vectors.items()):
                     continue
                 raise UserError(f"embeddings: two different files define '{entry.name}'; keep one ({path})")
-            bank.add(entry.name, {"text_encoder": vectors})
+            bank.add(entry.name, vectors)
     return bank
+
+
+def as_bank_entry(vectors, widths: dict[str, int]) -> dict | None:
+    """A file's vectors as `{encoder: [n, d]}` for this model, or None when they were made for another family
+    (an SD1 file on SDXL is skipped, as A1111 does)."""
+    if isinstance(vectors, dict):
+        vectors = {enc: vectors.get(key) for enc, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))}
+    else:
+        vectors = {"text_encoder": vectors}
+    if set(vectors) != set(widths) or any(v is None or v.shape[1] != widths[k] for k, v in vectors.items()):
+        return None
+    return vectors
 
 
 def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Path | None) -> str:
@@ -104,17 +117,17 @@ def run(cfg: DictConfig) -> list[Path]:
         raise UserError("clip_skip, steps, batch_size and n_iter must all be >= 1")
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     backbone = instantiate(cfg.model).load(weight_dtype(cfg.precision))
-    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+    for module in backbone.frozen:
         module.to(device)
     size = cfg.size or backbone.resolution
     files = embedding_files(cfg.embeddings_dir, list(cfg.embeddings))
     bank = load_concepts(files, f"{cfg.prompt}\n{cfg.negative_prompt}", backbone).to(device)
-    tokenizer = PromptTokenizer(backbone.tokenizer, bank)
-    table = bank.table("text_encoder") if bank.names else None
+    encoder = PromptEncoder(backbone, bank, cfg.clip_skip)
 
-    def embed(prompt: str, n: int) -> torch.Tensor:
-        ids, slots = tokenizer([prompt] * n, device)
-        return encode(backbone.text_encoder, ids, slots, table, cfg.clip_skip).to(backbone.unet.dtype)
+    def embed(prompt: str, negative: str, n: int) -> dict:
+        pos, neg = (encoder([text] * n, device).to(backbone.unet.dtype) for text in (prompt, negative))
+        pooled = {} if pos.pooled is None else {"pooled_prompt_embeds": pos.pooled, "negative_pooled_prompt_embeds": neg.pooled}
+        return {"prompt_embeds": pos.states, "negative_prompt_embeds": neg.states, **pooled}
 
     hypernetwork = Path(cfg.hypernetwork).expanduser() if cfg.hypernetwork else None
     original = None
@@ -129,8 +142,7 @@ def run(cfg: DictConfig) -> list[Path]:
         for it in range(cfg.n_iter):
             seeds = [seed + it * cfg.batch_size + i for i in range(cfg.batch_size)]
             batch = pipe(
-                prompt_embeds=embed(cfg.prompt, len(seeds)),
-                negative_prompt_embeds=embed(cfg.negative_prompt, len(seeds)),
+                **embed(cfg.prompt, cfg.negative_prompt, len(seeds)),
                 height=size,
                 width=size,
                 num_inference_steps=cfg.steps,

@@ -122,7 +122,8 @@ def check_prediction_type(value: str | None, key: str) -> None:
 
 @dataclass
 class DiffusersFolder:
-    """A local diffusers-layout SD1.x/SD2.x model (`unet/ vae/ text_encoder/ tokenizer/ scheduler/`).
+    """A local diffusers-layout SD1.x/SD2.x model (`unet/ vae/ text_encoder/ tokenizer/ scheduler/`), or SDXL
+    (also `text_encoder_2/ tokenizer_2/`).
 
     Args:
         path: the folder (what `StableDiffusionPipeline.save_pretrained` writes).
@@ -163,6 +164,10 @@ class DiffusersFolder:
             unet = UNet2DConditionModel.from_pretrained(
                 root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw
             )
+            text_encoder_2 = tokenizer_2 = None
+            if (root / "text_encoder_2").is_dir():  # SDXL
+                tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", model_max_length=77)
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype, **kw)
             # The VAE runs only to cache latents and decode previews: fp32 avoids the fp16 overflow of some VAEs.
             vae = AutoencoderKL.from_pretrained(
                 root, subfolder="vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **kw
@@ -172,11 +177,12 @@ class DiffusersFolder:
         except (OSError, ValueError) as e:
             raise UserError(f"model.path: could not load the diffusers model in {root}: {e}") from e
         # transformers 5 silently returns a 2-token tokenizer for a folder without vocabulary files.
-        if len(tokenizer) < 1000:
-            raise UserError(
-                f"model.path: {root / 'tokenizer'} holds no usable CLIP vocabulary ({len(tokenizer)} tokens); "
-                "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
-            )
+        for sub, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+            if tok is not None and len(tok) < 1000:
+                raise UserError(
+                    f"model.path: {root / sub} holds no usable CLIP vocabulary ({len(tok)} tokens); "
+                    "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
+                )
         return Backbone(
             unet=unet,
             vae=vae,
@@ -184,4 +190,6 @@ class DiffusersFolder:
             tokenizer=tokenizer,
             scheduler=scheduler,
             name=root.name,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         ).freeze()
