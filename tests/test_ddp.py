@@ -1,9 +1,17 @@
 """Data parallelism: N processes with batch b train exactly like one process with batch N·b."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lit_ti.data.sampler import EpochSampler
+from tests.conftest import ROOT
 from tests.test_cli import train_ok
 
 
@@ -48,3 +56,51 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
     assert (vectors("one") - init_vectors(bb.tokenizer, bb.text_encoder, "*", 2)).abs().max() > 1e-3
     csv = (tmp_path / "ddp" / "textual_inversion_loss.csv").read_text().splitlines()
     assert len(csv) == 6  # a header and steps 1-5, once each: rank 0 alone writes the loss log
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A preemption signal that reaches only rank 0 still ends both ranks, with one checkpoint, no hang."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.max_steps=100000",
+            "callbacks.loss_csv.every_n_steps=1",
+            "callbacks.toy_eval=null",
+            "callbacks.preview=null",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    csv = tmp_path / "textual_inversion_loss.csv"
+    deadline = time.monotonic() + 180
+    while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # the launcher process is rank 0; rank 1 is its child and gets nothing
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert f"stopped by SIGTERM at step {step}" in out + err
+
+
+def test_lightnings_own_distributed_sampler_is_refused(concept_dir):
+    from types import SimpleNamespace
+
+    from lit_ti.data import ConceptDataModule
+    from lit_ti.errors import UserError
+
+    dm = ConceptDataModule(str(concept_dir), name="zz-thing")
+    dm.trainer = SimpleNamespace(
+        world_size=2, global_rank=1, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+    )
+    with pytest.raises(UserError, match="trainer.use_distributed_sampler=false"):
+        dm._shard()
+    dm.trainer._accelerator_connector.use_distributed_sampler = False
+    assert dm._shard() == (1, 2)

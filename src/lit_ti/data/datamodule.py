@@ -191,7 +191,9 @@ class ConceptDataModule(L.LightningDataModule):
         rank, world = self._shard()
         per_rank = len(dataset) // world
         if per_rank < 1:
-            raise UserError(f"{len(dataset)} samples per epoch cannot feed {world} processes; raise data.repeats")
+            raise UserError(
+                f"data.repeats: {len(dataset)} samples per epoch cannot feed {world} processes; raise data.repeats"
+            )
         batch_size = min(self.batch_size, per_rank)
         sampler = EpochSampler(
             len(dataset),
