@@ -126,7 +126,11 @@ def run(cfg: DictConfig) -> list[Path]:
 
     def embed(prompt: str, negative: str, n: int) -> dict:
         pos, neg = (encoder([text] * n, device).to(backbone.unet.dtype) for text in (prompt, negative))
-        pooled = {} if pos.pooled is None else {"pooled_prompt_embeds": pos.pooled, "negative_pooled_prompt_embeds": neg.pooled}
+        pooled = (
+            {}
+            if pos.pooled is None
+            else {"pooled_prompt_embeds": pos.pooled, "negative_pooled_prompt_embeds": neg.pooled}
+        )
         return {"prompt_embeds": pos.states, "negative_prompt_embeds": neg.states, **pooled}
 
     hypernetwork = Path(cfg.hypernetwork).expanduser() if cfg.hypernetwork else None
