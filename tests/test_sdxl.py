@@ -12,11 +12,41 @@ from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder, init_vectors
 from tests.test_cli import train_ok
 
-SMOKE = ("model=tiny", "model.size=sdxl_tiny", "trainer.max_steps=3", "callbacks.toy_eval=null")
+
+def a1111_sdxl_width(data) -> int | None:
+    """A1111's SDXL embedding detection and shape gating: the width it would compare with the model's
+    (768 + 1280 = 2048 on real SDXL), or None if it would not read the file as SDXL."""
+    if type(data) is not dict or not {"clip_l", "clip_g"} <= set(data):
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in data.values()):  # it calls .detach() on every value
+        return None
+    if data["clip_l"].shape[0] != data["clip_g"].shape[0]:
+        return None
+    return data["clip_l"].shape[1] + data["clip_g"].shape[1]
+
+
+def test_sdxl_files_at_real_widths_pass_a1111s_check(tmp_path):
+    from tests.test_io import webui_accepts
+
+    vectors = {"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)}
+    for suffix in (".pt", ".safetensors"):
+        path = io.save_embedding(tmp_path / f"xl{suffix}", vectors, step=5, sd_checkpoint="0123456789")
+        data = torch.load(path, weights_only=True) if suffix == ".pt" else load_file(path)
+        assert a1111_sdxl_width(data) == 2048
+    assert webui_accepts(tmp_path / "xl.pt")
+
+
+SMOKE = ("model=tiny", "model.size=sdxl_tiny", "trainer.max_steps=3")
 
 
 def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
-    train_ok(tmp_path, *SMOKE, "callbacks.preview.every_n_steps=3", "callbacks.preview.num_inference_steps=2")
+    train_ok(
+        tmp_path,
+        *SMOKE,
+        "callbacks.toy_eval=null",
+        "callbacks.preview.every_n_steps=3",
+        "callbacks.preview.num_inference_steps=2",
+    )
     assert list((tmp_path / "previews").glob("*.png"))  # sampled through diffusers' SDXL pipeline
     bb = TinyBackbone(size="sdxl_tiny").load()  # the run's model: same seed, same weights
     widths = {"clip_l": 32, "clip_g": 48}
@@ -34,6 +64,10 @@ def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
     for key in widths:  # both parts trained
         assert (tensors[key] - start[key]).abs().max() > 1e-4, key
     assert io.read_embedding(tmp_path / "toy-concept.safetensors")[0].vectors.keys() == widths.keys()
+    from tests.test_io import webui_accepts
+
+    assert a1111_sdxl_width(pt) == a1111_sdxl_width(tensors) == 32 + 48  # this model's two widths
+    assert webui_accepts(tmp_path / "toy-concept.pt")
 
     # diffusers' SDXL pipeline, each part loaded into its encoder, encodes the prompt exactly as training did
     pipe = StableDiffusionXLPipeline(
@@ -63,10 +97,18 @@ def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
 
 
 def test_sdxl_dreamartist_writes_two_sdxl_pairs(tmp_path):
-    train_ok(tmp_path, *SMOKE, "experiment=dreamartist_character", "callbacks.preview=null")
+    train_ok(tmp_path, *SMOKE, "experiment=dreamartist_character", "callbacks.preview=null", "callbacks.toy_eval=null")
     for stem, n in (("toy-concept", 3), ("toy-concept-neg", 6)):
         tensors = load_file(tmp_path / f"{stem}.safetensors")
         assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (n, 32), "clip_g": (n, 48)}
+
+
+def test_sdxl_hypernetwork_sits_at_the_sdxl_context_width(tmp_path):
+    train_ok(
+        tmp_path, *SMOKE, "experiment=hypernetwork_style", "callbacks.preview=null", "callbacks.toy_style_eval=null"
+    )
+    raw = torch.load(tmp_path / "toy-topleft.pt", weights_only=True)
+    assert 32 + 48 in raw  # the concatenated CLIP-L + bigG context (2048 on real SDXL)
 
 
 def test_sdxl_diffusers_folder_and_generate_with_an_sdxl_embedding(tmp_path, capsys):
