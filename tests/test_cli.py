@@ -130,21 +130,28 @@ def test_multirun_sweeps(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == ["0", "1"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum):
-    args = ["trainer.max_steps=100000", "callbacks.loss_csv.every_n_steps=1", "callbacks.toy_eval=null"]
+def start_training(run_dir, *args: str, timeout: float = 180) -> subprocess.Popen:
+    """`python train.py` in the background, returned once it has logged 3 steps (loss CSV rows)."""
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", *args, "callbacks.loss_csv.every_n_steps=1", f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
     )
-    csv = tmp_path / "textual_inversion_loss.csv"
-    deadline = time.monotonic() + 120
+    csv = run_dir / "textual_inversion_loss.csv"
+    deadline = time.monotonic() + timeout
     while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum):
+    args = ["trainer.max_steps=100000", "callbacks.loss_csv.every_n_steps=1", "callbacks.toy_eval=null"]
+    proc = start_training(tmp_path, *args)
+    csv = tmp_path / "textual_inversion_loss.csv"
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]

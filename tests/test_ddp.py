@@ -1,18 +1,13 @@
 """Data parallelism: N processes with batch b train exactly like one process with batch N·b."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lit_ti.data.sampler import EpochSampler
-from tests.conftest import ROOT
-from tests.test_cli import train_ok
+from tests.test_cli import start_training, train_ok
 
 
 def test_ranks_together_take_the_single_process_batch():
@@ -61,28 +56,14 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """A preemption signal that reaches only rank 0 still ends both ranks, with one checkpoint, no hang."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.max_steps=100000",
-            "callbacks.loss_csv.every_n_steps=1",
-            "callbacks.toy_eval=null",
-            "callbacks.preview=null",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    proc = start_training(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=100000",
+        "callbacks.toy_eval=null",
+        "callbacks.preview=null",
     )
-    csv = tmp_path / "textual_inversion_loss.csv"
-    deadline = time.monotonic() + 180
-    while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
-        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # the launcher process is rank 0; rank 1 is its child and gets nothing
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]

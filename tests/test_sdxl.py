@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from lit_ti import io
@@ -70,15 +69,7 @@ def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
     assert webui_accepts(tmp_path / "toy-concept.pt")
 
     # diffusers' SDXL pipeline, each part loaded into its encoder, encodes the prompt exactly as training did
-    pipe = StableDiffusionXLPipeline(
-        vae=bb.vae,
-        text_encoder=bb.text_encoder,
-        text_encoder_2=bb.text_encoder_2,
-        tokenizer=bb.tokenizer,
-        tokenizer_2=bb.tokenizer_2,
-        unet=bb.unet,
-        scheduler=bb.scheduler,
-    )
+    pipe = bb.pipeline()
     pipe.load_textual_inversion(
         tensors["clip_l"], token="toy-concept", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
     )

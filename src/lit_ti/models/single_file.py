@@ -41,8 +41,12 @@ def short_hash(path: str | Path) -> str:
 
 
 def checkpoint_keys(path: Path) -> set[str]:
-    """The weight names of a single-file checkpoint (a `.ckpt`'s `state_dict`, as A1111 nests it)."""
-    if path.suffix == ".safetensors":
+    """The weight names of a single-file checkpoint (a `.ckpt`'s `state_dict`, as A1111 nests it).
+
+    A `.safetensors` file gives them from its header; a pickle has to be read whole (and diffusers reads it
+    again to convert it), one reason to prefer `.safetensors`.
+    """
+    if path.suffix.lower() == ".safetensors":
         try:
             with safe_open(path, framework="pt") as f:
                 return set(f.keys())
@@ -100,9 +104,11 @@ class SingleFile:
         if not (config / "model_index.json").is_file():
             raise UserError(f"model.config: {config} has no model_index.json; use a diffusers model folder")
         pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-        tokenizers = {"tokenizer": clip_tokenizer(pad="<|endoftext|>" if family == "sd1" else "!")}
+        # OpenCLIP encoders (SD2's, SDXL's second) pad with "!"; CLIP-L with its end token
         if family == "sdxl":
             tokenizers = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad="!")}
+        else:
+            tokenizers = {"tokenizer": clip_tokenizer(pad="!" if family == "sd2" else "<|endoftext|>")}
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # no progress bars / "no safety checker" notices in training logs
         try:
