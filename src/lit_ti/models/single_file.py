@@ -23,11 +23,17 @@ from lit_ti.models.backbone import Backbone, check_prediction_type
 from lit_ti.models.tiny import clip_tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-# family -> (a key only that family's checkpoints hold, the shipped config folder)
+# family -> (keys only that family's checkpoints hold, the shipped config folder)
 FAMILIES = {
-    "sdxl": ("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
-    "sd2": ("cond_stage_model.model.ln_final.weight", "sd21"),
-    "sd1": ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd15"),
+    "sdxl": (("conditioner.embedders.1.model.ln_final.weight",), "sdxl"),
+    "sd2": (("cond_stage_model.model.ln_final.weight",), "sd21"),
+    "sd1": (
+        (
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            "cond_stage_model.transformer.final_layer_norm.weight",  # checkpoints saved by old transformers
+        ),
+        "sd15",
+    ),
 }
 
 
@@ -62,8 +68,8 @@ def checkpoint_keys(path: Path) -> set[str]:
 
 def detect_family(keys: set[str], path: Path) -> str:
     """`sd1`, `sd2` or `sdxl`, from which text encoder the checkpoint carries."""
-    for family, (key, _) in FAMILIES.items():
-        if key in keys:
+    for family, (names, _) in FAMILIES.items():
+        if any(name in keys for name in names):
             return family
     if "conditioner.embedders.0.model.ln_final.weight" in keys:
         raise UserError(
