@@ -62,6 +62,7 @@ class DiffusionMethod(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.channels_last = channels_last
         self.backbone: Backbone | None = None
+        self.unet_dtype = torch.float32
         self.schedule_end: int | None = None
         self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
 
@@ -74,6 +75,9 @@ class DiffusionMethod(L.LightningModule):
         self.backbone = bb
         # registered as submodules so Lightning moves them to the device; frozen and in eval mode
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        # diffusers' `unet.dtype` walks every submodule on each call (about 1 ms per step on the tiny
+        # backbone, more on SD-sized ones), and the frozen weights never change dtype
+        self.unet_dtype = bb.unet.dtype
         if bb.text_encoder_2 is not None:
             self.text_encoder_2 = bb.text_encoder_2
         if self.gradient_checkpointing:
@@ -121,7 +125,7 @@ class DiffusionMethod(L.LightningModule):
 
         A fixed seed makes samples comparable across steps; the training RNG is left untouched.
         """
-        dtype = self.unet.dtype
+        dtype = self.unet_dtype
         size = size or self.backbone.resolution
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         was_training = self.training
@@ -202,7 +206,7 @@ class DiffusionMethod(L.LightningModule):
     def call_unet(self, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
         """The frozen UNet on noisy latents `[B, 4, h, w]`; SDXL also gets its pooled text embedding and its
         size conditioning (original = target = the training size, no crop: what its pipeline passes)."""
-        dtype = self.unet.dtype
+        dtype = self.unet_dtype
         extra = {}
         if cond.pooled is not None:
             h, w = (side * self.backbone.vae_scale_factor for side in noisy.shape[-2:])
@@ -212,7 +216,7 @@ class DiffusionMethod(L.LightningModule):
 
     def to_unet(self, x: Tensor) -> Tensor:
         """Latents as the UNet takes them: its dtype, and channels-last when that switch is on."""
-        x = x.to(self.unet.dtype)
+        x = x.to(self.unet_dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def negative_prompts(self, batch: dict) -> list[str]:
