@@ -40,8 +40,18 @@ class NaiveDataset(torch.utils.data.Dataset):
         return {"input_ids": ids.input_ids[0], "pixel_values": pixels}
 
 
-def run(bb, folder: Path, batch: int, steps: int, warmup: int, num_vectors: int = 4, dtype=torch.float32) -> dict:
-    """Train `warmup + steps` naive steps on a loaded backbone; times the last `steps`."""
+def run(
+    bb,
+    folder: Path,
+    batch: int,
+    steps: int,
+    warmup: int,
+    warmup_s: float = 0.0,
+    num_vectors: int = 4,
+    dtype=torch.float32,
+) -> dict:
+    """Train naive steps on a loaded backbone: at least `warmup` steps and `warmup_s` seconds, then `steps`
+    timed ones."""
     device = bb.unet.device
     tokenizer, text_encoder, vae, unet, scheduler = bb.tokenizer, bb.text_encoder, bb.vae, bb.unet, bb.scheduler
     tokens = ["<bench-concept>"] + [f"<bench-concept>_{i}" for i in range(1, num_vectors)]
@@ -70,8 +80,8 @@ def run(bb, folder: Path, batch: int, steps: int, warmup: int, num_vectors: int 
 
     data = NaiveDataset(folder, tokenizer, " ".join(tokens), bb.resolution, repeats=max(1, batch))
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True)
-    done, t0, first, start = 0, None, None, time.perf_counter()
-    while done < warmup + steps:
+    done, t0, t0_step, first, start = 0, None, 0, None, time.perf_counter()
+    while t0 is None or done < t0_step + steps:
         for b in loader:
             latents = vae.encode(b["pixel_values"].to(device, dtype)).latent_dist.sample().detach()
             latents = latents * vae.config.scaling_factor
@@ -87,13 +97,17 @@ def run(bb, folder: Path, batch: int, steps: int, warmup: int, num_vectors: int 
             with torch.no_grad():  # the example's restore of every row but the new tokens
                 table[keep] = original[keep]
             done += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if done == 1:
-                first = time.perf_counter() - start
-            if done == warmup:
-                t0 = time.perf_counter()
-            if done == warmup + steps:
+            if t0 is None:  # warming up (as the lit_ti rows: see ti_speed.Timer)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                if done == 1:
+                    first = now - start
+                if done >= warmup and now - start >= warmup_s:
+                    t0, t0_step = now, done
+            elif done == t0_step + steps:
                 break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return {"samples/s": steps * batch / elapsed, "ms/step": 1000 * elapsed / steps, "first step s": first}

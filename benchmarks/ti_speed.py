@@ -46,8 +46,17 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor
 
 
 class Timer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.first, self.timed = warmup, None, None, 0
+    """Times `steps` optimizer steps once at least `warmup` steps and `warmup_s` seconds of training have run.
+
+    Why seconds: the first steps of a process run slow for a while (on CPU, 2-4x for the first ~100 tiny
+    steps in an environment where Lightning's torchmetrics import pulls in scipy), so a fixed handful of
+    warm-up steps measured start-up, not the steady state.
+    """
+
+    def __init__(self, warmup: int, warmup_s: float, steps: int) -> None:
+        self.warmup, self.warmup_s, self.steps = warmup, warmup_s, steps
+        self.t0 = self.first = None
+        self.t0_step = self.timed = 0
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -58,14 +67,16 @@ class Timer(L.Callback):
         self.start = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1:
-            self.first = self._now() - self.start
-        if trainer.global_step == self.warmup:
-            self.t0 = self._now()
-
-    def on_train_end(self, trainer, pl_module):
-        self.elapsed = self._now() - self.t0
-        self.timed = trainer.global_step - self.warmup
+        step = trainer.global_step
+        if self.t0 is None:  # warming up: a clock read (and a device sync) per step is fine here
+            now = self._now()
+            if step == 1:
+                self.first = now - self.start
+            if step >= self.warmup and now - self.start >= self.warmup_s:
+                self.t0, self.t0_step = now, step
+        elif step - self.t0_step >= self.steps:
+            self.elapsed, self.timed = self._now() - self.t0, step - self.t0_step
+            trainer.should_stop = True
 
 
 def flops_per_sample(method, dm) -> float:
@@ -77,7 +88,9 @@ def flops_per_sample(method, dm) -> float:
     return counter.get_total_flops() / batch["latents"].shape[0]
 
 
-def measure(name: str, backbone: str, batch: int, precision: str, steps: int, warmup: int, switches: dict) -> dict:
+def measure(
+    name: str, backbone: str, batch: int, precision: str, steps: int, warmup: int, warmup_s: float, switches: dict
+) -> dict:
     """One row, in a fresh process."""
     L.seed_everything(0, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -93,14 +106,14 @@ def measure(name: str, backbone: str, batch: int, precision: str, steps: int, wa
         if gpu:
             for m in (bb.unet, bb.vae, bb.text_encoder):
                 m.cuda()
-        row = run(bb, DATA, batch, steps, warmup, dtype=dtype)
+        row = run(bb, DATA, batch, steps, warmup, warmup_s, dtype=dtype)
         row["flops"] = None
     else:
         method = METHODS[name](TinyBackbone(size=backbone), **switches)
         dm = ConceptDataModule(dir=str(DATA), name="bench-concept", batch_size=batch, repeats=max(1, batch))
-        timer = Timer(warmup)
+        timer = Timer(warmup, warmup_s, steps)
         trainer = L.Trainer(
-            max_steps=warmup + steps,
+            max_steps=10**9,  # the timer stops training
             precision=precision,
             devices=1,
             logger=False,
@@ -163,7 +176,8 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive rows")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="at least this many warm-up steps")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="... and at least this many seconds of them")
     parser.add_argument("--repeats", type=int, default=1, help="runs per row, interleaved; the fastest counts")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="method switches, e.g. gradient_checkpointing=true"
@@ -180,7 +194,9 @@ def main() -> None:
         rows: dict[str, dict] = {}
         for _ in range(args.repeats):  # interleaved, best of N: a noisy neighbour slows one run, not a method
             for name in names:
-                r = in_child(name, args.backbone, batch, args.precision, args.steps, args.warmup, switches)
+                r = in_child(
+                    name, args.backbone, batch, args.precision, args.steps, args.warmup, args.warmup_s, switches
+                )
                 if name not in rows or r["ms/step"] < rows[name]["ms/step"]:
                     rows[name] = {**r, "peak GiB": max(r["peak GiB"], rows.get(name, r)["peak GiB"])}
         for name in names:
