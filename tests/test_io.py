@@ -205,3 +205,18 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         io.save_embedding(path, torch.zeros(1, 8))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temp file left behind
+
+
+def test_bank_vectors_round_trip_through_the_file_layout():
+    from lit_ti.io.embeddings import from_file, to_file
+
+    sd = {"text_encoder": torch.randn(2, 768)}
+    xl = {"text_encoder": torch.randn(2, 768), "text_encoder_2": torch.randn(2, 1280)}
+    assert torch.equal(to_file(sd), sd["text_encoder"])
+    assert set(to_file(xl)) == {"clip_l", "clip_g"}
+    for bank, widths in ((sd, {"text_encoder": 768}), (xl, {"text_encoder": 768, "text_encoder_2": 1280})):
+        back = from_file(to_file(bank), widths)
+        assert back.keys() == bank.keys() and all(torch.equal(back[k], bank[k]) for k in bank)
+    assert from_file(to_file(sd), {"text_encoder": 768, "text_encoder_2": 1280}) is None  # SD1 file on SDXL
+    assert from_file(to_file(xl), {"text_encoder": 768}) is None  # SDXL file on SD1
+    assert from_file(to_file(sd), {"text_encoder": 1024}) is None  # SD1 file on SD2

@@ -23,7 +23,7 @@ from lit_ti import io
 from lit_ti.callbacks.preview import SAMPLERS
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
-from lit_ti.io.embeddings import shape_of
+from lit_ti.io.embeddings import from_file, shape_of
 from lit_ti.io.png_embeddings import IMAGE_SUFFIXES
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
@@ -57,7 +57,7 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
         for entry in entries:
             if not re.search(rf"(?<![\w-]){re.escape(entry.name)}(?![\w-])", text, re.IGNORECASE):
                 continue
-            vectors = as_bank_entry(entry.vectors, widths)
+            vectors = from_file(entry.vectors, widths)
             if vectors is None:
                 warnings.warn(
                     f"{path}: skipped '{entry.name}', vectors {shape_of(entry.vectors)} do not fit this model's "
@@ -77,18 +77,6 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
                 raise UserError(f"embeddings: two different files define '{entry.name}'; keep one ({path})")
             bank.add(entry.name, vectors)
     return bank
-
-
-def as_bank_entry(vectors, widths: dict[str, int]) -> dict | None:
-    """A file's vectors as `{encoder: [n, d]}` for this model, or None when they were made for another family
-    (an SD1 file on SDXL is skipped, as A1111 does)."""
-    if isinstance(vectors, dict):
-        vectors = {enc: vectors.get(key) for enc, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))}
-    else:
-        vectors = {"text_encoder": vectors}
-    if set(vectors) != set(widths) or any(v is None or v.shape[1] != widths[k] for k, v in vectors.items()):
-        return None
-    return vectors
 
 
 def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Path | None) -> str:

@@ -29,6 +29,7 @@ from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, KEY, read_png_embedding, sa
 
 Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
 SDXL_KEYS = ("clip_l", "clip_g")
+ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # bank encoder -> SDXL file key
 A1111_TOKEN_ID = 265  # the CLIP id of "*" that A1111 writes into string_to_token; never read back
 
 
@@ -47,6 +48,25 @@ class EmbeddingFile:
 def shape_of(vectors: Vectors) -> list[int] | dict[str, list[int]]:
     """Shape for messages: `[n, d]`, or `{"clip_l": [n, 768], "clip_g": [n, 1280]}` for SDXL."""
     return {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
+
+
+def to_file(vectors: dict[str, Tensor]) -> Vectors:
+    """A concept's bank vectors `{encoder: [n, d]}` as files hold them: `[n, d]`, or SDXL's `{"clip_l", "clip_g"}`."""
+    if set(vectors) == {"text_encoder"}:
+        return vectors["text_encoder"]
+    return {ENCODER_KEYS[enc]: v for enc, v in vectors.items()}
+
+
+def from_file(vectors: Vectors, widths: dict[str, int]) -> dict[str, Tensor] | None:
+    """A file's vectors as `{encoder: [n, d]}` for a model whose text encoders have `widths`, or None when they
+    were made for another model family (an SD1 file on SDXL, a 768-wide one on SD2, ...)."""
+    if isinstance(vectors, dict):
+        vectors = {enc: vectors.get(key) for enc, key in ENCODER_KEYS.items()}
+    else:
+        vectors = {"text_encoder": vectors}
+    if set(vectors) != set(widths) or any(v is None or v.shape[1] != widths[enc] for enc, v in vectors.items()):
+        return None
+    return vectors
 
 
 def _cpu32(vectors: Vectors) -> Vectors:

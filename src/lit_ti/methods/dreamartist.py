@@ -19,7 +19,8 @@ from torch import Tensor
 
 from lit_ti import losses
 from lit_ti.errors import UserError
-from lit_ti.methods.textual_inversion import TextualInversion, file_vectors
+from lit_ti.io.embeddings import to_file
+from lit_ti.methods.textual_inversion import TextualInversion
 from lit_ti.models import Backbone
 from lit_ti.modules.ema import BankEMA
 from lit_ti.modules.text_conditioning import PromptEncoder, check_name
@@ -181,6 +182,6 @@ class DreamArtist(TextualInversion):
         }[self.export_vectors]
         out = {}
         for suffix, vectors in pairs.items():
-            out[f"{self.name}{tag}{suffix}"] = file_vectors(vectors(self.name))
-            out[f"{self.name}{tag}{suffix}-neg"] = file_vectors(vectors(self.neg_name))
+            out[f"{self.name}{tag}{suffix}"] = to_file(vectors(self.name))
+            out[f"{self.name}{tag}{suffix}-neg"] = to_file(vectors(self.neg_name))
         return out

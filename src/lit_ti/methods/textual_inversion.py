@@ -11,21 +11,13 @@ from torch import Tensor
 
 from lit_ti import io
 from lit_ti.errors import UserError
-from lit_ti.io.embeddings import shape_of
+from lit_ti.io.embeddings import from_file, shape_of, to_file
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name, init_vectors
 
 FORMATS = ("pt", "safetensors", "bin")
-SDXL_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # the community SDXL file layout
-
-
-def file_vectors(vectors: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-    """A concept's `{encoder: [n, d]}` as files hold it: `[n, d]`, or SDXL's `{"clip_l", "clip_g"}`."""
-    if set(vectors) == {"text_encoder"}:
-        return vectors["text_encoder"]
-    return {SDXL_FILE_KEYS[enc]: v for enc, v in vectors.items()}
 
 
 class TextualInversion(DiffusionMethod):
@@ -73,13 +65,9 @@ class TextualInversion(DiffusionMethod):
                 files = io.read_embedding(init_file)
             except UserError as e:
                 raise UserError(f"{key}: {e}") from None
-            vectors = files[0].vectors
-            if backbone.is_sdxl and isinstance(vectors, dict):
-                vectors = {enc: vectors[file_key] for enc, file_key in SDXL_FILE_KEYS.items()}
-            elif not backbone.is_sdxl and not isinstance(vectors, dict):
-                vectors = {"text_encoder": vectors}
-            if not isinstance(vectors, dict) or any(v.shape[1] != widths[enc] for enc, v in vectors.items()):
-                want = {SDXL_FILE_KEYS[e]: w for e, w in widths.items()} if backbone.is_sdxl else widths["text_encoder"]
+            vectors = from_file(files[0].vectors, widths)
+            if vectors is None:
+                want = to_file(widths)
                 raise UserError(
                     f"{key}: {init_file} holds vectors of shape {shape_of(files[0].vectors)}, but this model's text "
                     f"encoders need width {want}; it was trained for another model family"
@@ -121,7 +109,7 @@ class TextualInversion(DiffusionMethod):
     def concepts(self, tag: str = "") -> dict[str, Tensor | dict[str, Tensor]]:
         """What to export: `{file stem: vectors}` (the live ones; SDXL: `{"clip_l", "clip_g"}`); `tag` marks
         periodic copies."""
-        return {f"{name}{tag}": file_vectors(self.bank.get(name)) for name in self.bank.names}
+        return {f"{name}{tag}": to_file(self.bank.get(name)) for name in self.bank.names}
 
     def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
         """Write every concept as `<directory>/<stem>.<fmt>`; A1111 reads the stem as its name."""

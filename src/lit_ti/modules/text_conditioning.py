@@ -122,11 +122,6 @@ class Conditioning(NamedTuple):
     def to(self, dtype: torch.dtype) -> "Conditioning":
         return Conditioning(self.states.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
 
-    @staticmethod
-    def cat(parts: list["Conditioning"]) -> "Conditioning":
-        pooled = [p.pooled for p in parts]
-        return Conditioning(torch.cat([p.states for p in parts]), None if pooled[0] is None else torch.cat(pooled))
-
 
 def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, hidden_states: bool):
     """The encoder's output with `table[slots]` written over the token embeddings."""
