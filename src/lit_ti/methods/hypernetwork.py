@@ -66,7 +66,7 @@ class HypernetworkMethod(DiffusionMethod):
         self.self_attention = self_attention
         self.strength = strength
         self.init_file = init_file
-        self.cond_cache: dict[str, Tensor] = {}
+        self.cond_cache: dict[str, Conditioning] = {}  # prompt -> its unbatched conditioning
 
     def build_trainables(self, backbone: Backbone) -> None:
         if self.init_file:
