@@ -8,7 +8,6 @@ prompt string: a run reuses a handful of template lines.
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from lit_ti import io
 from lit_ti.errors import UserError
