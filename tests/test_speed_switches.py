@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_ti.methods import TextualInversion
-from lit_ti.models import TinyBackbone
+from lit_ti.models import TinyBackbone, compiled
 
 
 def step(**switches) -> tuple[float, torch.Tensor, TextualInversion]:
@@ -29,3 +29,41 @@ def test_gradient_checkpointing_and_channels_last_keep_loss_and_gradient():
     assert step(gradient_checkpointing=True)[2].unet.is_gradient_checkpointing
     conv = step(channels_last=True)[2].unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_compile_unet_leaves_the_upsamplers_out_of_the_graph():
+    """The upsamplers run eagerly (inductor zeroes the gradient through them, see models/compiled.py) and the
+    traced graphs give eager's gradient. A counting eager backend keeps this fast; the slow test runs inductor."""
+    unet = TinyBackbone().load().unet
+    g = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    timesteps = torch.tensor([10, 900])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def grad(fn) -> torch.Tensor:
+        ctx = context.clone().requires_grad_()
+        fn(latents, timesteps, ctx).sample.square().mean().backward()
+        return ctx.grad
+
+    eager = grad(unet)
+    torch._dynamo.reset()
+    assert torch.equal(grad(compiled.compile_unet(unet, backend=backend)), eager)
+    upsamplers = [m for m in unet.modules() if type(m).__name__ == "Upsample2D"]
+    assert upsamplers and all(m._lit_ti_eager for m in upsamplers)
+    assert len(graphs) > len(upsamplers)  # split at each upsampler (and where diffusers breaks anyway)
+    assert not any("interpolate" in str(gm.code) for gm in graphs)
+
+
+@pytest.mark.slow
+def test_compile_unet_keeps_loss_and_gradient():
+    """Inductor for real (about a minute and a half of compilation on 2 CPU cores)."""
+    torch._dynamo.reset()
+    loss, grad, _ = step()
+    loss2, grad2, method = step(compile_unet=True)
+    assert method.compiled_unet is not None
+    assert loss2 == pytest.approx(loss, rel=1e-5)
+    assert torch.allclose(grad2, grad, atol=1e-6, rtol=1e-4)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lit_ti import losses
 from lit_ti.errors import UserError
-from lit_ti.models import Backbone, weight_dtype
+from lit_ti.models import Backbone, compiled, weight_dtype
 from lit_ti.modules.text_conditioning import Conditioning
 from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
 
@@ -33,6 +33,8 @@ class DiffusionMethod(L.LightningModule):
     gradient_checkpointing: recompute the UNet's activations in the backward pass instead of keeping them
         (less memory, about a third more compute; see docs/benchmarks.md).
     channels_last: UNet weights and inputs in channels-last memory format.
+    compile_unet: run training steps through `torch.compile`d UNet (sampling and evaluation stay eager; the
+        first step pays the compilation, see docs/benchmarks.md).
     """
 
     checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
@@ -48,6 +50,7 @@ class DiffusionMethod(L.LightningModule):
         clip_skip: int = 1,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
@@ -61,6 +64,8 @@ class DiffusionMethod(L.LightningModule):
         self.clip_skip = clip_skip
         self.gradient_checkpointing = gradient_checkpointing
         self.channels_last = channels_last
+        self.compile_unet = compile_unet
+        self.compiled_unet: Callable | None = None  # the training steps' UNet when compile_unet is on
         self.backbone: Backbone | None = None
         self.unet_dtype = torch.float32
         self.schedule_end: int | None = None
@@ -85,6 +90,8 @@ class DiffusionMethod(L.LightningModule):
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.build_trainables(bb)
+        if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
+            self.compiled_unet = compiled.compile_unet(self.unet)
 
     def build_trainables(self, backbone: Backbone) -> None:
         raise NotImplementedError
@@ -212,7 +219,10 @@ class DiffusionMethod(L.LightningModule):
             h, w = (side * self.backbone.vae_scale_factor for side in noisy.shape[-2:])
             time_ids = torch.tensor([h, w, 0, 0, h, w], device=noisy.device, dtype=dtype).expand(noisy.shape[0], 6)
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
-        return self.unet(self.to_unet(noisy), timesteps, cond.states.to(dtype), **extra).sample
+        # the compiled UNet only where gradients flow (training steps): other callers would compile again for
+        # their own batch shapes and no_grad mode
+        unet = self.compiled_unet if self.compiled_unet is not None and torch.is_grad_enabled() else self.unet
+        return unet(self.to_unet(noisy), timesteps, cond.states.to(dtype), **extra).sample
 
     def to_unet(self, x: Tensor) -> Tensor:
         """Latents as the UNet takes them: its dtype, and channels-last when that switch is on."""
