@@ -2,6 +2,7 @@
 
     python benchmarks/ti_speed.py --backbone tiny                  # TI vs naive, batch 1 and 4 (CPU: < 1 min)
     python benchmarks/ti_speed.py --backbone small --methods ti da da_rec hn
+    python benchmarks/ti_speed.py --backbone tiny --methods ti ti_compiled     # method.compile_unet=true
     python benchmarks/ti_speed.py --backbone sd15 --batch 1 8 32 --precision bf16-mixed   # on a GPU
 
 Each row runs in its own fresh child process, so peak memory is that row's own: process peak RSS (VmHWM)
@@ -38,6 +39,7 @@ DATA = Path(str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "pu
 TI = dict(name="bench-concept", num_vectors=4, init_text="thing")
 METHODS = {
     "ti": lambda bb, **kw: TextualInversion(bb, **TI, **kw),
+    "ti_compiled": lambda bb, **kw: TextualInversion(bb, **TI, compile_unet=True, **kw),
     "da": lambda bb, **kw: DreamArtist(bb, **TI, **kw),
     "da_rec": lambda bb, **kw: DreamArtist(bb, **TI, reconstruction=True, **kw),
     "hn": lambda bb, **kw: HypernetworkMethod(bb, name="bench-concept", **kw),
