@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 
-def compile_unet(unet: torch.nn.Module, backend: str = "inductor") -> Callable:
+def compile_unet(unet: torch.nn.Module, backend: str | Callable = "inductor") -> Callable:
     """A compiled version of `unet.forward` (a plain function, so it is not registered as a submodule);
     `unet` itself stays eager for sampling and evaluation.
 
