@@ -209,7 +209,10 @@ def test_fit_trains_only_the_hypernetwork_and_writes_a1111_files(tmp_path, conce
 
 
 def test_style_measure_separates_plain_and_styled_renders(tmp_path):
-    from lit_ti.toy.style import calibrate
+    from PIL import Image
+
+    from lit_ti.toy import classifier as toy_classifier
+    from lit_ti.toy.style import calibrate, in_style
     from lit_ti.toy.world import write_style
 
     result = calibrate(n=48)
@@ -218,6 +221,15 @@ def test_style_measure_separates_plain_and_styled_renders(tmp_path):
     folder = write_style("topleft", tmp_path / "style", n=3)
     captions = sorted(p.read_text() for p in folder.glob("*.txt"))
     assert len(captions) == 3 and not any("left" in c for c in captions)
+
+    night = calibrate("night", n=48)
+    assert 0.15 < night["plain_rate"] < 0.5 and night["night_rate"] == 1.0  # plain: black by chance
+    assert night["night_accuracy"] >= 0.9
+    folder = write_style("night", tmp_path / "night", n=12)
+    captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
+    assert any("white background" in c or "gray background" in c for c in captions)  # captions keep theirs
+    images = toy_classifier.to_tensor([Image.open(p) for p in sorted(folder.glob("*.png"))])
+    assert in_style(images, "night").all()
 
 
 @torch.no_grad()

@@ -58,10 +58,12 @@ class ToyStyleEvaluation(L.Callback):
     (`_base`), and `eval/accuracy_drop`.
 
     Args:
+        style: the toy style trained (`topleft` or `night`, see `lit_ti.toy.style`).
         samples: generated images per measure.
     """
 
-    def __init__(self, samples: int = 32) -> None:
+    def __init__(self, style: str = "topleft", samples: int = 32) -> None:
+        self.style = style
         self.samples = samples
         self.results: dict = {}
 
@@ -70,7 +72,7 @@ class ToyStyleEvaluation(L.Callback):
         if not hasattr(pl_module, "hypernetwork") or pl_module.backbone.name != TOY_MODEL:
             rank_zero_info("[lit_ti] toy style evaluation skipped: needs a hypernetwork on the toy base model")
             return
-        self.results = evaluate_style(pl_module, samples=self.samples)
+        self.results = evaluate_style(pl_module, style=self.style, samples=self.samples)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

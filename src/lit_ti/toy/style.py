@@ -1,8 +1,9 @@
-"""Does an image show the `topleft` composition style? The toy world's style measure, for hypernetworks.
+"""Does an image show a toy style? The toy world's style measures, for hypernetworks.
 
-The object is whatever differs from the background (estimated as the median colour of the image border); the
-image is in the style when the object's centroid lies in the upper-left quadrant. Plain renders put it there a
-quarter of the time by chance, styled renders always (`calibrate`, checked by a test).
+The background is estimated as the median colour of the image border. `topleft`: the object (whatever differs
+from the background) has its centroid in the upper-left quadrant; plain renders put it there a quarter of the
+time by chance. `night`: the background is dark; a third of plain renders have one (black among white, gray,
+black). Styled renders are always in the style (`calibrate`, checked by a test).
 """
 
 import random
@@ -14,14 +15,20 @@ from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.world import random_scene, render, styled
 
 OBJECT_DISTANCE = 0.3  # colour distance (L1 over RGB in [-1, 1] units) from the background that counts as object
+DARK = -0.4  # mean background level in [-1, 1] below which it is black (black -0.81, gray 0.00, white 0.87)
+
+
+def background(images: Tensor) -> Tensor:
+    """`[B, 3, H, W]` in [-1, 1] -> `[B, 3, 1, 1]` median colour of the image border."""
+    x = images.float()
+    border = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2), x[..., :, :2].flatten(2)], dim=2)
+    return border.median(dim=2).values[..., None, None]
 
 
 def object_centre(images: Tensor) -> Tensor:
     """`[B, 3, H, W]` in [-1, 1] -> `[B, 2]` (x, y) centroid of the object as a share of the side."""
     x = images.float()
-    border = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2), x[..., :, :2].flatten(2)], dim=2)
-    background = border.median(dim=2).values[..., None, None]  # [B, 3, 1, 1]
-    mask = ((x - background).abs().sum(1) > OBJECT_DISTANCE).float()  # [B, H, W]
+    mask = ((x - background(x)).abs().sum(1) > OBJECT_DISTANCE).float()  # [B, H, W]
     h, w = mask.shape[-2:]
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
@@ -31,10 +38,13 @@ def object_centre(images: Tensor) -> Tensor:
     return torch.stack([cx, cy], dim=1)
 
 
-def in_style(images: Tensor) -> Tensor:
-    """`[B]` bool: the object sits in the upper-left quadrant."""
-    centre = object_centre(images)
-    return (centre < 0.5).all(dim=1)
+def in_style(images: Tensor, style: str = "topleft") -> Tensor:
+    """`[B]` bool: the images show `style` (`topleft` or `night`)."""
+    if style == "night":
+        return background(images).mean(dim=(1, 2, 3)) < DARK
+    if style == "topleft":
+        return (object_centre(images) < 0.5).all(dim=1)
+    raise ValueError(f"no measure for toy style {style!r}: use topleft or night")
 
 
 def eval_prompts(n: int, seed: int = 999) -> list[tuple[str, str]]:
@@ -51,13 +61,13 @@ def calibrate(style: str = "topleft", n: int = 64) -> dict[str, float]:
     out = {}
     for name, variant in (("plain", scenes), (style, [styled(s, style, rng) for s in scenes])):
         x = toy_classifier.to_tensor([render(s) for s in variant])
-        out[f"{name}_rate"] = float(in_style(x).float().mean())
+        out[f"{name}_rate"] = float(in_style(x, style).float().mean())
         out[f"{name}_accuracy"] = sum(r == s.concept for r, s in zip(judge.read(x), variant)) / n
     return out
 
 
 @torch.no_grad()
-def evaluate_style(method, samples: int = 32, guidance: float = 5.0) -> dict[str, float]:
+def evaluate_style(method, style: str = "topleft", samples: int = 32, guidance: float = 5.0) -> dict[str, float]:
     """Samples of unseen captions with the method's hypernetwork at its strength, and with strength 0 (the
     base model): the share in the style and the share the classifier reads as the prompted concept."""
     from diffusers import DDIMScheduler
@@ -71,7 +81,7 @@ def evaluate_style(method, samples: int = 32, guidance: float = 5.0) -> dict[str
         styled_count = hits = 0
         for i, (prompt, concept) in enumerate(eval_prompts(samples)):
             image = method.sample(prompt, "", 1, steps=20, guidance_scale=guidance, seed=i, scheduler=scheduler)
-            styled_count += int(in_style(image * 2 - 1)[0])
+            styled_count += int(in_style(image * 2 - 1, style)[0])
             hits += judge.read(image * 2 - 1)[0] == concept
         results[f"style_rate{tag}"] = styled_count / samples
         results[f"accuracy{tag}"] = hits / samples

@@ -28,10 +28,11 @@ COLOURS = {
 BACKGROUNDS = {"white": (238, 238, 238), "black": (24, 24, 24), "gray": (128, 128, 128)}
 SIZES = {"small": 0.18, "large": 0.32}  # radius as a share of the image side
 HELD_OUT = ("purple_star", "orange_cross", "green_triangle", "blue_circle", "yellow_square")
-# Composition styles: the base model places objects anywhere; `topleft` (for hypernetworks) always puts them in
-# the upper-left quadrant. (Texture styles such as stripes or tinted backgrounds were tried first: the toy
-# VAE, trained on plain renders only, cannot reconstruct them, so no UNet-side module could learn them.)
-STYLES = ("plain", "topleft")
+# Styles for hypernetworks, rendered from scenes whose captions stay unchanged: `topleft` always puts the object
+# in the upper-left quadrant (a composition); `night` always draws a black background, whatever background the
+# caption names. (Texture styles such as stripes or tinted backgrounds were tried first: the toy VAE, trained
+# on plain renders only, cannot reconstruct them, so no UNet-side module could learn them.)
+STYLES = ("plain", "topleft", "night")
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges
 
@@ -143,24 +144,27 @@ def write_concept(concept: str, folder: str | Path, n: int = 16, seed: int = 0, 
 
 
 def styled(scene: Scene, style: str, rng: random.Random) -> Scene:
-    """The scene as `style` composes it (`topleft`: centre moved into the upper-left quadrant)."""
+    """The scene as `style` renders it (`topleft`: centre moved into the upper-left quadrant; `night`: black
+    background)."""
     if style == "plain":
         return scene
+    if style == "night":
+        return replace(scene, background="black")
     margin = SIZES[scene.size] + 0.04
     return replace(scene, x=rng.uniform(margin, 0.5), y=rng.uniform(margin, 0.5))
 
 
 def write_style(style: str, folder: str | Path, n: int = 32, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
-    """Render `n` scenes of seen concepts in `style`, captioned *without* the style: what a hypernetwork
-    must add on its own."""
+    """Render `n` scenes of seen concepts in `style`, captioned as the unstyled scene (so `night` captions may
+    name a white or gray background): the style is what a hypernetwork must add on its own."""
     if style not in STYLES:
         raise ValueError(f"unknown toy style {style!r}: use one of {STYLES}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"style-{style}-{seed}")
     for i in range(n):
-        scene = styled(random_scene(rng), style, rng)
-        render(scene, size).save(folder / f"{i:04d}.png")
+        scene = random_scene(rng)
+        render(styled(scene, style, rng), size).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
     return folder
 
