@@ -311,3 +311,16 @@ def test_exif_rotated_image_trains_upright(tmp_path):
     assert im.size == (32, 48)  # turned: portrait
     top = im.getpixel((16, 4))
     assert min(top) > 200  # the white strip now runs along the top
+
+
+def test_unknown_toy_names_are_user_errors_and_write_nothing(tmp_path, monkeypatch):
+    from lit_ti.errors import UserError
+    from lit_ti.train import _toy_data, _toy_style
+
+    monkeypatch.chdir(tmp_path)  # the resolvers render into outputs/toy_data under the working directory
+    with pytest.raises(UserError, match="toy_style=foo: no such toy style; use one of topleft, night"):
+        _toy_style("foo")
+    for concept in ("foo", "pink_star", "red_circle_x"):
+        with pytest.raises(UserError, match=f"toy_concept: unknown toy concept '{concept}'"):
+            _toy_data(concept, 2)
+    assert not (tmp_path / "outputs").exists()

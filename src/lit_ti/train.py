@@ -31,8 +31,12 @@ def _toy_data(concept: str, images: int = 16) -> str:
     shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
     if shipped.is_dir() and images == 16:
         return str(shipped)
-    from lit_ti.toy.world import write_concept
+    from lit_ti.toy.world import concept_parts, write_concept
 
+    try:  # checked before anything is written: a bad name must not leave an empty folder behind
+        concept_parts(concept)
+    except ValueError as e:
+        raise UserError(f"toy_concept: {e}") from None
     folder = Path("outputs") / "toy_data" / (concept if images == 16 else f"{concept}-{images}")
     if not folder.is_dir():
         write_concept(concept, folder, n=int(images))
@@ -41,8 +45,10 @@ def _toy_data(concept: str, images: int = 16) -> str:
 
 def _toy_style(style: str) -> str:
     """`${lit_ti.toy_style:topleft}`: 32 renders of seen concepts in a style, rendered on first use."""
-    from lit_ti.toy.world import write_style
+    from lit_ti.toy.world import STYLES, write_style
 
+    if style not in STYLES:
+        raise UserError(f"toy_style={style}: no such toy style; use one of {', '.join(STYLES[1:])}")
     folder = Path("outputs") / "toy_data" / f"style-{style}"
     if not folder.is_dir():
         write_style(style, folder)

@@ -62,7 +62,7 @@ class Scene:
 
 
 def concept_parts(concept: str) -> tuple[str, str]:
-    colour, shape = concept.split("_")
+    colour, _, shape = concept.partition("_")
     if colour not in COLOURS or shape not in SHAPES:
         raise ValueError(f"unknown toy concept {concept!r}: use <colour>_<shape> from {list(COLOURS)} x {SHAPES}")
     return colour, shape
