@@ -47,7 +47,7 @@ def _toy_style(style: str) -> str:
     """`${lit_ti.toy_style:topleft}`: 32 renders of seen concepts in a style, rendered on first use."""
     from lit_ti.toy.world import STYLES, write_style
 
-    if style not in STYLES:
+    if style not in STYLES[1:]:  # "plain" has no style to train or measure
         raise UserError(f"toy_style={style}: no such toy style; use one of {', '.join(STYLES[1:])}")
     folder = Path("outputs") / "toy_data" / f"style-{style}"
     if not folder.is_dir():
