@@ -72,9 +72,9 @@ def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
     )
     import torch
 
-    raw = torch.load(tmp_path / "toy-topleft.pt", weights_only=True)
+    raw = torch.load(tmp_path / "toy-night.pt", weights_only=True)
     widths = sorted(k for k in raw if isinstance(k, int))
-    assert widths and raw["name"] == "toy-topleft" and raw["step"] == 30
+    assert widths and raw["name"] == "toy-night" and raw["step"] == 30
     assert raw["layer_structure"] == [1.0, 2.0, 1.0] and raw["activation_func"] == "linear"
     for width in widths:
         k_state, v_state = raw[width]

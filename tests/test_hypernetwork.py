@@ -232,6 +232,16 @@ def test_style_measure_separates_plain_and_styled_renders(tmp_path):
     assert in_style(images, "night").all()
 
 
+def test_style_is_judged_on_captions_that_do_not_ask_for_it():
+    from lit_ti.toy.style import eval_prompts
+
+    night = eval_prompts(40, "night")
+    assert len(night) == 40 and not any("black background" in caption for caption, _ in night)
+    topleft = eval_prompts(40, "topleft")  # captions never name a position: every scene counts
+    assert len(topleft) == 40 and any("black background" in caption for caption, _ in topleft)
+    assert eval_prompts(40, "night") == night  # fixed prompts: runs are comparable
+
+
 @torch.no_grad()
 def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir):
     from lit_ti.methods.hypernetwork import attach_file

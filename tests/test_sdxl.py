@@ -98,7 +98,7 @@ def test_sdxl_hypernetwork_sits_at_the_sdxl_context_width(tmp_path):
     train_ok(
         tmp_path, *SMOKE, "experiment=hypernetwork_style", "callbacks.preview=null", "callbacks.toy_style_eval=null"
     )
-    raw = torch.load(tmp_path / "toy-topleft.pt", weights_only=True)
+    raw = torch.load(tmp_path / "toy-night.pt", weights_only=True)
     assert 32 + 48 in raw  # the concatenated CLIP-L + bigG context (2048 on real SDXL)
 
 
