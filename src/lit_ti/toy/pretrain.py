@@ -6,7 +6,8 @@ held-out concepts kept out of its training data.
     python -m lit_ti.toy.pretrain /tmp/toy --images 64 --vae-steps 5 --unet-steps 5   # a smoke run
 
 Stage 1 trains the VAE on renders; stage 2 caches latents and trains UNet + text encoder jointly on
-captions of several lengths (10% empty, for classifier-free guidance). The folder it writes loads with the
+captions of several lengths (10% empty, for classifier-free guidance). The cached latents are the posterior
+*means* (the VAE's posterior is wide), so training on this model uses the means too (`data=toy` does). The folder it writes loads with the
 generic `DiffusersFolder` loader, weights stored in fp16.
 """
 
