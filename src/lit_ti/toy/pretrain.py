@@ -7,8 +7,8 @@ held-out concepts kept out of its training data.
 
 Stage 1 trains the VAE on renders; stage 2 caches latents and trains UNet + text encoder jointly on
 captions of several lengths (10% empty, for classifier-free guidance). The cached latents are the posterior
-*means* (the VAE's posterior is wide), so training on this model uses the means too (`data=toy` does). The folder it writes loads with the
-generic `DiffusersFolder` loader, weights stored in fp16.
+*means* (the VAE's posterior is wide), so training on this model uses the means too (`data=toy` does). The
+folder it writes loads with the generic `DiffusersFolder` loader, weights stored in fp16.
 """
 
 import argparse
