@@ -106,10 +106,9 @@ def test_toy_data_trains_on_the_latents_the_base_model_knows():
     configured (the VAE means the toy UNet was trained on); on one VAE sample per image (A1111's `once`) they
     drift off it, which capped every toy result until the toy data switched to the means."""
     ratios = {}
-    for mode in ("configured", "once"):
-        overrides = ["toy_concept=orange_cross"] + (["data.latent_sampling=once"] if mode == "once" else [])
+    for mode, extra in (("configured", []), ("once", ["data.latent_sampling=once"])):
         L.seed_everything(0, verbose=False)
-        datamodule = instantiate(compose(*overrides).data)
+        datamodule = instantiate(compose("toy_concept=orange_cross", *extra).data)
         method = TextualInversion(
             DiffusersFolder(TOY),
             name="toy-concept",
