@@ -238,3 +238,22 @@ def test_only_nan_steps_stop_training_with_the_initial_vectors(tmp_path, concept
     assert torch.equal(io.load_embedding(tmp_path / f"{NAME}.pt")[NAME], start)
     with pytest.raises(ValueError, match="non-finite"):
         io.save_embedding(tmp_path / "bad.pt", torch.full((2, 32), float("nan")))
+
+
+def test_timestep_range_bounds_every_draw():
+    """min/max_timestep hold for both noise paths: per-sample seeds (the datamodule's) and the global RNG."""
+    from lit_ti.errors import UserError
+
+    method = TextualInversion(TinyBackbone(), **METHOD, min_timestep=700, max_timestep=710)
+    method.configure_model()
+    latents = torch.zeros(64, 4, 8, 8)
+    for batch in ({"latents": latents, "noise_seed": torch.arange(64)}, {"latents": latents}):
+        _, timesteps = method.draw_noise(batch)
+        assert timesteps.shape == (64,)
+        assert int(timesteps.min()) >= 700 and int(timesteps.max()) < 710
+        assert len(set(timesteps.tolist())) > 5  # still drawn, not pinned to one value
+    with pytest.raises(UserError, match="min_timestep=500, method.max_timestep=400"):
+        TextualInversion(TinyBackbone(), **METHOD, min_timestep=500, max_timestep=400)
+    too_far = TextualInversion(TinyBackbone(), **METHOD, max_timestep=5000)
+    with pytest.raises(UserError, match="max_timestep=5000: the scheduler has 1000 timesteps"):
+        too_far.configure_model()

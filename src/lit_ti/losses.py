@@ -28,9 +28,9 @@ def diffusion_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) ->
     return err.mean()
 
 
-def sample_timesteps(scheduler: DDPMScheduler, batch: int, device: torch.device) -> Tensor:
-    """Uniform integer timesteps in [0, T) per sample, as the SD training recipe does."""
-    return torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device, dtype=torch.long)
+def sample_timesteps(batch: int, low: int, high: int, device: torch.device) -> Tensor:
+    """Uniform integer timesteps in [low, high) per sample; SD's recipe uses [0, T)."""
+    return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ class DiffusionMethod(L.LightningModule):
     channels_last: UNet weights and inputs in channels-last memory format.
     compile_unet: run training steps through `torch.compile`d UNet (sampling and evaluation stay eager; the
         first step pays the compilation, see docs/benchmarks.md).
+    min_timestep / max_timestep: train on timesteps in [min, max) only (kohya's `--min_timestep` /
+        `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
     """
 
     checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
@@ -51,12 +53,18 @@ class DiffusionMethod(L.LightningModule):
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         compile_unet: bool = False,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
             raise UserError("method.lr_schedule and method.lr_scheduler are both set; keep one and null the other")
         if clip_skip < 1:
             raise UserError(f"method.clip_skip={clip_skip}: must be >= 1 (1 = last layer, as in A1111)")
+        if min_timestep < 0 or (max_timestep is not None and max_timestep <= min_timestep):
+            raise UserError(
+                f"method.min_timestep={min_timestep}, method.max_timestep={max_timestep}: need 0 <= min < max"
+            )
         self.backbone_spec = backbone
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -65,6 +73,8 @@ class DiffusionMethod(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.channels_last = channels_last
         self.compile_unet = compile_unet
+        self.min_timestep = min_timestep
+        self.max_timestep = max_timestep
         self.compiled_unet: Callable | None = None  # the training steps' UNet when compile_unet is on
         self.backbone: Backbone | None = None
         self.unet_dtype = torch.float32
@@ -89,6 +99,9 @@ class DiffusionMethod(L.LightningModule):
             self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        steps = bb.scheduler.config.num_train_timesteps
+        if self.max_timestep is not None and self.max_timestep > steps:
+            raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
         self.build_trainables(bb)
         if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
             self.compiled_unet = compiled.compile_unet(self.unet)
@@ -194,15 +207,15 @@ class DiffusionMethod(L.LightningModule):
         """
         latents = batch["latents"]
         seeds = batch.get("noise_seed")
+        low, high = self.min_timestep, self.max_timestep or self.backbone.scheduler.config.num_train_timesteps
         if seeds is None:
             noise = torch.randn_like(latents)
-            return noise, losses.sample_timesteps(self.backbone.scheduler, latents.shape[0], latents.device)
-        steps = self.backbone.scheduler.config.num_train_timesteps
+            return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device)
         noise, timesteps = [], []
         for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
             g = torch.Generator().manual_seed(seed)
             noise.append(torch.randn(latents.shape[1:], generator=g))
-            timesteps.append(int(torch.randint(steps, (), generator=g)))
+            timesteps.append(int(torch.randint(low, high, (), generator=g)))
         noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
         return noise, torch.tensor(timesteps, device=latents.device)
 
