@@ -2,13 +2,13 @@
 # The GPU targets of docs/benchmarks.md in one run, for a session that has a GPU for a few minutes:
 #   bash benchmarks/gpu_targets.sh                                  # SD1.5-shaped random backbone, 512 px, bf16
 #   BACKBONE=tiny PRECISION=32-true bash benchmarks/gpu_targets.sh   # the same commands as a dry run on a CPU
-# Each line prints its table; with $OUT set, the whole log is also written to $OUT/gpu_targets.log.
+# Each line prints its table; the whole log is also written to ${LOG_DIR:-/tmp}/gpu_targets.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backbone=${BACKBONE:-sd15}
 precision=${PRECISION:-bf16-mixed}
 steps=${STEPS:-10}
-log=${OUT:-/tmp}/gpu_targets.log
+log=${LOG_DIR:-/tmp}/gpu_targets.log
 : > "$log"
 
 run() {
