@@ -75,6 +75,7 @@ class DiffusionMethod(L.LightningModule):
         self.compile_unet = compile_unet
         self.min_timestep = min_timestep
         self.max_timestep = max_timestep
+        self.timestep_range: tuple[int, int] | None = None  # [low, high) of training timesteps, set on load
         self.compiled_unet: Callable | None = None  # the training steps' UNet when compile_unet is on
         self.backbone: Backbone | None = None
         self.unet_dtype = torch.float32
@@ -102,6 +103,7 @@ class DiffusionMethod(L.LightningModule):
         steps = bb.scheduler.config.num_train_timesteps
         if self.max_timestep is not None and self.max_timestep > steps:
             raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
+        self.timestep_range = (self.min_timestep, self.max_timestep or steps)
         self.build_trainables(bb)
         if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
             self.compiled_unet = compiled.compile_unet(self.unet)
@@ -207,7 +209,7 @@ class DiffusionMethod(L.LightningModule):
         """
         latents = batch["latents"]
         seeds = batch.get("noise_seed")
-        low, high = self.min_timestep, self.max_timestep or self.backbone.scheduler.config.num_train_timesteps
+        low, high = self.timestep_range
         if seeds is None:
             noise = torch.randn_like(latents)
             return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device)
