@@ -53,6 +53,26 @@ def make_concept_dir(folder: Path, n: int = 4, size: int = 48) -> Path:
     return folder
 
 
+def make_tagger(folder: Path) -> Path:
+    """A tiny local image-classification tagger (transformers ViT) whose every tag but the rating scores
+    sigmoid(10): tags `red`, `square_shape`, `rating:safe`."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    tags = ["red", "square_shape", "rating:safe"]
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    config.id2label = dict(enumerate(tags))
+    config.label2id = {t: i for i, t in enumerate(tags)}
+    model = ViTForImageClassification(config)
+    for p in model.classifier.parameters():
+        p.data.zero_()
+    model.classifier.bias.data.fill_(10.0)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def concept_dir(tmp_path) -> Path:
     return make_concept_dir(tmp_path / "concept")

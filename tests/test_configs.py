@@ -40,17 +40,20 @@ def test_experiments_only_override():
         assert "_target_" not in text
 
 
+REAL = ["model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz"]
+
+
 def test_experiment_values(tmp_path):
-    subject = compose("experiment=ti_subject", f"paths.output_dir={tmp_path}")
-    style = compose("experiment=ti_style", f"paths.output_dir={tmp_path}")
+    subject = compose("experiment=ti_subject", *REAL, f"paths.output_dir={tmp_path}")
+    style = compose("experiment=ti_style", *REAL, f"paths.output_dir={tmp_path}")
     assert subject.data.template == "subject" and style.data.template == "style"
     assert subject.method.optimizer.lr == style.method.optimizer.lr == 0.005
     assert subject.method.optimizer.weight_decay == 0.0
 
 
 def test_dreamartist_experiment_values(tmp_path):
-    char = compose("experiment=dreamartist_character", f"paths.output_dir={tmp_path}")
-    style = compose("experiment=dreamartist_style", f"paths.output_dir={tmp_path}")
+    char = compose("experiment=dreamartist_character", *REAL, f"paths.output_dir={tmp_path}")
+    style = compose("experiment=dreamartist_style", *REAL, f"paths.output_dir={tmp_path}")
     for cfg, lr, w, template in ((char, 0.003, 3.0, "subject"), (style, 0.005, 5.0, "style_filewords")):
         assert cfg.method._target_ == "lit_ti.methods.DreamArtist"
         assert (cfg.method.optimizer.lr, cfg.method.cfg_scale, cfg.data.template) == (lr, w, template)
@@ -70,3 +73,141 @@ def test_model_groups():
     cfg = compose("model=diffusers", "model.path=/somewhere/sd15")
     spec = instantiate(cfg.model)
     assert type(spec).__name__ == "DiffusersFolder" and spec.path == "/somewhere/sd15"
+
+
+# Arguments the code passes at run time, not the config (train.py: method(backbone=...), trainer(callbacks=..., logger=...)).
+RUNTIME = {"backbone", "callbacks", "logger"}
+COMPOSITIONS = [
+    [],
+    ["debug=smoke"],
+    ["hparams_search=optuna"],
+    ["method=dreamartist"],
+    ["method=hypernetwork"],
+    ["model=tiny", "model.size=small"],
+    ["model=single_file", "model.path=/m.safetensors", "data=concept", "data.dir=/d", "name=zz"],
+    ["model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz", "method=hypernetwork"],
+    *[[f"experiment={e}"] for e in EXPERIMENTS],
+]
+
+
+def constructor_arguments(target) -> tuple[set[str], bool]:
+    """The named arguments `target` takes (through `**kwargs` passed on to base classes), and whether it also
+    takes arbitrary keywords."""
+    import inspect
+
+    if not inspect.isclass(target):
+        params = inspect.signature(target).parameters.values()
+        return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}, any(
+            p.kind is p.VAR_KEYWORD for p in params
+        )
+    names: set[str] = set()
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names, False
+    return names, True
+
+
+def targets(node, path=""):
+    """(key path, node) for every node of a config that has a `_target_`."""
+    if OmegaConf.is_dict(node):
+        if "_target_" in node:
+            yield path, node
+        for k in node:
+            yield from targets(node._get_node(k), f"{path}.{k}" if path else str(k))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            yield from targets(item, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("overrides", COMPOSITIONS, ids=lambda o: " ".join(o) or "default")
+def test_config_keys_are_constructor_arguments(overrides):
+    """lit_ti's own targets: the keys equal the constructor's arguments (minus what the code passes); other
+    libraries' targets: every key is an argument."""
+    from hydra.utils import get_object
+
+    cfg = compose(*overrides)
+    for path, node in targets(cfg):
+        params, takes_any = constructor_arguments(get_object(node._target_))
+        keys = {k for k in node if not str(k).startswith("_")}
+        assert takes_any or keys <= params, f"{path}: {node._target_} takes no {sorted(keys - params)}"
+        if node._target_.startswith("lit_ti."):
+            missing = params - keys - RUNTIME
+            assert not missing, f"{path}: {node._target_}'s arguments {sorted(missing)} have no config key"
+
+
+def test_toy_tuning_reaches_only_toy_data(tmp_path):
+    """Nothing tuned for the toy world (vectors, rates, timesteps, steps, latent sampling, preview prompt,
+    toy evaluation) reaches a run on the user's data, with or without an experiment."""
+    base = ["model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz"]
+    for experiment in [None, *EXPERIMENTS]:
+        real = compose(*base, *([f"experiment={experiment}"] if experiment else []))
+        assert real.method.min_timestep == 0 and real.data.latent_sampling == "once", experiment
+        assert real.trainer.max_steps >= 2000 and real.save_every_n_steps == 500, experiment
+        assert real.data.template != "toy" and "toy_eval" not in real.callbacks, experiment
+        assert "toy_style_eval" not in real.callbacks, experiment
+        if real.method._target_.endswith("TextualInversion"):
+            assert real.method.num_vectors == 1 and real.method.optimizer.lr == 0.005, experiment
+
+
+def test_default_run_is_the_toy_run():
+    """`python train.py` is the toy TI run of docs/results.md, value for value."""
+    cfg = compose()
+    assert cfg.name == "toy-concept" and cfg.data.template == "toy" and cfg.data.latent_sampling == "deterministic"
+    assert (cfg.method.num_vectors, cfg.method.optimizer.lr, cfg.method.min_timestep) == (2, 0.01, 200)
+    assert cfg.trainer.max_steps == 600 and cfg.callbacks.export.every_n_steps == 200
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == cfg.callbacks.preview.every_n_steps == 200
+    assert cfg.callbacks.toy_eval.concept == "purple_star"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_on_the_toy_world_is_toy_sized(experiment):
+    cfg = compose(f"experiment={experiment}")
+    assert cfg.trainer.max_steps == 600 and cfg.method.optimizer.lr >= 1e-3
+    assert {"toy_eval", "toy_style_eval"} & set(cfg.callbacks)
+
+
+@pytest.mark.parametrize(
+    ("choices", "overrides", "message"),
+    [
+        ({"data": "toy", "model": "toy"}, ["data.dir=/d"], "data.dir=/d: data=toy renders the toy world's images"),
+        ({"data": "toy", "model": "diffusers"}, [], "model=diffusers with data=toy"),
+        ({"data": "toy", "model": "single_file"}, ["name=x"], "model=single_file with data=toy"),
+        ({"data": "toy", "model": "toy"}, ["+data.dir=/d"], "data=concept"),
+    ],
+)
+def test_toy_data_does_not_mix_with_the_users_world(choices, overrides, message):
+    from lit_ti.config_checks import check_scope
+    from lit_ti.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        check_scope(choices, overrides)
+
+
+@pytest.mark.parametrize(
+    ("choices", "overrides"),
+    [
+        ({"data": "toy", "model": "toy"}, []),
+        ({"data": "toy", "model": "tiny"}, []),
+        ({"data": "concept"}, ["data.dir=/d"]),
+    ],
+)
+def test_toy_scope_allows_the_toy_world_and_the_users(choices, overrides):
+    from lit_ti.config_checks import check_scope
+
+    check_scope(choices, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [(["model=diffusers", "data=concept", "data.dir=/d"], "name"), (["model=diffusers", "name=x"], "model.path")],
+)
+def test_a_missing_value_is_one_line_naming_the_key(overrides, key):
+    from lit_ti.config_checks import check_missing
+    from lit_ti.errors import UserError
+
+    with pytest.raises(UserError, match=f"^{key}: missing; give it on the command line, e.g. {key}="):
+        check_missing(compose(*overrides))

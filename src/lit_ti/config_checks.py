@@ -1,0 +1,74 @@
+"""Checks on the composed config as a whole, made once before anything is built or written; what each value
+may be is checked by the constructor that owns it.
+
+* Every mandatory value (`???`) is given: one line naming the key, instead of OmegaConf's traceback.
+* The toy world keeps to itself: its data (and the settings tuned for it, configs/tuning/toy/) must not reach
+  a run on the user's own model, and the user's folder must not be silently replaced by toy renders. The
+  config tree does most of this (toy tuning applies only with `data=toy`); what it cannot express — which
+  groups the user chose on the command line — is checked here.
+"""
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lit_ti.errors import UserError
+
+EXAMPLES = {  # what a missing key wants, for the message
+    "name": "name=my-cat (the word for prompts and the name of the files)",
+    "model.path": "model.path=/models/stable-diffusion-v1-5",
+    "data.dir": "data.dir=/data/my-cat (a folder of images)",
+}
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Refuse a config with a mandatory value left unset, naming the first such key."""
+    for key in _missing(cfg, ""):
+        example = EXAMPLES.get(key, f"{key}=<value>")
+        raise UserError(f"{key}: missing; give it on the command line, e.g. {example}")
+
+
+def _missing(node, prefix: str):
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if path == "hydra":
+            continue
+        if OmegaConf.is_missing(node, key):
+            yield path
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig) and not child._is_missing() and not child._is_none():
+            yield from _missing(child, path)
+
+
+TOY_MODELS = ("toy", "tiny")  # the models toy data is made for: the toy base, and the random test backbones
+
+
+def check_scope(choices: dict[str, str | None], overrides: list[str]) -> None:
+    """Refuse a run that would mix the toy world with the user's world.
+
+    `choices` are Hydra's group choices (`hydra.runtime.choices`), `overrides` the command line's.
+    """
+    if choices.get("data") != "toy":
+        return
+    given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == "data.dir"), None)
+    if given is not None:
+        raise UserError(
+            f"{given}: data=toy renders the toy world's images and its toy-tuned settings; "
+            "add data=concept to train on your own folder"
+        )
+    model = choices.get("model")
+    if model not in TOY_MODELS:
+        raise UserError(
+            f"model={model} with data=toy: the toy world's images and settings are tuned for the toy model; "
+            "train your model on your own images with data=concept data.dir=<folder>"
+        )
+
+
+def check_hydra_scope() -> None:
+    """`check_scope` on the running Hydra job's choices and overrides (nothing to check outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    check_scope(dict(hydra.runtime.choices), list(hydra.overrides.task))

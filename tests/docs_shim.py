@@ -1,0 +1,107 @@
+"""`python` as the documentation test runs it: a documented command, made small and pointed at test models.
+
+tests/test_docs.py runs every fenced `bash` block of README.md and docs/*.md with `python` bound to this
+script. It rewrites the command's arguments and runs the real script from the repository:
+
+* real model paths (`model.path=/models/...`) -> the tiny diffusers folder, or the tiny single file when the
+  command says `model=single_file`; a local tagger (`caption.tagger=`) -> a tiny tagger;
+* `data.dir=/data/x` (and held-out folders) -> small concept folders, made on first use;
+* steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), sweeps to two values per key,
+  Optuna to two trials, GPUs to the CPU, run folders into the test's folder;
+* `outputs/<name>/<run>` -> the newest run of that name made earlier in the test.
+
+The test's folder is the working directory; `DOCS_WORLD` (JSON) names the test models.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.conftest, for the concept folders
+WORLD = json.loads(os.environ.get("DOCS_WORLD", "{}"))
+SCRIPTS = ("train.py", "generate.py", "preprocess.py", "evaluate.py")
+
+
+def data_folder(path: str) -> str:
+    """A small concept folder standing for the user's `path`."""
+    from tests.conftest import make_concept_dir
+
+    folder = Path("data") / Path(path).name
+    if not folder.is_dir():
+        make_concept_dir(folder, n=4)
+    return str(folder.resolve())
+
+
+def newest_run(match: re.Match) -> str:
+    runs = sorted(Path("outputs", match.group(1)).glob("run*"), key=lambda p: int(p.name[3:]))
+    if not runs:
+        raise SystemExit(f"docs_shim: no earlier run named {match.group(1)} for {match.group(0)}")
+    return str(runs[-1])
+
+
+def next_run_dir(kind: str) -> str:
+    counter = Path(".docs_runs")
+    n = int(counter.read_text()) + 1 if counter.exists() else 0
+    counter.write_text(str(n))
+    return f"outputs/${{name}}/{kind}{n}"
+
+
+def rewrite(script: str, args: list[str]) -> list[str]:
+    keys = {a.split("=", 1)[0] for a in args if "=" in a}
+    single = "model=single_file" in args
+    sweep = "-m" in args or "--multirun" in args
+    out = []
+    for a in args:
+        a = re.sub(r"outputs/([\w.-]+)/<run>", newest_run, a)
+        key, _, value = a.partition("=")
+        if key == "model.path":
+            a = f"model.path={WORLD['single_file' if single else 'diffusers']}"
+        elif key in ("data.dir", "callbacks.val_loss.dir") and value.startswith("/"):
+            a = f"{key}={data_folder(value)}"
+        elif key == "caption.tagger":
+            a = f"caption.tagger={WORLD['tagger']}"
+        elif a == "trainer=gpu":
+            a = "trainer=cpu"
+        elif key == "trainer.devices" and int(value) > 2:
+            a = "trainer.devices=2"
+        elif key in ("trainer.max_steps", "steps", "n_iter", "batch_size", "hydra.sweeper.n_trials"):
+            continue  # replaced below
+        elif sweep and "," in value and not re.search(r"[\s:()\[\]]", value):
+            a = f"{key}={','.join(value.split(',')[:2])}"
+        out.append(a)
+    if script == "train.py":
+        out += ["trainer.max_steps=2", "debug=smoke"] if "debug" not in keys else ["trainer.max_steps=2"]
+        if any(a.startswith("trainer.devices=") for a in out):
+            out.append("trainer.accelerator=cpu")
+        if "hparams_search" in keys:
+            out.append("hydra.sweeper.n_trials=2")
+        out.append(f"hydra.sweep.dir={next_run_dir('multirun')}" if sweep else f"hydra.run.dir={next_run_dir('run')}")
+    elif script == "generate.py":
+        out += ["steps=2", "n_iter=1", "batch_size=1", f"hydra.run.dir={next_run_dir('generate')}"]
+    return out
+
+
+def benchmark(args: list[str]) -> list[str]:
+    """Benchmark scripts: two steps, one repeat."""
+    cut = {"--steps": "2", "--repeats": "1"}
+    return [cut.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["-m"]:
+        return subprocess.call([sys.executable, *argv])
+    script, args = argv[0], argv[1:]
+    if script in SCRIPTS:
+        args = rewrite(script, args)
+    elif script.startswith("benchmarks/"):
+        args = benchmark(args)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.call([sys.executable, str(ROOT / script), *args], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,99 @@
+"""The documentation is executable: every fenced `bash` block of README.md and docs/*.md runs, in order, with
+`python` bound to tests/docs_shim.py (tiny test models for real paths, a few steps instead of thousands).
+
+A command the test cannot run here (an install, the test suite itself, a GPU- or cluster-only command) must
+be listed in SKIPPED with the reason, so a new documented command is never skipped silently.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIPPED = {  # a command's first words -> why it does not run in this test
+    "python3 -m venv": "the install; CI runs it on a clean clone",
+    "pip install": "installs; CI installs as README says",
+    ". .venv/bin/activate && python -m pytest": "the test suite itself",
+    "python train.py -m cluster=slurm": "needs a SLURM cluster (cluster=local runs the same path in tests/test_sweeps.py)",
+    "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
+}
+
+
+def commands(block: str) -> list[str]:
+    """A block's commands: continuation lines joined, comments and blank lines dropped."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def blocks() -> list[tuple[str, list[str]]]:
+    found = []
+    for doc in DOCS:
+        for i, block in enumerate(re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)):
+            found.append((f"{doc.name}#{i}", commands(block)))
+    return found
+
+
+def runnable(command: str) -> bool:
+    return not any(command.startswith(prefix) for prefix in SKIPPED)
+
+
+def test_every_documented_command_is_run_or_skipped_with_a_reason():
+    every = [c for _, cs in blocks() for c in cs]
+    assert every, "no bash blocks found"
+    used = {prefix for prefix in SKIPPED if any(c.startswith(prefix) for c in every)}
+    assert used == set(SKIPPED), f"SKIPPED lists commands the docs no longer have: {set(SKIPPED) - used}"
+    for command in every:
+        assert "..." not in command, f"a documented command must run as written, not elide: {command}"
+        assert "<" not in command.replace("<run>", ""), f"placeholders other than <run>: {command}"
+
+
+@pytest.fixture(scope="module")
+def docs_world(tmp_path_factory) -> Path:
+    """The test's working folder with the models real commands name: a tiny SD1-shaped diffusers folder, the
+    same model as an A1111 single file, a tiny tagger and a folder of raw images for preprocess."""
+    from lit_ti.models import TinyBackbone
+    from tests.conftest import make_concept_dir, make_tagger
+    from tests.ldm_layout import write_single_file
+
+    home = tmp_path_factory.mktemp("docs")
+    backbone = TinyBackbone().load()
+    backbone.pipeline().save_pretrained(home / "models" / "sd15")
+    world = {
+        "diffusers": str(home / "models" / "sd15"),
+        "single_file": str(write_single_file(backbone, home / "models" / "model.safetensors")),
+        "tagger": str(make_tagger(home / "models" / "tagger")),
+    }
+    make_concept_dir(home / "raw" / "my-cat", n=3, size=96)
+    (home / "world.json").write_text(json.dumps(world))
+    return home
+
+
+def run_block(home: Path, block: list[str]) -> subprocess.CompletedProcess:
+    shim = shlex.quote(str(ROOT / "tests" / "docs_shim.py"))
+    python = shlex.quote(sys.executable)
+    script = "\n".join(
+        ["set -eo pipefail", f'python() {{ {python} {shim} "$@"; }}', *(c for c in block if runnable(c))]
+    )
+    env = {**os.environ, "DOCS_WORLD": (home / "world.json").read_text(), "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(["bash", "-c", script], cwd=home, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.slow
+def test_documented_commands_run(docs_world):
+    """All blocks in document order (later commands use earlier runs: `outputs/<name>/<run>`)."""
+    failed = []
+    for where, block in blocks():
+        if not any(runnable(c) for c in block):
+            continue
+        done = run_block(docs_world, block)
+        if done.returncode != 0 or "Traceback" in done.stderr:
+            failed.append(f"{where}: exit {done.returncode}\n{done.stderr[-2500:]}")
+    assert not failed, "\n\n".join(failed)
