@@ -57,6 +57,10 @@ STAND_INS = [(ParameterDictStandIn, "torch.nn.modules.container.ParameterDict")]
 
 
 # ----------------------------------------------------------------- pre-scan
+class _Refused(ValueError):
+    """A file over the caps, or one whose declared sizes do not fit its bytes."""
+
+
 class _Stub:
     """Every global of a pickle, during the pre-scan: accepts anything, does nothing."""
 
@@ -116,27 +120,27 @@ def _scan_zip(path: Path, size: int, limits: Limits) -> None:
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()
         if not infos or len(infos) > ZIP_ENTRIES:
-            raise ValueError(f"a zip with {len(infos)} entries")
+            raise _Refused(f"a zip with {len(infos)} entries")
         declared = sum(i.file_size for i in infos)
         if sum(i.compress_size for i in infos) > size:
-            raise ValueError("zip entries overlap (their sizes add up to more than the file)")
+            raise _Refused("zip entries overlap (their sizes add up to more than the file)")
         for i in infos:
             ratio_ok = i.file_size <= ZIP_RATIO * i.compress_size + 1024
             if not ratio_ok or (i.compress_type == zipfile.ZIP_STORED and i.file_size != i.compress_size):
-                raise ValueError(f"entry {i.filename} declares {mb(i.file_size)} from {mb(i.compress_size)}")
+                raise _Refused(f"entry {i.filename} declares {mb(i.file_size)} from {mb(i.compress_size)}")
         if declared > max(limits.file_bytes, size):
-            raise ValueError(f"its entries declare {mb(declared)} in all")
+            raise _Refused(f"its entries declare {mb(declared)} in all")
         entries = {i.filename: i for i in infos}
         archive = infos[0].filename.split("/", 1)[0]  # torch reads the folder of the first entry
         pkl = entries.get(f"{archive}/data.pkl")
         if pkl is None or pkl.file_size > limits.pickle_bytes:
-            raise ValueError("no data.pkl" if pkl is None else f"its pickle is {mb(pkl.file_size)}")
+            raise _Refused("no data.pkl" if pkl is None else f"its pickle is {mb(pkl.file_size)}")
         with z.open(pkl) as stream:
             storages = _record(stream).storages
     for key, nbytes in storages.items():
         entry = entries.get(f"{archive}/data/{key}")
         if entry is None or nbytes > entry.file_size:
-            raise ValueError(f"storage {key} declares {mb(nbytes)} but its entry holds less")
+            raise _Refused(f"storage {key} declares {mb(nbytes)} but its entry holds less")
 
 
 def _scan_legacy(path: Path, size: int, limits: Limits) -> None:
@@ -145,13 +149,13 @@ def _scan_legacy(path: Path, size: int, limits: Limits) -> None:
         for _ in range(3):  # magic number, protocol version, sys info
             records.append(pickle.Unpickler(_Limited(f, limits.pickle_bytes)).load())
         if records[0] != LEGACY_MAGIC or records[1] != 1001:
-            raise ValueError("neither a torch zip archive nor torch's legacy format")
+            raise _Refused("neither a torch zip archive nor torch's legacy format")
         storages = _record(_Limited(f, limits.pickle_bytes)).storages
         pickle.Unpickler(_Limited(f, limits.pickle_bytes)).load()  # the storage keys
         left = size - f.tell()
     declared = sum(n + 8 for n in storages.values())  # each record: an 8-byte count, then the data
     if declared > left:
-        raise ValueError(f"its storages declare {mb(declared)} but the file has {mb(left)} left")
+        raise _Refused(f"its storages declare {mb(declared)} but the file has {mb(left)} left")
 
 
 class _Limited(io.RawIOBase):
@@ -165,7 +169,7 @@ class _Limited(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         if self.left <= 0:
-            raise ValueError("its pickle is longer than allowed")
+            raise _Refused("its pickle is longer than allowed")
         n = self.f.readinto(memoryview(buffer)[: self.left])
         self.left -= n
         return n
@@ -181,14 +185,14 @@ def _prescan(path: Path, size: int, limits: Limits) -> None:
         zipped = f.read(4) == b"PK\x03\x04"  # the test torch.load makes
     try:
         (_scan_zip if zipped else _scan_legacy)(path, size, limits)
+    except _Refused as e:
+        raise UserError(f"{path}: refused: {e}") from None
     except RecursionError:
         raise UserError(f"{path}: refused: its pickle is nested too deeply") from None
-    except (ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OverflowError, TypeError) as e:
+    except Exception as e:  # anything zipfile or the pickle machinery raises on garbage
         raise UserError(
-            f"{path}: refused: not a torch file within the limits ({str(e).splitlines()[0][:200]})"
+            f"{path}: not a torch file, or a damaged one ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
-    except Exception as e:  # anything the pickle machinery raises on garbage
-        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 # ----------------------------------------------------------------- after loading
