@@ -295,3 +295,15 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     vectors = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(2, 32))})
     torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": vectors}, files["parameterdict"])
     return files
+
+
+@pytest.fixture(scope="session")
+def big_hostile(tmp_path_factory, hostile) -> dict[str, Path]:
+    """The bombs at full size (seconds to build): a 6 GiB zip bomb (~6 MB), a PNG whose pixels inflate to
+    2.4 GB, next to the small hostile files."""
+    d = tmp_path_factory.mktemp("big_hostile")
+    return {
+        **hostile,
+        "zip_bomb": _zip_bomb(d / "zipbomb6g.pt", 6 * 2**30),
+        "png_bomb": _png_zlib_bomb(d / "pngbomb2g.png", 144 * 2**24),
+    }
