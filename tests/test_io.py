@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_ti import io
 from lit_ti.errors import UserError
+from lit_ti.io.pickles import save_pt
 
 # --- the webui's safe-unpickler rules (reference/a1111.md §1.6), re-stated here to check our files -------
 WEBUI_ALLOWED = {
@@ -26,13 +27,16 @@ WEBUI_ALLOWED = {
     ("_codecs", "encode"),
     ("__builtin__", "set"),
 }
-WEBUI_ZIP_ENTRY = r"^[^/]+/(data\.pkl|version|byteorder|\.data/serialization_id|data/\d+)$"
+# the strictest version of its zip entry check (modules/safe.py before `byteorder` was allowed)
+WEBUI_ZIP_ENTRY = r"^([^/]+)/((data/\d+)|version|(data\.pkl))$"
 
 
 class _WebuiUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in WEBUI_ALLOWED:
             raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        if name == "ParameterDict":  # the webui returns the real class; a class that does nothing stands in
+            return type(name, (), {"__setstate__": lambda self, state: None})
         return collections.OrderedDict if name == "OrderedDict" else (lambda *a, **k: None)
 
     def persistent_load(self, saved_id):
@@ -112,7 +116,7 @@ def test_pt_and_bin_pass_the_webui_safe_unpickler(tmp_path):
 
 
 def test_webui_check_rejects_what_torch_writes_by_default(tmp_path):
-    """Why we write the legacy format: current torch's zip entries fail the webui's check."""
+    """Why we rewrite torch's zip: the entries current torch adds fail the webui's check."""
     torch.save({"string_to_param": {"*": torch.randn(2, 8)}}, tmp_path / "zip.pt")
     assert not webui_accepts(tmp_path / "zip.pt")
     torch.save({"f": print}, tmp_path / "code.pt", _use_new_zipfile_serialization=False)
@@ -220,3 +224,88 @@ def test_bank_vectors_round_trip_through_the_file_layout():
     assert from_file(to_file(sd), {"text_encoder": 768, "text_encoder_2": 1280}) is None  # SD1 file on SDXL
     assert from_file(to_file(xl), {"text_encoder": 768}) is None  # SDXL file on SD1
     assert from_file(to_file(sd), {"text_encoder": 1024}) is None  # SD1 file on SD2
+
+
+# --- .pt files every loader reads -----------------------------------------------------------------------------
+def _pt_files(tmp_path) -> list[Path]:
+    from lit_ti.modules.hypernetwork import Hypernetwork
+
+    return [
+        io.save_embedding(tmp_path / "e.pt", torch.randn(2, 8), step=4),
+        io.save_embedding(tmp_path / "e.bin", torch.randn(2, 8)),
+        io.save_embedding(tmp_path / "xl.pt", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}),
+        io.save_hypernetwork(tmp_path / "h.pt", Hypernetwork([16, 24], layer_structure=[1, 2, 1]), step=2),
+    ]
+
+
+def test_pt_files_load_in_a1111_and_comfyui_mmap(tmp_path):
+    """A1111: the entry-name check and the global allowlist. ComfyUI `--mmap-torch-files`: torch.load(mmap=True,
+    weights_only=True), which needs the zip layout; its entries are 64-byte aligned like torch's own."""
+    for path in _pt_files(tmp_path):
+        assert webui_accepts(path), path
+        mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        plain = torch.load(path, map_location="cpu", weights_only=True)
+        assert mapped.keys() == plain.keys()
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if "/data/" in info.filename:
+                    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+                    assert start % 64 == 0, (path, info.filename)
+
+
+def test_hypernetwork_pt_reads_the_way_comfyui_reads_it(tmp_path):
+    """ComfyUI's hypernetwork loader: integer width keys, `sd[width][0|1]` state dicts of `linear.N.weight`."""
+    path = _pt_files(tmp_path)[3]
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    widths = [k for k in sd if isinstance(k, int)]
+    assert widths == [16, 24]
+    for width in widths:
+        for state in sd[width]:
+            weights = sorted(k for k in state if k.endswith(".weight"))
+            assert weights == ["linear.0.weight", "linear.1.weight"]
+            assert state["linear.0.weight"].shape == (2 * width, width)
+    assert sd["layer_structure"] == [1.0, 2.0, 1.0] and sd["activation_func"] == "linear"
+
+
+def test_original_ti_parameterdict_files_load_without_running_the_class(tmp_path, monkeypatch):
+    """Original TI (and old A1111) saved `string_to_param` as an nn.ParameterDict; A1111 allows that global.
+    It loads as a plain stand-in: nn.ParameterDict's own code is never called."""
+    vectors = torch.randn(3, 8)
+    with torch.no_grad():
+        params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors.clone())})
+    data = {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}
+    torch.save(data, tmp_path / "ti.pt")  # as current torch writes it
+    save_pt(data, tmp_path / "ti1.pt")  # as torch 1.x did (the original TI's): data.pkl, data/<n>, version
+    assert webui_accepts(tmp_path / "ti1.pt")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("nn.ParameterDict code ran")
+
+    for name in ("__init__", "__setstate__", "__setattr__", "update"):
+        monkeypatch.setattr(torch.nn.ParameterDict, name, forbidden, raising=False)
+    for name in ("ti", "ti1"):
+        (entry,) = io.read_embedding(tmp_path / f"{name}.pt")
+        assert entry.name == name and torch.equal(entry.vectors, vectors)
+
+
+def test_hostile_files_are_one_user_error_naming_the_file(hostile):
+    from lit_ti.io import load_hypernetwork, read_embedding
+
+    for kind, path in hostile.items():
+        if kind in ("huge", "parameterdict"):  # finite and honest: they load (generation refuses "huge")
+            assert read_embedding(path)
+            continue
+        reader = load_hypernetwork if kind.startswith("hn") else read_embedding
+        with pytest.raises(UserError) as caught:
+            reader(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value), (kind, caught.value)
+
+
+def test_caps_admit_the_largest_real_files():
+    """A1111's largest hypernetworks (1, 4, 4, 1 at SD's four widths, float32) and 75 SDXL vectors."""
+    from lit_ti.io.limits import LIMITS
+
+    widths = (320, 640, 768, 1280)
+    weights = sum(2 * w * w * (4 + 16 + 4) for w in widths)
+    assert 4 * weights < LIMITS["hypernetwork"].file_bytes <= LIMITS["hypernetwork"].tensor_bytes
+    assert LIMITS["embedding"].file_bytes / 100 > 4 * 75 * (768 + 1280)

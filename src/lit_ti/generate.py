@@ -3,16 +3,22 @@
 Embeddings come from `embeddings_dir` (every `.pt`, `.safetensors`, `.bin` or A1111 PNG in it) and
 `embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
 concepts share a prompt and a DreamArtist pair works as `prompt="... <name> ..." negative_prompt="<name>-neg"`.
+A PNG is decoded only when its name (its text chunk's, else its file stem) is in a prompt. Every setting is
+checked before the model loads, and a run whose latents turn NaN/Inf stops with one line instead of writing
+black images.
 Prompts are encoded exactly as in training (`PromptEncoder`: multi-vector names, clip skip, SDXL's two encoders) and
 handed to a diffusers pipeline built around the same modules. Each image is saved as a PNG carrying A1111's
 `parameters` text, plus a grid when there is more than one.
 """
 
+import math
 import random
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers.utils import make_image_grid
 from hydra.utils import instantiate
@@ -24,7 +30,7 @@ from lit_ti.callbacks.preview import SAMPLERS
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.embeddings import from_file, shape_of
-from lit_ti.io.png_embeddings import IMAGE_SUFFIXES
+from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, NotAnEmbedding, png_name
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder
@@ -47,15 +53,24 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
     """A bank of the concepts named in `text`, skipping (with a warning) files for another model."""
     widths = {enc: te.get_input_embeddings().weight.shape[1] for enc, (_, te) in backbone.text_encoders.items()}
     bank = EmbeddingBank()
+
+    def named(name: str) -> bool:
+        return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.IGNORECASE) is not None
+
     for path in paths:
+        image = path.suffix.lower() in IMAGE_SUFFIXES
+        name = (png_name(path) or path.stem) if image else None  # no pixels decoded for this
+        if image and not named(name):
+            continue
         try:
             entries = io.read_embedding(path)
+        except NotAnEmbedding:
+            continue  # a plain picture in the folder, as A1111 skips it
         except UserError as e:
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                continue  # a plain picture in the folder, as A1111 skips it
             raise UserError(f"embeddings: {e}") from None
         for entry in entries:
-            if not re.search(rf"(?<![\w-]){re.escape(entry.name)}(?![\w-])", text, re.IGNORECASE):
+            entry = replace(entry, name=name) if image else entry
+            if not named(entry.name):
                 continue
             vectors = from_file(entry.vectors, widths)
             if vectors is None:
@@ -97,13 +112,65 @@ def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Pa
     return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)])
 
 
-@torch.no_grad()
-def run(cfg: DictConfig) -> list[Path]:
+WHOLE = {  # key: (lowest, highest); A1111's UI ranges, widened
+    "steps": (1, 1000),
+    "batch_size": (1, 64),
+    "n_iter": (1, 1000),
+    "clip_skip": (1, 12),
+    "seed": (-1, 2**32 - 1),
+}
+NUMBER = {"cfg_scale": (0.0, 100.0), "hypernetwork_strength": (-10.0, 10.0)}
+PRECISIONS = ("32", "bf16", "16")
+
+
+def check_settings(cfg: DictConfig) -> torch.device:
+    """Every setting checked before anything loads: one UserError naming the key; the device to use."""
+    for key, (lo, hi) in WHOLE.items():
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise UserError(f"{key}={value!r}: a whole number from {lo} to {hi}")
+    for key, (lo, hi) in NUMBER.items():
+        value = cfg[key]
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not (math.isfinite(value) and lo <= value <= hi)
+        ):
+            raise UserError(f"{key}={value!r}: a number from {lo} to {hi}")
+    size = cfg.size
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096 or size % 8):
+        raise UserError(f"size={size!r}: null (the model's size) or a multiple of 8 from 8 to 4096 pixels")
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"sampler={cfg.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if cfg.clip_skip < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.n_iter < 1:
-        raise UserError("clip_skip, steps, batch_size and n_iter must all be >= 1")
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if str(cfg.precision) not in PRECISIONS:
+        raise UserError(f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise UserError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:<index>")
+    cuda = torch.cuda.is_available()
+    if str(cfg.device).startswith("cuda") and not cuda:
+        raise UserError(f"device={cfg.device}: no CUDA device here; use device=cpu or auto")
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu")
+    if str(cfg.precision) == "16" and device.type == "cpu":
+        raise UserError("precision=16: float16 runs on a GPU only; use precision=32 or bf16 on the CPU")
+    if cfg.hypernetwork and not Path(str(cfg.hypernetwork)).expanduser().is_file():
+        raise UserError(f"hypernetwork={cfg.hypernetwork}: no such file")
+    return device
+
+
+def check_finite(pipe, step: int, timestep, tensors: dict) -> dict:
+    """A diffusers step-end callback: stops the run (one line) as soon as the latents are NaN/Inf."""
+    if not bool(torch.isfinite(tensors["latents"]).all()):
+        raise UserError(
+            f"the latents turned non-finite (NaN/Inf) at step {step + 1}: an embedding or the hypernetwork "
+            "overflows this model, or the precision is too low; try precision=32, a lower cfg_scale or "
+            "hypernetwork_strength"
+        )
+    return tensors
+
+
+@torch.no_grad()
+def run(cfg: DictConfig) -> list[Path]:
+    device = check_settings(cfg)
     backbone = instantiate(cfg.model).load(weight_dtype(cfg.precision))
     for module in backbone.frozen:
         module.to(device)
@@ -140,8 +207,13 @@ def run(cfg: DictConfig) -> list[Path]:
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.cfg_scale,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            ).images
-            for s, image in zip(seeds, batch):
+                output_type="np",
+                callback_on_step_end=check_finite,
+                callback_on_step_end_tensor_inputs=["latents"],
+            ).images  # [b, h, w, 3] in [0, 1]
+            if not np.isfinite(batch).all():  # the VAE can overflow where the latents did not
+                raise UserError("the decoded images are non-finite (NaN/Inf); try precision=32")
+            for s, image in zip(seeds, pipe.numpy_to_pil(batch)):
                 info = PngImagePlugin.PngInfo()
                 info.add_text("parameters", parameters(cfg, s, size, backbone, hypernetwork))
                 path = out / f"{len(written):05d}-{s}.png"

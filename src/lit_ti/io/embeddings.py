@@ -2,16 +2,18 @@
 
 Written (chosen by the file suffix):
 * `.pt`: A1111 layout `{string_to_token, string_to_param, name, step, sd_checkpoint, sd_checkpoint_name}`,
-  saved with torch's legacy (non-zip) serialisation, because the webui's safe unpickler rejects the zip
-  entries (`.format_version`, `.storage_alignment`) that current torch writes. diffusers'
-  `load_textual_inversion` reads it (token = the `name` key).
+  in torch's zip layout without the entries the webui's safe unpickler rejects (`.format_version`,
+  `.storage_alignment`, ...) and 64-byte aligned, so ComfyUI's `--mmap-torch-files` maps it too
+  (`io.pickles.save_pt`). diffusers' `load_textual_inversion` reads it (token = the `name` key).
 * `.safetensors`: `{"emb_params": [n, d]}` (kohya; A1111 and ComfyUI read any single-key file), or SDXL's
   `{"clip_l": [n, 768], "clip_g": [n, 1280]}`; name/step/checkpoint go in the safetensors metadata.
-* `.bin`: diffusers' `{token: [n, d]}` (also legacy serialisation, so the webui loads it too).
+* `.bin`: diffusers' `{token: [n, d]}` (written the same way, so the webui loads it too).
 
-Read: all of the above, the original-TI/A1111 `.pt`, diffusers `learned_embeds.*` files with one or more
-tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`. Pickles are opened with `weights_only=True`, so a
-file that would run code is refused. Every write goes through a temp file and a rename.
+Read: all of the above, the original-TI/A1111 `.pt` (also with `string_to_param` as an `nn.ParameterDict`),
+diffusers `learned_embeds.*` files with one or more tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`.
+Pickles are opened with `weights_only=True`, so a file that would run code is refused; every file is
+checked against the caps of `io.limits` before anything is allocated, and non-finite vectors are refused.
+Every write goes through a temp file and a rename.
 """
 
 from dataclasses import dataclass, field, replace
@@ -24,8 +26,15 @@ from torch import Tensor
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
-from lit_ti.io.pickles import load_pickle
-from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, KEY, read_png_embedding, save_png_embedding
+from lit_ti.io.limits import check_safetensors
+from lit_ti.io.pickles import load_pickle, save_pt
+from lit_ti.io.png_embeddings import (
+    IMAGE_SUFFIXES,
+    KEY,
+    NotAnEmbedding,
+    read_png_embedding,
+    save_png_embedding,
+)
 
 Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -112,11 +121,11 @@ def save_embedding(
                 data = dict(vectors)
             else:
                 data = a1111_dict(vectors, name, step, sd_checkpoint, sd_checkpoint_name)
-            torch.save(data, tmp, _use_new_zipfile_serialization=False)
+            save_pt(data, tmp)
         elif suffix == ".bin":
             if sdxl:
                 raise ValueError("diffusers .bin files hold one encoder; save SDXL as .safetensors or .pt")
-            torch.save({name: vectors}, tmp, _use_new_zipfile_serialization=False)
+            save_pt({name: vectors}, tmp)
         else:
             raise ValueError(f"{path}: unknown embedding format; use .pt, .safetensors or .bin")
     return path
@@ -161,6 +170,10 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
     meta: dict = {}
     try:
         if suffix == ".safetensors":
+            try:
+                check_safetensors(path, "embedding")
+            except ValueError as e:
+                raise UserError(f"{path}: refused: {e}") from None
             data = load_file(path, device="cpu")
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
@@ -169,7 +182,7 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
         elif suffix in IMAGE_SUFFIXES:
             data = read_png_embedding(path)
             if data is None:
-                raise UserError(f"{path}: an image without an embedding in it (no {KEY} chunk, no data blocks)")
+                raise NotAnEmbedding(f"{path}: an image without an embedding in it (no {KEY} chunk, no data blocks)")
             if "name" in data and "string_to_param" in data:  # A1111 names image embeddings by their data
                 return [replace(e, name=str(data["name"])) for e in _identify(path, data, meta)]
         else:
@@ -187,33 +200,56 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
 
 
 def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not an embedding dict")
+
     def info(key: str) -> str | None:
-        value = data.get(key) if isinstance(data, dict) and key in data else meta.get(key)
-        return None if value in (None, "None") else value
+        value = data.get(key) if key in data else meta.get(key)
+        return None if value in (None, "None") or not isinstance(value, str | int) else str(value)
 
     step = info("step")
     common = dict(
-        step=None if step is None else int(step),
+        step=int(step) if step is not None and step.lstrip("-").isdigit() else None,
         sd_checkpoint=info("sd_checkpoint"),
         sd_checkpoint_name=info("sd_checkpoint_name"),
     )
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: holds a {type(data).__name__}, not an embedding dict")
-    if "string_to_param" in data:  # A1111 / original TI
-        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])
-        if len(params) != 1:
-            raise UserError(f"{path}: embedding file has {len(params)} terms in it; A1111 files hold exactly one")
-        return [EmbeddingFile(path.stem, _cpu32(next(iter(params.values()))), **common)]
+
+    def entry(name: str, vectors: object) -> EmbeddingFile:
+        return EmbeddingFile(name, _checked(path, vectors), **common)
+
+    if "string_to_param" in data:  # A1111 / original TI (a dict, or an nn.ParameterDict's stand-in)
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            count = len(params) if isinstance(params, dict) else type(params).__name__
+            raise UserError(f"{path}: string_to_param holds {count} terms; A1111 files hold exactly one")
+        return [entry(path.stem, next(iter(params.values())))]
     if all(k in data for k in SDXL_KEYS):
-        return [EmbeddingFile(path.stem, _cpu32({k: data[k] for k in SDXL_KEYS}), **common)]
+        return [entry(path.stem, {k: data[k] for k in SDXL_KEYS})]
     if "emb_params" in data:  # kohya
-        return [EmbeddingFile(meta.get("name") or path.stem, _cpu32(data["emb_params"]), **common)]
+        return [entry(str(meta.get("name") or path.stem), data["emb_params"])]
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
     if tensors and len(tensors) == len(data):  # diffusers {token: tensor}, one or more tokens
-        return [EmbeddingFile(k, _cpu32(v), **common) for k, v in tensors.items()]
+        return [entry(str(k), v) for k, v in tensors.items()]
     raise UserError(
         f"{path}: neither an A1111, diffusers, kohya nor SDXL embedding (keys: {', '.join(map(str, data))[:200]})"
     )
+
+
+def _checked(path: Path, vectors: object) -> Vectors:
+    """`vectors` as float32 `[n, d]` (or SDXL's dict of them); a UserError for anything else, NaN/Inf too."""
+    if isinstance(vectors, dict):
+        return {k: _checked(path, v) for k, v in vectors.items()}
+    if not isinstance(vectors, Tensor) or vectors.dim() not in (1, 2) or vectors.numel() == 0:
+        what = list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        raise UserError(f"{path}: the vectors are {what}, not a [vectors, width] tensor")
+    if vectors.is_complex():
+        raise UserError(f"{path}: the vectors are complex numbers, not an embedding")
+    if not bool(torch.isfinite(vectors.float()).all()):
+        raise UserError(
+            f"{path}: the vectors hold non-finite values (NaN/Inf): the file is damaged or came from a diverged "
+            "run; use an earlier copy"
+        )
+    return _cpu32(vectors)
 
 
 def load_embedding(path: str | Path) -> dict[str, Vectors]:

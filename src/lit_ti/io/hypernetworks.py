@@ -1,16 +1,21 @@
 """A1111 hypernetwork files, read and written.
 
-`.pt` (the webui's layout, torch legacy serialisation so its safe unpickler accepts it):
+`.pt` (the webui's layout, in torch's zip layout without the entries its safe unpickler rejects, which
+ComfyUI's hypernetwork loader also reads, mmap included; see `io.pickles.save_pt`):
 `{<width>: (K state dict, V state dict), ..., "name", "step", "layer_structure", "activation_func",
 "is_layer_norm", "weight_initialization", "sd_checkpoint", "sd_checkpoint_name", "activate_output",
 "use_dropout", "dropout_structure", "last_layer_dropout", "optional_info"}`. Old NovelAI-era files with only
 the width keys and `linear1`/`linear2` module names load too, with the webui's defaults for missing keys.
 
-`.safetensors`: tensors `"<width>.<k|v>.<param>"`; the settings and metadata as JSON in the header.
+`.safetensors`: tensors `"<width>.<k|v>.<param>"`; the settings and metadata as JSON in the header. Only
+lit_ti reads this layout (ComfyUI's loader wants the `.pt` dict; A1111 reads no hypernetwork safetensors).
 
-Pickles are opened with `weights_only=True`: a file that would run code is refused and never runs.
+Pickles are opened with `weights_only=True`: a file that would run code is refused and never runs. Every file
+is checked against the caps of `io.limits` before loading, and its declared structure (widths, layer
+structure) against the parameters it really holds before any module is built; non-finite weights are refused.
 """
 
+import itertools
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +26,8 @@ from safetensors.torch import save_file
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
-from lit_ti.io.pickles import load_pickle
+from lit_ti.io.limits import HYPERNETWORK_LAYERS, HYPERNETWORK_WIDTH, check_safetensors
+from lit_ti.io.pickles import load_pickle, save_pt
 from lit_ti.modules.hypernetwork import Hypernetwork
 
 
@@ -89,7 +95,7 @@ def save_hypernetwork(
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".pt":
             data = {size: (state(hn.pair(size)[0]), state(hn.pair(size)[1])) for size in hn.sizes}
-            torch.save({**data, **meta}, tmp, _use_new_zipfile_serialization=False)
+            save_pt({**data, **meta}, tmp)
         elif path.suffix.lower() == ".safetensors":
             tensors = {
                 f"{size}.{kv}.{key}": value
@@ -108,26 +114,71 @@ def _legacy(state: dict) -> dict:
     return {k.replace("linear1.", "linear.0.").replace("linear2.", "linear.1."): v for k, v in state.items()}
 
 
+def _read(path: Path) -> tuple[dict[int, tuple[dict, dict]], dict]:
+    """`({width: (K state, V state)}, metadata)` as the file holds them, nothing built yet."""
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path, "hypernetwork")
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lit_ti_hypernetwork", "{}"))
+            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        states: dict[int, tuple[dict, dict]] = {}
+        for key, value in flat.items():
+            size, kv, param = key.split(".", 2)
+            states.setdefault(int(size), ({}, {}))["kv".index(kv)][param] = value
+        return states, meta
+    data = load_pickle(path, "hypernetwork")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a hypernetwork dict")
+
+    def width(k) -> bool:
+        return isinstance(k, int) or (isinstance(k, str) and k.isdigit())
+
+    states = {int(k): (dict(v[0]), dict(v[1])) for k, v in data.items() if width(k)}
+    return states, {k: v for k, v in data.items() if not width(k)}
+
+
+def _check_structure(path: Path, states: dict, settings: dict) -> None:
+    """Widths and layer structure within bounds, and no more parameters than the file holds (a 1 MB file
+    may not make us build gigabytes of modules); every weight a finite tensor."""
+    layers, dropout = settings["layer_structure"], settings["dropout_structure"]
+    numbers = [*layers, *dropout]
+    if not 2 <= len(layers) <= HYPERNETWORK_LAYERS or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < 1e4 for x in numbers
+    ):
+        raise UserError(f"{path}: layer_structure {layers!r} is not 2 to {HYPERNETWORK_LAYERS} numbers like [1, 2, 1]")
+    bad = [w for w in states if not 0 < w <= HYPERNETWORK_WIDTH]
+    if bad:
+        raise UserError(f"{path}: width {bad[0]} is not a context width (1 to {HYPERNETWORK_WIDTH})")
+    held = 0
+    for pair in states.values():
+        for state in pair:
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor) or value.is_complex():
+                    raise UserError(f"{path}: {key} is a {type(value).__name__}, not a weight tensor")
+                if not bool(torch.isfinite(value.float()).all()):
+                    raise UserError(
+                        f"{path}: {key} holds non-finite values (NaN/Inf): the file is damaged or came from a "
+                        "diverged run; use an earlier copy"
+                    )
+                held += value.numel()
+    needed = sum(2 * int(w * a) * int(w * b) for w in states for a, b in itertools.pairwise(layers))
+    if needed > held:
+        raise UserError(
+            f"{path}: its settings (widths {sorted(states)}, layer_structure {layers}) need {needed} weights, "
+            f"the file holds {held}"
+        )
+
+
 def load_hypernetwork(path: str | Path) -> tuple[Hypernetwork, dict]:
     """(module in fp32, the file's metadata) for an A1111 `.pt` or our `.safetensors`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such hypernetwork file")
     try:
-        if path.suffix.lower() == ".safetensors":
-            with safe_open(path, "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("lit_ti_hypernetwork", "{}"))
-                flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-            states: dict[int, tuple[dict, dict]] = {}
-            for key, value in flat.items():
-                size, kv, param = key.split(".", 2)
-                states.setdefault(int(size), ({}, {}))["kv".index(kv)][param] = value
-        else:
-            data = load_pickle(path, "hypernetwork")
-            if not isinstance(data, dict):
-                raise UserError(f"{path}: holds a {type(data).__name__}, not a hypernetwork dict")
-            states = {int(k): (v[0], v[1]) for k, v in data.items() if isinstance(k, int) or str(k).isdigit()}
-            meta = {k: v for k, v in data.items() if not (isinstance(k, int) or str(k).isdigit())}
+        states, meta = _read(path)
+        if not isinstance(meta, dict):
+            raise TypeError(f"its metadata is a {type(meta).__name__}")
+        settings = from_a1111(meta)
     except UserError:
         raise
     except Exception as e:
@@ -137,13 +188,14 @@ def load_hypernetwork(path: str | Path) -> tuple[Hypernetwork, dict]:
         ) from None
     if not states:
         raise UserError(f"{path}: no width keys (320, 640, 768, ...): not an A1111 hypernetwork")
-    hn = Hypernetwork(sorted(states), **from_a1111(meta))
-    for size, (k_state, v_state) in states.items():
-        for module, state in zip(hn.pair(size), (k_state, v_state)):
-            try:
-                module.load_state_dict(_legacy(dict(state)))
-            except RuntimeError as e:
-                raise UserError(
-                    f"{path}: width {size} does not match its settings ({str(e).splitlines()[0]})"
-                ) from None
+    _check_structure(path, states, settings)
+    try:
+        hn = Hypernetwork(sorted(states), **settings)
+        for size, (k_state, v_state) in states.items():
+            for module, state in zip(hn.pair(size), (k_state, v_state)):
+                module.load_state_dict(_legacy(state))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: its weights do not match its settings ({str(e).splitlines()[0][:200]})") from None
     return hn, meta

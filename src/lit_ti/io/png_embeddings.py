@@ -4,7 +4,9 @@ A1111 stores the embedding twice in a preview image: a `sd-ti-embedding` tEXt ch
 the `.pt` dict, tensors as `{"TORCHTENSOR": nested lists}`), and in the pixels: the zlib-compressed JSON split
 into low and high nibbles, each nibble block decorated with grey dots (high nibble only), scrambled with an
 LCG (low nibble only), and laid out as `[low block | black column | caption image | black column | high block]`.
-Loading prefers the text chunk (chat apps strip it; the pixels survive) and is pure data: no pickle.
+Loading prefers the text chunk (chat apps strip it; the pixels survive) and is pure data: no pickle. It is
+bounded (`io.limits`): images over `PNG_PIXELS` are refused before decoding, and the payload is decompressed
+and parsed only up to `PNG_PAYLOAD_BYTES`; `png_name` finds the concept name without decoding pixels.
 """
 
 import base64
@@ -16,7 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.limits import PNG_PAYLOAD_BYTES, PNG_PIXELS, mb
 
 KEY = "sd-ti-embedding"
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
@@ -35,6 +39,9 @@ def to_json(data: dict) -> bytes:
 
 
 def from_json(raw: bytes | str) -> dict:
+    if len(raw) > PNG_PAYLOAD_BYTES:
+        raise ValueError(f"an embedding payload of {mb(len(raw))} (at most {mb(PNG_PAYLOAD_BYTES)})")
+
     def hook(d: dict):
         return torch.from_numpy(np.array(d["TORCHTENSOR"], dtype=np.float64)) if "TORCHTENSOR" in d else d
 
@@ -82,12 +89,12 @@ def encode_blocks(payload: bytes, height: int, first_vector: torch.Tensor) -> tu
 
 def decode_pixels(image: Image.Image) -> dict | None:
     """The embedding dict hidden in an image's pixels, or None when it holds none."""
-    rgb = np.asarray(image.convert("RGB"))
-    lit = np.argwhere((rgb > 0).all(axis=-1))
-    if len(lit) == 0:
+    rgb = np.asarray(image.convert("RGB"))  # [h, w, 3]
+    lit = rgb.min(axis=-1) > 0  # [h, w]; rows and columns below, not argwhere (8 bytes a pixel)
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+    if len(rows) == 0:
         return None
-    (y0, x0), (y1, x1) = lit.min(0), lit.max(0)
-    low = rgb[y0 : y1 + 1, x0 : x1 + 1] & 0x0F
+    low = rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] & 0x0F
     empty = np.where((low == 0).all(axis=(0, 2)))[0]
     if len(empty) < 2:
         return None
@@ -96,9 +103,16 @@ def decode_pixels(image: Image.Image) -> dict | None:
         return None
     noise = (lcg(left.size) & 0x0F).reshape(left.shape)
     data = (((right ^ noise) << 4) | (left ^ noise)).astype(np.uint8).tobytes()
+    inflate = zlib.decompressobj()
     try:
-        return from_json(zlib.decompressobj().decompress(data))
-    except (zlib.error, ValueError, UnicodeDecodeError):
+        raw = inflate.decompress(data, PNG_PAYLOAD_BYTES)  # a zlib bomb stops at the cap
+    except zlib.error:
+        return None
+    if inflate.unconsumed_tail:
+        raise ValueError(f"its pixels inflate to more than {mb(PNG_PAYLOAD_BYTES)}")
+    try:
+        return from_json(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
@@ -145,10 +159,40 @@ def save_png_embedding(path: str | Path, preview: Image.Image, data: dict, short
     return path
 
 
+def _text_chunk(im: Image.Image) -> dict | None:
+    """The dict of the `sd-ti-embedding` chunk, if it comes before the pixels (A1111 writes it there)."""
+    text = im.info.get(KEY)
+    if not isinstance(text, str | bytes) or len(text) > PNG_PAYLOAD_BYTES * 4 // 3 + 4:
+        return None
+    return from_json(base64.b64decode(text))
+
+
+class NotAnEmbedding(UserError):
+    """An image that holds no embedding (a plain picture among embeddings is skipped, as A1111 does)."""
+
+
+def _open(path: str | Path) -> Image.Image:
+    im = Image.open(path)
+    if im.width * im.height > PNG_PIXELS:
+        im.close()
+        raise NotAnEmbedding(
+            f"{path}: an image of {im.width}x{im.height} pixels; embedding images are at most {PNG_PIXELS} pixels"
+        )
+    return im
+
+
+def png_name(path: str | Path) -> str | None:
+    """The concept name in an image's text chunk, read without decoding pixels; None when it has none."""
+    try:
+        with _open(path) as im:
+            data = _text_chunk(im)
+    except (UserError, OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError):
+        return None
+    return str(data["name"]) if isinstance(data, dict) and "name" in data else None
+
+
 def read_png_embedding(path: str | Path) -> dict | None:
     """The embedding dict of an image file (text chunk first, then pixels), or None for a plain image."""
-    with Image.open(path) as im:
-        text = getattr(im, "text", None) or {}
-        if KEY in text:
-            return from_json(base64.b64decode(text[KEY]))
-        return decode_pixels(im)
+    with _open(path) as im:
+        data = _text_chunk(im)
+        return data if data is not None else decode_pixels(im)
