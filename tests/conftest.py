@@ -96,6 +96,7 @@ class Outcome:
 
     code: int  # exit status (0 = finished)
     stderr: str
+    stdout: str
     errors: list[str]  # the `error: ...` lines
     warnings: list[str]  # warnings.warn messages and `warning: ...` lines
     out: Path  # the run folder
@@ -136,7 +137,8 @@ class Entry:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
-        err = self.capsys.readouterr().err
+        captured = self.capsys.readouterr()
+        err = captured.err
         assert "Traceback" not in err, err[-3000:]
         assert _snapshot(self.root, out) == before, "a file outside the run folder was written or deleted"
         after = _snapshot(out, out / ".lit_ti-none") if out.is_dir() else {}
@@ -145,7 +147,7 @@ class Entry:
         lines = err.splitlines()
         errors = [line for line in lines if line.startswith("error: ")]
         warned = [str(w.message) for w in caught] + [line for line in lines if line.startswith("warning: ")]
-        return Outcome(code, err, errors, warned, out)
+        return Outcome(code, err, captured.out, errors, warned, out)
 
     def train(self, *overrides: str) -> Outcome:
         import lit_ti.train
