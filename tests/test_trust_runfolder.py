@@ -169,17 +169,17 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("override", "differs"),
+    ("overrides", "differs"),
     [
-        ("name=zz-other", "name 'zz-concept' (this run: 'zz-other')"),
-        ("method.num_vectors=3", "'zz-concept': 2} (this run: {'zz-concept': 3})"),
-        ("method=hypernetwork", "method 'TextualInversion' (this run: 'HypernetworkMethod')"),
-        ("model.seed=1", "model 'lit_ti-tiny-seed0' (this run: 'lit_ti-tiny-seed1')"),
+        ([*QUICK, "name=zz-other"], "name 'zz-concept' (this run: 'zz-other')"),
+        ([*QUICK, "method.num_vectors=3"], "'zz-concept': 2} (this run: {'zz-concept': 3})"),
+        (METHODS["hypernetwork"], "method 'TextualInversion' (this run: 'HypernetworkMethod')"),
+        ([*QUICK, "model.seed=1"], "model 'lit_ti-tiny-seed0' (this run: 'lit_ti-tiny-seed1')"),
     ],
     ids=["name", "num-vectors", "method", "model"],
 )
-def test_a_resume_of_another_run_is_refused(entry, checkpoint, override, differs):
-    outcome = entry.train("name=zz-concept", *QUICK, override, f"ckpt_path={checkpoint}")
+def test_a_resume_of_another_run_is_refused(entry, checkpoint, overrides, differs):
+    outcome = entry.train("name=zz-concept", *overrides, f"ckpt_path={checkpoint}")
     one_error(outcome, f"ckpt_path={checkpoint}", differs)
     nothing_left(outcome)
 
@@ -304,13 +304,17 @@ def test_a_periodic_export_on_a_full_disk_warns_and_training_goes_on(entry, fail
     [(errno.ENOSPC, "free space"), (errno.EROFS, "read-only"), (errno.ENAMETOOLONG, "too long")],
     ids=["ENOSPC", "EROFS", "ENAMETOOLONG"],
 )
-def test_a_failing_final_export_is_one_line_and_a_resume_writes_it(entry, failing, code, fix):
-    failing(code, "/zz-concept.pt")
+def test_a_failing_final_export_is_one_line_and_a_resume_writes_it(entry, failing, monkeypatch, code, fix):
+    failing(code, "/.zz-concept.pt.lit_ti-")  # the temp file of the final .pt
     outcome = entry.train("name=zz-concept", *QUICK, *CKPT)
     last = outcome.out / "checkpoints" / "last.ckpt"
     one_error(outcome, "zz-concept.pt: could not be written", fix, f"ckpt_path={last}")
     assert torch.load(last, weights_only=True)["global_step"] == 2  # the trained state survived
     assert not (outcome.out / "zz-concept.pt").exists()
+
+    monkeypatch.undo()  # space freed: the printed resume (at the last step, no step to run) writes the files
+    resumed = entry.train("name=zz-concept", *QUICK, *CKPT, f"ckpt_path={last}")
+    assert resumed.code == 0 and io.load_embedding(outcome.out / "zz-concept.pt"), resumed.stderr[-2000:]
 
 
 def test_the_final_files_come_from_a_resume_at_the_last_step(entry, checkpoint):
