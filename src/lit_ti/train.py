@@ -155,7 +155,11 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
             if last is None or not folder.training:
                 raise
             raise paths.WriteFailed(f"{e}; then resume with ckpt_path={last}") from None
+    return _report(cfg, trainer, callbacks, start)
 
+
+def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) -> float | None:
+    """Print what was trained and where it is; exit 128 + signal after Ctrl-C/SIGTERM; return the metric."""
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     out = Path(cfg.paths.output_dir)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin"))
