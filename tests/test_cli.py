@@ -111,6 +111,22 @@ def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message
     assert not list(tmp_path.glob("run/*.pt"))
 
 
+def test_a_run_that_exits_2_leaves_no_file_behind(tmp_path):
+    # the mistake is found after Hydra wrote .hydra/ and train.log and TensorBoard its first event file
+    run = train("model=tiny", "data.template=none", "callbacks.toy_eval=null", f"hydra.run.dir={tmp_path / 'a/run'}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "a").exists(), sorted(tmp_path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_run_that_exits_2_in_a_users_folder_removes_only_its_own_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "old.tmp").write_text("mine too")
+    run = train("model=tiny", "name=../../x", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 2 and "error: name='../../x'" in run.stderr, run.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "old.tmp"]
+
+
 def test_cfg_job_prints_the_config():
     run = train("experiment=ti_style", "--cfg", "job")
     assert run.returncode == 0, run.stderr

@@ -78,13 +78,22 @@ def check_outputs(out: Path) -> None:
             pytest.fail(f"unexpected output {path}")
 
 
+def newest_checkpoint(out: Path) -> Path | None:
+    """last.ckpt, or the latest step's checkpoint when a kill landed between writing it and last.ckpt (a fresh
+    run into a folder with checkpoints is refused, so every later run must resume)."""
+    last = out / "checkpoints" / "last.ckpt"
+    steps = sorted(out.glob("checkpoints/step*.ckpt"), key=lambda p: int(p.stem[4:]))
+    return last if last.is_file() else (steps[-1] if steps else None)
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     zygote = Zygote()
     out, rng, kills, torn = tmp_path / "run", random.Random(0), 0, 0
     last = out / "checkpoints" / "last.ckpt"
     try:
         for i in range(KILLS):  # a run that never ends on its own, killed after 0.2-4 s (startup included)
-            resume = [f"ckpt_path={last}"] if last.is_file() else []
+            ckpt = newest_checkpoint(out)
+            resume = [f"ckpt_path={ckpt}"] if ckpt else []
             pid = zygote.start(out, tmp_path / f"run{i}.log", "trainer.max_steps=100000", *resume)
             time.sleep(rng.uniform(0.2, 4.0))
             subprocess.run(["kill", "-KILL", str(pid)], check=False)

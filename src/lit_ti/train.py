@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from lit_ti.callbacks import GracefulStop
 from lit_ti.config_checks import check_hydra_scope, check_missing
 from lit_ti.errors import UserError, report_user_errors
-from lit_ti.io.atomic import remove_stale
+from lit_ti.io import paths
+from lit_ti.io.checkpoint_io import read_checkpoint
+from lit_ti.run_folder import RunFolder
 
 
 def _asset(name: str) -> str:
@@ -114,29 +117,52 @@ def _config_error(key: str, node: DictConfig, cause: BaseException | None) -> Us
     return None
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Train as the config says; return `cfg.optimized_metric` (for sweeps) when it was logged."""
+def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
+    """Train as the config says; return `cfg.optimized_metric` (for sweeps) when it was logged.
+
+    Everything is validated before anything is written; see `lit_ti.run_folder` for what the run folder is
+    promised.
+    """
     start = time.time()
     check_missing(cfg)
     check_hydra_scope()
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    remove_stale(cfg.paths.output_dir)  # temp files of a killed run never became outputs
+    folder = folder or RunFolder(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint; use a run's checkpoints/last.ckpt")
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)  # a damaged or foreign file is refused before anything is built
     datamodule = _build("data", cfg.data)
     # the spec goes in as an object: passed through instantiate() it would turn back into a config
     method = _build("method", cfg.method, _partial_=True)
     method = _call("method", cfg.method, method, backbone=_build("model", cfg.model))
     callbacks = _named("callbacks", cfg.get("callbacks"))
     loggers = _named("logger", cfg.get("logger"))
-    trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    _check_inside(folder.root, cfg, callbacks, loggers)
+    checkpoint_dirs = [
+        Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint | GracefulStop) and c.dirpath
+    ]
+    if not cfg.get("ckpt_path"):
+        folder.refuse_finished(getattr(method, "name", cfg.get("name")), checkpoint_dirs)
+    folder.check_writable()
+    folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
+    trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback()], logger=loggers or False)
+    with paths.run_folder(folder.root):
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except paths.WriteFailed as e:  # the trained state is in the last checkpoint: say how to go on
+            last = next((d / "last.ckpt" for d in checkpoint_dirs if (d / "last.ckpt").is_file()), None)
+            if last is None or not folder.training:
+                raise
+            raise paths.WriteFailed(f"{e}; then resume with ckpt_path={last}") from None
+    return _report(cfg, trainer, callbacks, start)
 
+
+def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) -> float | None:
+    """Print what was trained and where it is; exit 128 + signal after Ctrl-C/SIGTERM; return the metric."""
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     out = Path(cfg.paths.output_dir)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin"))
@@ -173,10 +199,49 @@ def _overrides() -> list[str]:
         return []
 
 
+def _check_inside(root: Path, cfg: DictConfig, callbacks: list, loggers: list) -> None:
+    """Every configured output folder lies inside the run folder (refused up front, naming its key)."""
+    named = [(f"callbacks.{k}", c) for k, c in _keys("callbacks", cfg.get("callbacks"), callbacks)]
+    named += [(f"logger.{k}", lg) for k, lg in _keys("logger", cfg.get("logger"), loggers)]
+    for key, obj in named:
+        for attr in ("dirpath", "path", "save_dir"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, str | Path) and value:
+                try:
+                    paths.inside(value, root)
+                except UserError:
+                    raise UserError(
+                        f"{key}.{attr}={value}: lies outside the run folder {root}; lit_ti writes only inside "
+                        "it: point it below hydra.run.dir (or leave it at its default)"
+                    ) from None
+
+
+def _keys(group: str, node: DictConfig | None, built: list) -> list[tuple[str, object]]:
+    keys = [k for k, c in (node or {}).items() if c is not None and "_target_" in c]
+    return list(zip(keys, built, strict=True))
+
+
+def _caused_by_user(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
+
+
+def _run_undoing(cfg: DictConfig, folder: RunFolder) -> float | None:
+    """`run`; a user error before training began removes what this process made in the run folder."""
+    try:
+        return run(cfg, folder)
+    except Exception as e:
+        if _caused_by_user(e):
+            folder.undo()
+        raise
+
+
 def main(cfg: DictConfig) -> float | None:
     """`run` with user mistakes reported as one line (exit status 2) instead of a traceback."""
     try:
-        return report_user_errors(run, cfg)
+        return report_user_errors(_run_undoing, cfg, RunFolder(cfg.paths.output_dir))
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

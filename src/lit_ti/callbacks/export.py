@@ -1,10 +1,16 @@
 """Write the trained files (embeddings, hypernetworks) every N optimizer steps and at the end (also after
-Ctrl-C)."""
+Ctrl-C, and after a resume whose checkpoint was already at the last step).
+
+A periodic copy the system refuses to write (disk full, read-only) is a warning and training goes on; the
+final files failing stops the run with one line (the last checkpoint stays intact, so a resume writes them).
+"""
 
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from lit_ti.io.paths import WriteFailed
 
 
 class ExportEmbeddings(L.Callback):
@@ -23,6 +29,7 @@ class ExportEmbeddings(L.Callback):
         self.formats = tuple(formats)
         self.last_step = -1
         self.final_files: list[Path] = []
+        self.wrote_final = False
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -30,11 +37,22 @@ class ExportEmbeddings(L.Callback):
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             self.last_step = step
             folder = self.dirpath / getattr(pl_module, "periodic_dirname", "embeddings")
-            pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
+            try:
+                pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
+            except WriteFailed as e:
+                rank_zero_warn(f"{e}. Training goes on; the periodic copy of step {step} is missing")
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)
+        self.wrote_final = True
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # a resume from a checkpoint at max_steps runs no step and no on_train_end: a run killed during its
+        # final export still gets its final files
+        if not self.wrote_final and trainer.global_step > 0 and pl_module.backbone is not None:
+            self.on_train_end(trainer, pl_module)
 
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

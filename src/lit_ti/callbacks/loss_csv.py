@@ -5,15 +5,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.paths import WriteFailed, inside, write_failed
 
 
 class LossCSV(L.Callback):
     """Appends one row every `every_n_steps` optimizer steps; `loss` is the mean over the step's micro-batches.
 
-    The loss stays a device tensor until a row is written, so there is no host sync on other steps.
+    The loss stays a device tensor until a row is written, so there is no host sync on other steps. A row the
+    system refuses to write (disk full, read-only) is a warning (once, until writing works again), not a stop.
     """
 
     def __init__(self, dirpath: str, filename: str = "textual_inversion_loss.csv", every_n_steps: int = 1):
@@ -23,16 +25,21 @@ class LossCSV(L.Callback):
         self.count = 0
         self.last_step = 0
         self.lr = 0.0
+        self.failing = False
 
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
-        # a resumed run replays the steps after its checkpoint: drop the rows the killed run wrote for them
-        if trainer.global_step > 0 and self.path.is_file():
+        # a resumed run replays the steps after its checkpoint: drop the rows the killed run wrote for them (a
+        # fresh run drops all: what is there is from a run killed before its first checkpoint)
+        if self.path.is_file():
             lines = self.path.read_text().splitlines(keepends=True)
             keep = lines[:1] + [row for row in lines[1:] if _step(row) <= trainer.global_step]
             if len(keep) < len(lines):
-                with atomic_path(self.path) as tmp:
-                    tmp.write_text("".join(keep))
+                try:
+                    with atomic_path(self.path) as tmp:
+                        tmp.write_text("".join(keep))
+                except WriteFailed as e:
+                    self._warn(e)
         self.last_step = trainer.global_step
 
     @rank_zero_only
@@ -54,13 +61,24 @@ class LossCSV(L.Callback):
 
     def _write(self, trainer, step: int, loss: float) -> None:
         steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
-            writer.writerow([step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", self.lr])
+        path = inside(self.path)  # appended to, not renamed into place: checked here as atomic_path does
+        row = [step, (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch, f"{loss:.7f}", self.lr]
+        try:
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
+                writer.writerow(row)
+            self.failing = False
+        except OSError as e:
+            self._warn(write_failed(path, e))
+
+    def _warn(self, error: WriteFailed) -> None:
+        if not self.failing:
+            rank_zero_warn(f"{error}. Training goes on; loss rows are missing until writing works again")
+        self.failing = True
 
 
 def _step(row: str) -> float:

@@ -17,11 +17,12 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.paths import WriteFailed
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -77,12 +78,19 @@ class PreviewImages(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
-            self.render(trainer, pl_module, step)
+            self.render_or_warn(trainer, pl_module, step)
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self.last_step:
-            self.render(trainer, pl_module, trainer.global_step)
+            self.render_or_warn(trainer, pl_module, trainer.global_step)
+
+    def render_or_warn(self, trainer, pl_module, step: int) -> None:
+        """A preview the system refuses to write (disk full, read-only) is not worth stopping the training."""
+        try:
+            self.render(trainer, pl_module, step)
+        except WriteFailed as e:
+            rank_zero_warn(f"{e}. Training goes on without the preview of step {step}")
 
     @torch.no_grad()
     def render(self, trainer, pl_module, step: int) -> Path:

@@ -296,7 +296,13 @@ class DiffusionMethod(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- resume
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this run (stored in it as `lit_ti`)."""
+        bb = self.backbone
+        return {"method": type(self).__name__, "model": bb and bb.name, "model_hash": bb and bb.checkpoint_hash}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_ti"] = self.identity()
         # plain tensors and tuples only: Lightning reads checkpoints with torch.load(weights_only=True)
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng"] = {
@@ -307,6 +313,13 @@ class DiffusionMethod(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, now = checkpoint.get("lit_ti"), self.identity()
+        differs = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in now.items() if saved and saved.get(k) != v]
+        if differs:
+            raise UserError(
+                f"ckpt_path={self.trainer.ckpt_path}: a checkpoint of another run: {'; '.join(differs)}; resume "
+                "with that run's settings, or start a fresh run without ckpt_path in a new hydra.run.dir"
+            )
         rng = checkpoint.get("rng")
         if rng is None:
             return

@@ -20,6 +20,7 @@ from torch import Tensor
 from lit_ti import losses
 from lit_ti.errors import UserError
 from lit_ti.io.embeddings import to_file
+from lit_ti.io.paths import STEP
 from lit_ti.methods.textual_inversion import TextualInversion
 from lit_ti.models import Backbone
 from lit_ti.modules.ema import BankEMA
@@ -46,6 +47,7 @@ class DreamArtist(TextualInversion):
     """
 
     checkpointed = ("bank", "ema")
+    stem_suffixes = (f"{STEP}-live-neg.safetensors",)  # export_vectors=both: `<name>-<step>-live-neg`
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ import torch
 
 from lit_ti import io
 from lit_ti.errors import UserError
+from lit_ti.io.paths import STEP, check_name
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
@@ -52,7 +53,7 @@ class HypernetworkMethod(DiffusionMethod):
     ) -> None:
         super().__init__(backbone, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.name = name
+        self.name = check_name(name, "name", (f"{STEP}.safetensors",))
         self.sizes = list(sizes) if sizes else None
         self.hn_settings = dict(
             layer_structure=list(layer_structure),
@@ -85,6 +86,9 @@ class HypernetworkMethod(DiffusionMethod):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.hypernetwork.parameters())}]
+
+    def identity(self) -> dict:
+        return {**super().identity(), "name": self.name}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

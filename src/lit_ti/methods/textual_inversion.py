@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lit_ti import io
 from lit_ti.errors import UserError
+from lit_ti.io import paths
 from lit_ti.io.embeddings import from_file, shape_of, to_file
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
@@ -30,6 +31,7 @@ class TextualInversion(DiffusionMethod):
     """
 
     checkpointed = ("bank",)
+    stem_suffixes = (f"{paths.STEP}.safetensors",)  # the longest file names derived from `name`
 
     def __init__(
         self,
@@ -42,7 +44,7 @@ class TextualInversion(DiffusionMethod):
     ) -> None:
         super().__init__(backbone, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.name = name
+        self.name = paths.check_name(name, "name", self.stem_suffixes)
         self.num_vectors = num_vectors
         self.init_text = init_text
         self.init_file = init_file
@@ -82,6 +84,13 @@ class TextualInversion(DiffusionMethod):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.bank.parameters())}]
+
+    def identity(self) -> dict:
+        return {
+            **super().identity(),
+            "name": self.name,
+            "vectors": {n: self.bank.num_vectors(n) for n in self.bank.names},
+        }
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.prompt_encoder(list(prompts), self.device)
