@@ -123,6 +123,27 @@ class RunFolder:
         except OSError as e:
             raise write_failed(self.root, e) from None
 
+    def record_config(self, cfg) -> None:
+        """`.hydra/config.yaml` and `overrides.yaml`, written by us once the run is validated (Hydra's own
+        `output_subdir` is off: it would overwrite a finished run's record before any check could refuse)."""
+        from omegaconf import OmegaConf
+
+        from lit_ti.io.atomic import atomic_path
+
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:
+            overrides = []
+        config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        for name, text in (
+            ("config.yaml", OmegaConf.to_yaml(config)),
+            ("overrides.yaml", OmegaConf.to_yaml(overrides)),
+        ):
+            with atomic_path(self.root / ".hydra" / name) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+
     def remove_stale(self, checkpoint_dirs: list[Path]) -> list[Path]:
         return remove_stale([self.root / sub for sub in WRITTEN] + checkpoint_dirs)
 

@@ -147,6 +147,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
         folder.refuse_finished(getattr(method, "name", cfg.get("name")), checkpoint_dirs)
     folder.check_writable()
     folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
+    folder.record_config(cfg)
     trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback()], logger=loggers or False)
     with paths.run_folder(folder.root):
         for logger in loggers:
@@ -194,7 +195,9 @@ def _overrides() -> list[str]:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+        hydra = HydraConfig.get()
+        kept = [o for o in hydra.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+        return [*kept, f"hydra.run.dir={hydra.runtime.output_dir}"]  # resume into the same folder
     except ValueError:
         return []
 

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 def _duration(seconds: float) -> str:
-    minutes, s = divmod(int(round(seconds)), 60)
+    minutes, s = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {s:02d} s" if minutes else f"{s} s"
 
