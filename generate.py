@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 import lit_ti.train  # noqa: F401  (registers the lit_ti.* config resolvers)
+from lit_ti.cli import entry
 from lit_ti.errors import report_user_errors
 from lit_ti.generate import run
 
@@ -18,4 +19,4 @@ def generate(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    generate()
+    entry(generate, __file__, "generate")  # the command line checked first: one line for a mistake; --help

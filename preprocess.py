@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import hydra
 from omegaconf import DictConfig
 
+from lit_ti.cli import entry
 from lit_ti.errors import report_user_errors
 from lit_ti.preprocess import run
 
@@ -17,4 +18,4 @@ def preprocess(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preprocess()
+    entry(preprocess, __file__, "preprocess")  # the command line checked first: one line for a mistake; --help

@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 import lit_ti.train
+from lit_ti.cli import entry
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -16,4 +17,4 @@ def train(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    train()
+    entry(train, __file__, "train")  # the command line checked first: one line for a mistake; --help

@@ -2,6 +2,10 @@
 
 import re
 
+import pytest
+
+from tests.conftest import ROOT
+
 FAST = ["trainer.max_steps=6", "callbacks.toy_eval=null", "callbacks.preview=null", "callbacks.model_checkpoint=null"]
 
 
@@ -28,3 +32,40 @@ def test_a_resumed_run_continues_the_count(entry):
     assert resumed.code == 0, resumed.stderr[-2000:]
     screen = resumed.stdout.replace("\r", "\n")
     assert re.search(r"^step 5/5 ", screen, re.M) and not re.search(r"^step [12]/5 ", screen, re.M), screen
+
+
+MISTAKES = [
+    (["trainer.max_step=30"], "trainer.max_step=30: no such key; did you mean trainer.max_steps?"),
+    (["method.lr=0.1"], "method.lr=0.1: no such key; did you mean method.optimizer.lr?"),
+    (["method=textual_inversio"], "method=textual_inversio: no such option; use one of dreamartist, hypernetwork, "),
+    (["experiment=ti_subjct"], "(did you mean ti_subject?)"),
+    (["-m", "method.num_vectors=1,2", "trainer.max_stepz=3"], "trainer.max_stepz=3: no such key"),
+    (["data.dirr=/x"], "data.dirr=/x: no such key; did you mean data.dir?"),
+    (["method.optimizer.lr=[1"], "the command line:"),
+]
+
+
+@pytest.mark.parametrize(("argv", "line"), MISTAKES, ids=[m[0][-1] for m in MISTAKES])
+def test_a_command_line_mistake_is_one_line_and_exit_2(capsys, argv, line):
+    from lit_ti.cli import entry
+
+    ran = []
+    with pytest.raises(SystemExit) as stop:
+        entry(lambda: ran.append(1), str(ROOT / "train.py"), "train", argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not ran
+    assert err.count("\n") == 1 and err.startswith("error: ") and line in err, err
+
+
+def test_help_lists_groups_options_and_keys_from_the_configs(capsys):
+    from lit_ti.cli import entry
+
+    entry(lambda: pytest.fail("--help must not run the task"), str(ROOT / "train.py"), "train", ["--help"])
+    text = capsys.readouterr().out
+    assert re.search(r"^  method +dreamartist, hypernetwork, textual_inversion  \[textual_inversion\]$", text, re.M)
+    assert re.search(r"^  experiment +.*dreamartist_character.*  \[null\]$", text, re.M)
+    # a key's meaning is its comment in configs/, so the two cannot disagree
+    comment = "vectors per token; each uses one of the prompt's 75 tokens"
+    assert comment in (ROOT / "configs" / "method" / "textual_inversion.yaml").read_text()
+    assert re.search(rf"^  method\.num_vectors +{re.escape(comment)}$", text, re.M)
+    assert "Hydra" not in text.split("--hydra-help")[0].replace("Hydra's own options", "")

@@ -1,0 +1,136 @@
+"""The command line before Hydra: mistakes Hydra would answer with a traceback or advice that fails get one
+`error:` line with the fix (exit 2), and `--help` describes lit_ti's own config, not Hydra's.
+
+`train.py`, `generate.py` and `preprocess.py` call `entry(config_name, task)`: the overrides are composed
+once up front (as `python train.py ... --cfg job` would); only when that succeeds does Hydra run the task.
+"""
+
+import difflib
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lit_ti.errors import UserError
+
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun"}
+OWN_CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
+
+
+def overrides_of(argv: list[str]) -> list[str] | None:
+    """The key=value overrides of a command line (None when it names another config: nothing to check)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.split("=")[0] in OWN_CONFIG_FLAGS:
+            return None
+        elif a.startswith("-"):
+            skip = a in VALUE_FLAGS and a != "--info"
+        else:
+            out.append(a)
+    return out
+
+
+def single_run(overrides: list[str]) -> list[str]:
+    """A sweep's first point (`lr=1,2` -> `lr=1`); searches Optuna draws from (`interval(...)`) are dropped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if not override.is_sweep_override():
+            out.append(text)
+        elif not override.is_interval_sweep():
+            first = next(iter(override.sweep_string_iterator()), None)
+            if first is not None:
+                out.append(f"{override.get_key_element()}={first}")
+    return out
+
+
+def options(configs: Path, group: str) -> list[str]:
+    folder = configs / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def key_paths(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    paths = []
+    for k in node:
+        path = f"{prefix}.{k}" if prefix else str(k)
+        child = node._get_node(k)
+        paths.append(path)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            paths += key_paths(child, path)
+    return paths
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """The closest known key: the same last word in the same group first (`method.lr` ->
+    `method.optimizer.lr`), else the closest spelling."""
+    last, group = key.split(".")[-1], key.split(".")[0]
+    same = [k for k in known if k.split(".")[-1] == last and k.split(".")[0] == group]
+    close = same or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; see python train.py --help or --cfg job for the keys"
+
+
+def explain(error: Exception, overrides: list[str], compose: Callable, configs: Path) -> str:
+    """One line for a composition error."""
+    text = str(error)
+    if m := re.search(r"Could not override '([^']+)'", text):
+        key = m.group(1)
+        given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), key)
+        groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0]]
+        try:
+            known = key_paths(compose(groups))
+        except Exception:
+            known = []
+        return f"{given}: no such key{did_you_mean(key, known)}"
+    if m := re.search(r"Could not find '([^']+)/([^'/]+)'", text) or re.search(
+        r"In '[^']+': Could not find '([^']+)/([^']+)'", text
+    ):
+        group, option = m.group(1).lstrip("/"), m.group(2)
+        names = options(configs, group)
+        close = difflib.get_close_matches(option, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{group}={option}: no such option; use one of {', '.join(names)}{hint}"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"the command line: {first}"
+
+
+def check(configs: Path, config_name: str, argv: list[str]) -> None:
+    """Compose the command line's config once; a mistake becomes a UserError with one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = overrides_of(argv)
+    if overrides is None:
+        return
+
+    def composed(chosen: list[str]):
+        with initialize_config_dir(version_base="1.3", config_dir=str(configs)):
+            return compose(config_name, overrides=chosen)
+
+    try:
+        composed(single_run(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise UserError(explain(e, overrides, composed, configs)) from None
+
+
+def entry(task: Callable[[], object], script: str, config_name: str, argv: list[str] | None = None) -> None:
+    """Run a Hydra task function (`script` is the entry script's `__file__`; its `configs/` folder) after
+    checking its command line; `--help` prints lit_ti's help."""
+    argv = sys.argv[1:] if argv is None else argv
+    configs = Path(script).resolve().parent / "configs"
+    if any(a in ("--help", "-h") for a in argv):
+        from lit_ti.cli_help import help_text
+
+        print(help_text(configs, config_name, Path(script).name))
+        return
+    try:
+        check(configs, config_name, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    task()
