@@ -46,7 +46,7 @@ def test_init_text_is_spread_over_the_vectors(backbone):
     assert torch.equal(v, rows[[red, red, red, dog, dog]])
     assert torch.equal(init_vectors(tok, te, "red dog cat", 2), rows[[red, dog]])  # truncated to n tokens
     assert torch.equal(init_vectors(tok, te, "", 3), torch.zeros(3, rows.shape[1]))
-    with pytest.raises(UserError, match="num_vectors"):
+    with pytest.raises(ValueError, match="n=76"):
         init_vectors(tok, te, "x", 76)
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_ti.callbacks import GracefulStop
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io.atomic import remove_stale
+from lit_ti.run_checks import check_run
 
 
 def _asset(name: str) -> str:
@@ -116,6 +117,7 @@ def _config_error(key: str, node: DictConfig, cause: BaseException | None) -> Us
 def run(cfg: DictConfig) -> float | None:
     """Train as the config says; return `cfg.optimized_metric` (for sweeps) when it was logged."""
     start = time.time()
+    check_run(cfg)
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
     remove_stale(cfg.paths.output_dir)  # temp files of a killed run never became outputs
