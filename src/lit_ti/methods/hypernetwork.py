@@ -21,12 +21,12 @@ from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder
 MAX_STRENGTH = 10.0  # A1111's slider ends at 1; prompts may ask for more
 
 
-def as_list(key: str, value) -> list | None:
+def as_list(key: str, value, example: str) -> list | None:
     """A config list (a Hydra ListConfig, a list or tuple) as a list; None stays None."""
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise UserError(f"{key}={quote(value)}: write a list, e.g. {key}=[1,2,1], or null")
+        raise UserError(f"{key}={quote(value)}: write a list, e.g. {key}={example}, or null")
     return list(value)
 
 
@@ -65,14 +65,14 @@ class HypernetworkMethod(DiffusionMethod):
         super().__init__(backbone, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.name = name
-        self.sizes = as_list("method.sizes", sizes) or None
+        self.sizes = as_list("method.sizes", sizes, "[768,320,640,1280]") or None
         self.hn_settings = dict(
-            layer_structure=as_list("method.layer_structure", layer_structure),
+            layer_structure=as_list("method.layer_structure", layer_structure, "[1,2,1]"),
             activation_func=activation_func,
             weight_init=weight_initialization,
             add_layer_norm=add_layer_norm,
             activate_output=activate_output,
-            dropout_structure=as_list("method.dropout_structure", dropout_structure) or None,
+            dropout_structure=as_list("method.dropout_structure", dropout_structure, "[0,0.3,0]") or None,
         )
         check_settings(**self.hn_settings)
         for size in self.sizes or []:
