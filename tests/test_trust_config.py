@@ -95,7 +95,7 @@ CASES = [
         [*DA, "method.reconstruction_weight=-1"],
         2,
         "method.reconstruction_weight",
-    ),  # fmt: skip
+    ),
     ("clip-norm-zero", "train", [*DA, "method.embedding_clip_norm=0"], 2, "method.embedding_clip_norm"),
     ("neg-vectors-zero", "train", [*DA, "method.neg_num_vectors=0"], 2, "method.neg_num_vectors"),
     ("neg-vectors-76", "train", [*DA, "method.neg_num_vectors=76"], 2, "method.neg_num_vectors"),
@@ -127,7 +127,7 @@ CASES = [
         ["callbacks.preview.num_inference_steps=0"],
         2,
         "callbacks.preview.num_inference_steps",
-    ),  # fmt: skip
+    ),
     ("preview-guidance-nan", "train", ["callbacks.preview.guidance_scale=nan"], 2, "callbacks.preview.guidance_scale"),
     ("preview-size-65", "train", ["callbacks.preview.size=65"], 2, "callbacks.preview.size"),
     ("preview-seed-negative", "train", ["callbacks.preview.seed=-1"], 2, "callbacks.preview.seed"),
@@ -143,7 +143,7 @@ CASES = [
         ["+callbacks.val_loss._target_=lit_ti.callbacks.ValidationLoss", "+callbacks.val_loss.draws=0"],
         2,
         "callbacks.val_loss.draws",
-    ),  # fmt: skip
+    ),
     # evaluate.py
     ("evaluate-missing-file", "evaluate", ["{root}/user/none.pt", "purple_star"], 2, "embedding"),
     ("evaluate-hostile-file", "evaluate", ["{files}/evil.pt", "purple_star"], 2, "embedding"),

@@ -14,8 +14,8 @@ def check_run(cfg: DictConfig) -> None:
     trainer = cfg.get("trainer") or {}
     key = "trainer."
     check_number(key + "max_steps", trainer.get("max_steps"), 1, MAX_PERIOD, integer=True, hint="optimizer steps")
-    check_number(key + "accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), 1, MAX_ACCUMULATION,
-                 integer=True)  # fmt: skip
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    check_number(key + "accumulate_grad_batches", accumulate, 1, MAX_ACCUMULATION, integer=True)
     check_number(key + "gradient_clip_val", trainer.get("gradient_clip_val"), 0, 1e6, optional=True, hint="0 = off")
     if trainer.get("gradient_clip_algorithm") is not None:
         check_choice(key + "gradient_clip_algorithm", trainer.get("gradient_clip_algorithm"), ("norm", "value"))
