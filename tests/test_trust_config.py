@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lit_ti.io import save_embedding
+from lit_ti.io import load_embedding, save_embedding
 from tests.conftest import make_concept_dir
 
 FAST = ["callbacks.toy_eval=null", "callbacks.preview=null", "callbacks.model_checkpoint=null"]
@@ -185,3 +185,76 @@ def test_out_of_range_values_are_one_line(entry, case, kind, args, code, key):
     assert outcome.errors[0].startswith(f"error: {key}"), outcome.errors[0]
     assert len(outcome.errors[0]) < 600 and "\x1b" not in outcome.errors[0]
     assert not (outcome.out / "zz-concept.safetensors").exists()
+
+
+# ---------------------------------------------------------------- no crash loop
+LOOP = [
+    "name=zz-concept",
+    "trainer.max_steps=2",
+    "data.batch_size=2",
+    "callbacks.toy_eval=null",
+    "callbacks.preview=null",
+    "callbacks.export.every_n_steps=0",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+]
+
+
+DA_REC = ["experiment=toy_dreamartist", "method.reconstruction=true"]  # the pair, with its pixel loss
+
+
+def train_and_resume_from_every_checkpoint(entry, *overrides):
+    """A run to its end, then a resume from each of its checkpoints, each to the end: the first run's outcome."""
+    first = entry.train(*LOOP, *overrides)
+    assert first.code == 0 and not first.errors, first.stderr[-3000:]
+    checkpoints = sorted((entry.out / "checkpoints").glob("step*.ckpt"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        again = entry.train(*LOOP, *overrides, f"ckpt_path={checkpoint}")
+        assert again.code == 0 and not again.errors, again.stderr[-3000:]
+        assert (entry.out / "zz-concept.safetensors").is_file()
+    return first
+
+
+def long_caption_folder(folder):
+    """Two images whose captions are far longer than a prompt's 75 tokens."""
+    make_concept_dir(folder, n=2)
+    words = ", ".join(f"detail {i} of a very long and wordy caption" for i in range(20))
+    for txt in [folder / "000-a square thing.txt", folder / "001-a square thing.txt"]:
+        txt.write_text(words + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("method", [[], pytest.param(DA_REC, marks=pytest.mark.slow)], ids=["ti", "da"])
+def test_long_captions_keep_the_name_and_resume_from_any_checkpoint(entry, method):
+    data = long_caption_folder(entry.root / "user" / "long")
+    first = train_and_resume_from_every_checkpoint(entry, *method, f"data.dir={data}", "data.template=style_filewords")
+    budget = [w for w in first.warnings if "token budget" in w]
+    assert len(budget) == 1 and "every concept token is kept" in budget[0]
+    assert not [w for w in first.warnings if "no trained token" in w]
+
+
+@pytest.mark.parametrize("method", [[], pytest.param(DA_REC, marks=pytest.mark.slow)], ids=["ti", "da"])
+def test_samples_without_the_token_never_crash_a_run(entry, monkeypatch, method):
+    # past the up-front template check (the refusal is its own case above), straight into the step
+    monkeypatch.setattr("lit_ti.methods.textual_inversion.check_names", lambda *args: None)
+    template = entry.root / "user" / "mixed.txt"
+    template.parent.mkdir(parents=True, exist_ok=True)
+    template.write_text("a photo of [name]\na plain photo\n", encoding="utf-8")
+    first = train_and_resume_from_every_checkpoint(entry, *method, f"data.template={template}")
+    assert any("hold no trained token" in w for w in first.warnings)
+
+
+def test_a_step_without_any_token_changes_nothing(entry, monkeypatch):
+    from lit_ti.models import DiffusersFolder
+    from lit_ti.modules.text_conditioning import init_vectors
+    from lit_ti.train import _asset
+
+    monkeypatch.setattr("lit_ti.methods.textual_inversion.check_names", lambda *args: None)
+    template = entry.root / "user" / "plain.txt"
+    template.parent.mkdir(parents=True, exist_ok=True)
+    template.write_text("a plain photo\n", encoding="utf-8")
+    first = train_and_resume_from_every_checkpoint(entry, f"data.template={template}")
+    assert any("changes nothing" in w for w in first.warnings)
+    bb = DiffusersFolder(_asset("toy_base")).load()
+    trained = load_embedding(entry.out / "zz-concept.safetensors")["zz-concept"]
+    assert torch.equal(trained, init_vectors(bb.tokenizer, bb.text_encoder, "*", 2))
