@@ -1,9 +1,14 @@
+import re
+import warnings
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lit_ti.errors import UserError
 from lit_ti.modules.embedding_bank import EmbeddingBank
-from lit_ti.modules.text_conditioning import PromptTokenizer, check_name, encode, init_vectors
+from lit_ti.modules.text_conditioning import PromptTokenizer, check_name, encode, init_vectors, shorten
 
 
 def clip_states(backbone, prompt: str, clip_skip: int = 1) -> torch.Tensor:
@@ -46,7 +51,7 @@ def test_init_text_is_spread_over_the_vectors(backbone):
     assert torch.equal(v, rows[[red, red, red, dog, dog]])
     assert torch.equal(init_vectors(tok, te, "red dog cat", 2), rows[[red, dog]])  # truncated to n tokens
     assert torch.equal(init_vectors(tok, te, "", 3), torch.zeros(3, rows.shape[1]))
-    with pytest.raises(UserError, match="num_vectors"):
+    with pytest.raises(ValueError, match="n=76"):
         init_vectors(tok, te, "x", 76)
 
 
@@ -73,8 +78,45 @@ def test_gradient_reaches_only_the_vectors_in_the_prompt(backbone):
 def test_long_prompt_is_cut_with_a_warning(backbone):
     bank = bank_with(backbone, zz_a=("cat", 4))
     with pytest.warns(UserWarning, match="budget"):
-        ids, _ = PromptTokenizer(backbone.tokenizer, bank)(["word " * 100 + "zz-a"])
+        ids, slots = PromptTokenizer(backbone.tokenizer, bank)(["word " * 100 + "zz-a"])
     assert ids.shape == (1, 77) and ids[0, -1] == backbone.tokenizer.eos_token_id
+    assert slots[0].tolist()[-5:] == [0, 1, 2, 3, -1]  # the name at the end survives
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from(["word", "red", "zz-a", "zz-b", "a, b", "photo of"]), min_size=1, max_size=120),
+    st.integers(1, 30),
+)
+def test_shortened_prompts_keep_every_concept_token(backbone, pieces, vectors):
+    """Whatever the words around them, a prompt over the budget loses words, never a concept vector (as long as
+    the names alone fit), keeps its order, and the warning comes once per tokenizer."""
+    bank = bank_with(backbone, zz_a=("cat", vectors), zz_b=("dog", 2))
+    tokenizer = PromptTokenizer(backbone.tokenizer, bank)
+    prompt = " ".join(pieces)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, slots = tokenizer([prompt, prompt + " word"])
+    wanted = [s for name in re.findall(r"zz-[ab]", prompt) for s in bank_slots(bank, name)]
+    kept = [s for s in slots[0].tolist() if s >= 0]
+    if len(wanted) <= 75:
+        assert kept == wanted
+    assert ids.shape == (2, 77) and ids[0, 0] == backbone.tokenizer.bos_token_id
+    assert len([w for w in caught if "budget" in str(w.message)]) <= 1
+
+
+def bank_slots(bank: EmbeddingBank, name: str) -> list[int]:
+    start = bank.offsets()[name]
+    return list(range(start, start + bank.num_vectors(name)))
+
+
+def test_shorten_cuts_the_longest_stretch_of_words():
+    # [name] between a short and a long stretch: the long one (the caption) loses its end
+    ids = [1, 2, 0, 3, 4, 5, 6, 7]
+    slots = [-1, -1, 0, -1, -1, -1, -1, -1]
+    assert shorten(ids, slots, 6) == ([1, 2, 0, 3, 4, 5], [-1, -1, 0, -1, -1, -1])
+    assert shorten(ids, slots, 1) == ([0], [0])  # only the concept token is left
+    assert shorten([0, 0, 1], [0, 1, -1], 1) == ([0], [0])  # names alone over the budget: their first vectors
 
 
 @pytest.mark.parametrize("name", ["cat", "Cat", "photo", "", "two words", "a,b", "(x)", "x:1", "[name]"])

@@ -2,6 +2,7 @@
 may be is checked by the constructor that owns it.
 
 * Every mandatory value (`???`) is given: one line naming the key, instead of OmegaConf's traceback.
+* Values no lit_ti constructor owns (the run's seed, Lightning's Trainer arguments) are in range.
 * The toy world keeps to itself: its data (and the settings tuned for it, configs/tuning/toy/) must not reach
   a run on the user's own model, and the user's folder must not be silently replaced by toy renders. The
   config tree does most of this (toy tuning applies only with `data=toy`); what it cannot express — which
@@ -10,7 +11,24 @@ may be is checked by the constructor that owns it.
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lit_ti.errors import UserError
+from lit_ti.errors import MAX_PERIOD, UserError, check_choice, check_number, check_seed
+
+MAX_ACCUMULATION = 1024  # micro-batches per optimizer step
+
+
+def check_run(cfg: DictConfig) -> None:
+    """One UserError naming the first out-of-range value among the top-level seed and `trainer.*`."""
+    check_seed("seed", cfg.get("seed"))
+    trainer = cfg.get("trainer") or {}
+    key = "trainer."
+    check_number(key + "max_steps", trainer.get("max_steps"), 1, MAX_PERIOD, integer=True, hint="optimizer steps")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    check_number(key + "accumulate_grad_batches", accumulate, 1, MAX_ACCUMULATION, integer=True)
+    check_number(key + "gradient_clip_val", trainer.get("gradient_clip_val"), 0, 1e6, optional=True, hint="0 = off")
+    if trainer.get("gradient_clip_algorithm") is not None:
+        check_choice(key + "gradient_clip_algorithm", trainer.get("gradient_clip_algorithm"), ("norm", "value"))
+    check_number(key + "log_every_n_steps", trainer.get("log_every_n_steps", 50), 1, MAX_PERIOD, integer=True)
+
 
 EXAMPLES = {  # what a missing key wants, for the message
     "name": "name=my-cat (the word for prompts and the name of the files)",

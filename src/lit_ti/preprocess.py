@@ -8,18 +8,20 @@ collide, and `src` is only read.
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from lit_ti.data.images import SIDECAR_SUFFIXES, display, load_image, why_unreadable
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, check_choice, check_flag, check_number, quote
 from lit_ti.io.atomic import atomic_path
 
 CAPTION_ACTIONS = ("ignore", "keep", "prepend", "append")
+MIN_SIZE, MAX_SIZE = 8, 8192  # output pixels per side
 FLIPS = ("none", "horizontal", "vertical", "both")
 
 
@@ -125,19 +127,40 @@ def _first_index(dst: Path) -> int:
     return max(found) + 1 if found else 0
 
 
-def run(cfg: DictConfig) -> dict:
-    src, dst = Path(cfg.src).expanduser(), Path(cfg.dst).expanduser()
+def check(cfg: DictConfig) -> tuple[Path, Path, int, int]:
+    """Every option in range before anything is read or written: (src, dst, width, height)."""
+    for key in ("src", "dst"):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
+            raise UserError(f"{key}: not set; python preprocess.py src=<raw images> dst=<training folder>")
+    src, dst = Path(str(cfg.src)).expanduser(), Path(str(cfg.dst)).expanduser()
     if not src.is_dir():
-        raise UserError(f"src: {src} is not a folder of images")
+        raise UserError(f"src: {quote(str(src))} is not a folder of images")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise UserError(f"dst: {dst} must be outside src ({src}); preprocessing never writes into its source")
-    if cfg.existing_caption not in CAPTION_ACTIONS:
-        raise UserError(f"existing_caption={cfg.existing_caption!r}: use one of {', '.join(CAPTION_ACTIONS)}")
-    if cfg.flip not in FLIPS:
-        raise UserError(f"flip={cfg.flip!r}: use one of {', '.join(FLIPS)}")
-    if cfg.crop not in ("center", "focal"):
-        raise UserError(f"crop={cfg.crop!r}: use center or focal")
-    width, height = int(cfg.width), int(cfg.height or cfg.width)
+    check_choice("existing_caption", cfg.existing_caption, CAPTION_ACTIONS)
+    check_choice("flip", cfg.flip, FLIPS)
+    check_choice("crop", cfg.crop, ("center", "focal"))
+    width = check_number("width", cfg.width, MIN_SIZE, MAX_SIZE, integer=True)
+    height = check_number("height", cfg.height, MIN_SIZE, MAX_SIZE, integer=True, optional=True, hint="null = width")
+    check_number("split_threshold", cfg.split_threshold, 0, 1, low_open=True, hint="A1111's default is 0.5")
+    check_number("split_overlap", cfg.split_overlap, 0, 0.9, hint="the share of a tile its neighbour repeats")
+    check_number("focal_entropy", cfg.focal_entropy, 0, 1)
+    check_number("focal_edges", cfg.focal_edges, 0, 1)
+    for key in ("split", "progress"):
+        check_flag(key, cfg[key])
+    caption = cfg.caption
+    check_number("caption.threshold", caption.threshold, 0, 1, hint="tags scoring at least this are kept")
+    check_choice("caption.sort", caption.sort, ("alphabetical", "score"))
+    check_flag("caption.spaces", caption.spaces)
+    check_flag("caption.escape_brackets", caption.escape_brackets)
+    exclude = caption.exclude
+    if isinstance(exclude, str) or not isinstance(exclude, Sequence) or not all(isinstance(t, str) for t in exclude):
+        raise UserError(f"caption.exclude={quote(exclude)}: a list of tags, e.g. caption.exclude='[rating:safe]'")
+    return src, dst, width, height or width
+
+
+def run(cfg: DictConfig) -> dict:
+    src, dst, width, height = check(cfg)
     captioners = []
     if cfg.caption.blip:
         from lit_ti.captioning import BlipCaptioner

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_ti.callbacks import GracefulStop
-from lit_ti.config_checks import check_hydra_scope, check_missing
+from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
@@ -126,6 +126,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
     start = time.time()
     check_missing(cfg)
     check_hydra_scope()
+    check_run(cfg)
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
     folder = folder or RunFolder(cfg.paths.output_dir)

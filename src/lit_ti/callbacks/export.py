@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from lit_ti.errors import UserError, check_period
 from lit_ti.io.paths import WriteFailed
 
 
@@ -25,7 +26,9 @@ class ExportEmbeddings(L.Callback):
 
     def __init__(self, dirpath: str, every_n_steps: int = 500, formats: tuple[str, ...] = ("pt", "safetensors")):
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_period("callbacks.export.every_n_steps", every_n_steps)
+        if isinstance(formats, str) or not formats:
+            raise UserError("callbacks.export.formats: a non-empty list, e.g. [pt, safetensors]")
         self.formats = tuple(formats)
         self.last_step = -1
         self.final_files: list[Path] = []

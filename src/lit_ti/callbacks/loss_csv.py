@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from lit_ti.errors import UserError, check_period
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.paths import WriteFailed, inside, write_failed
 
@@ -19,8 +20,10 @@ class LossCSV(L.Callback):
     """
 
     def __init__(self, dirpath: str, filename: str = "textual_inversion_loss.csv", every_n_steps: int = 1):
+        if not isinstance(filename, str) or Path(filename).name != filename or filename in ("", ".", ".."):
+            raise UserError(f"callbacks.loss_csv.filename={filename!r}: a file name, without folders")
         self.path = Path(dirpath) / filename
-        self.every_n_steps = max(1, every_n_steps)
+        self.every_n_steps = check_period("callbacks.loss_csv.every_n_steps", every_n_steps, low=1)
         self.total: torch.Tensor | None = None
         self.count = 0
         self.last_step = 0

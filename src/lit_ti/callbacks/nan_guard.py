@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_ti.errors import check_period
+
 
 class NanGuard(L.Callback):
     """Args:
@@ -17,7 +19,7 @@ class NanGuard(L.Callback):
     """
 
     def __init__(self, max_bad_steps: int = 10) -> None:
-        self.max_bad_steps = max_bad_steps
+        self.max_bad_steps = check_period("callbacks.nan_guard.max_bad_steps", max_bad_steps, low=1)
         self.bad = 0
         self.skipped = 0
         self.good: list[torch.Tensor] = []

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
 
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, check_choice, check_number, check_period, check_seed
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.paths import WriteFailed
 
@@ -30,6 +30,9 @@ SAMPLERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
 }
+
+
+MAX_IMAGES = 64  # a preview row
 
 
 class PreviewImages(L.Callback):
@@ -58,18 +61,19 @@ class PreviewImages(L.Callback):
         size: int | None = None,
         embed_in_png: bool = True,
     ) -> None:
-        if sampler not in SAMPLERS:
-            raise UserError(f"callbacks.preview.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
+        key = "callbacks.preview."
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
-        self.prompt = prompt
-        self.negative_prompt = negative_prompt
-        self.seed = seed
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.sampler = sampler
-        self.num_images = num_images
-        self.size = size
+        self.every_n_steps = check_period(key + "every_n_steps", every_n_steps)
+        self.prompt = "" if prompt is None else str(prompt)
+        self.negative_prompt = "" if negative_prompt is None else str(negative_prompt)
+        self.seed = check_seed(key + "seed", seed)
+        self.num_inference_steps = check_number(key + "num_inference_steps", num_inference_steps, 1, 1000, integer=True)
+        self.guidance_scale = check_number(key + "guidance_scale", guidance_scale, 1, 30, hint="1 = no guidance")
+        self.sampler = check_choice(key + "sampler", sampler, SAMPLERS)
+        self.num_images = check_number(key + "num_images", num_images, 1, MAX_IMAGES, integer=True)
+        self.size = check_number(key + "size", size, 8, 4096, integer=True, optional=True)
+        if self.size is not None and self.size % 8:
+            raise UserError(f"{key}size={size}: use a multiple of 8 (the VAE's downscale), or null")
         self.embed_in_png = embed_in_png
         self.last_step = -1
         self.written: list[Path] = []

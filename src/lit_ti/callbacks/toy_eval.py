@@ -4,8 +4,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lit_ti.toy.evaluation import evaluate
+from lit_ti.errors import check_choice
+from lit_ti.toy.evaluation import check_concept, check_samples, evaluate
 from lit_ti.toy.style import evaluate_style
+from lit_ti.toy.world import STYLES
 
 TOY_MODEL = "toy_base"  # the shipped model's folder name; on any other model there is no ground truth
 
@@ -20,8 +22,8 @@ class ToyEvaluation(L.Callback):
     """
 
     def __init__(self, concept: str, samples: int = 32) -> None:
-        self.concept = concept
-        self.samples = samples
+        self.concept = check_concept("callbacks.toy_eval.concept", concept)
+        self.samples = check_samples("callbacks.toy_eval.samples", samples)
         self.init: dict | None = None
         self.results: dict = {}
 
@@ -63,8 +65,8 @@ class ToyStyleEvaluation(L.Callback):
     """
 
     def __init__(self, style: str = "topleft", samples: int = 32) -> None:
-        self.style = style
-        self.samples = samples
+        self.style = check_choice("callbacks.toy_style_eval.style", style, STYLES[1:])
+        self.samples = check_samples("callbacks.toy_style_eval.samples", samples, low=1)
         self.results: dict = {}
 
     @rank_zero_only

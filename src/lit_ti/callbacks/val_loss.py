@@ -7,6 +7,7 @@ same denoising problems. Images come from a held-out folder when given, else fro
 """
 
 import random
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ti import losses
 from lit_ti.data.datamodule import ConceptDataModule
 from lit_ti.data.templates import fill
+from lit_ti.errors import UserError, check_number, check_period, check_seed
 
 
 class ValidationLoss(L.Callback):
@@ -28,10 +30,12 @@ class ValidationLoss(L.Callback):
     """
 
     def __init__(self, dir: str | None = None, draws: int = 8, every_n_steps: int | None = None, seed: int = 0):
+        if dir is not None and not Path(dir).expanduser().is_dir():
+            raise UserError(f"callbacks.val_loss.dir: {dir} is not a folder of held-out images; fix it, or null")
         self.dir = dir
-        self.draws = draws
-        self.every_n_steps = every_n_steps
-        self.seed = seed
+        self.draws = check_number("callbacks.val_loss.draws", draws, 1, 1024, integer=True)
+        self.every_n_steps = check_period("callbacks.val_loss.every_n_steps", every_n_steps, low=1, optional=True)
+        self.seed = check_seed("callbacks.val_loss.seed", seed)
         self.images: tuple[torch.Tensor, list[str]] | None = None  # latents [N, 4, h, w], prompts
         self.last_step: int | None = None
 

@@ -5,7 +5,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, quote
 
 SHIPPED = ("subject", "subject_filewords", "style", "style_filewords", "hypernetwork", "none", "toy", "filewords")
 
@@ -25,6 +25,17 @@ def load_templates(template: str) -> list[str]:
     if not lines:
         raise UserError(f"data.template={template!r} has no prompt lines; write one prompt per line")
     return lines
+
+
+def check_names(template: str, lines: list[str]) -> None:
+    """Every line of an embedding method's template must hold `[name]`: a prompt without the trained token
+    gives its sample nothing to train (A1111 would train on it anyway; the step would have no gradient)."""
+    for number, line in enumerate(lines, 1):
+        if "[name]" not in line:
+            raise UserError(
+                f"data.template={quote(template)}: line {number} ({quote(line)}) lacks [name], so its samples "
+                "would not train the embedding; put [name] in every line (e.g. the subject or style template)"
+            )
 
 
 def without_filewords(template: str, lines: list[str]) -> list[str]:

@@ -16,10 +16,14 @@ import torch
 from torch import Tensor
 
 from lit_ti import losses
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, check_number
+from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
 from lit_ti.models import Backbone, compiled, weight_dtype
 from lit_ti.modules.text_conditioning import Conditioning
 from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
+
+MAX_CLIP_SKIP = 32  # CLIP layers of the largest text encoder (SDXL's OpenCLIP bigG)
+MAX_TIMESTEPS = 10_000  # any diffusion schedule (SD's has 1000)
 
 
 class DiffusionMethod(L.LightningModule):
@@ -59,9 +63,10 @@ class DiffusionMethod(L.LightningModule):
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
             raise UserError("method.lr_schedule and method.lr_scheduler are both set; keep one and null the other")
-        if clip_skip < 1:
-            raise UserError(f"method.clip_skip={clip_skip}: must be >= 1 (1 = last layer, as in A1111)")
-        if min_timestep < 0 or (max_timestep is not None and max_timestep <= min_timestep):
+        check_number("method.clip_skip", clip_skip, 1, MAX_CLIP_SKIP, integer=True, hint="1 = last layer, as in A1111")
+        check_number("method.min_timestep", min_timestep, 0, MAX_TIMESTEPS, integer=True)
+        check_number("method.max_timestep", max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True)
+        if max_timestep is not None and max_timestep <= min_timestep:
             raise UserError(
                 f"method.min_timestep={min_timestep}, method.max_timestep={max_timestep}: need 0 <= min < max"
             )
@@ -81,6 +86,7 @@ class DiffusionMethod(L.LightningModule):
         self.unet_dtype = torch.float32
         self.schedule_end: int | None = None
         self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
+        self.untrained = UntrainedLedger()
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -100,6 +106,9 @@ class DiffusionMethod(L.LightningModule):
             self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        layers = min(enc.config.num_hidden_layers for _, enc in bb.text_encoders.values())
+        if self.clip_skip > layers:
+            raise UserError(f"method.clip_skip={self.clip_skip}: this model's text encoder has {layers} layers")
         steps = bb.scheduler.config.num_train_timesteps
         if self.max_timestep is not None and self.max_timestep > steps:
             raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
@@ -248,8 +257,26 @@ class DiffusionMethod(L.LightningModule):
         """The negative prompt this method pairs with each prompt at sampling time ("" = unconditional)."""
         return [""] * len(batch["prompt"])
 
-    def shared_step(self, batch: dict) -> dict[str, Tensor]:
-        """Noise the cached latents, predict, and score against the target (weighted by masks if any)."""
+    def trained_samples(self, batch: dict) -> list[bool] | None:
+        """Which samples can train this method's tensors (their prompt holds a trained token); None = all."""
+        return None
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def shared_step(self, batch: dict) -> dict:
+        """Noise the cached latents, predict, and score against the target (weighted by masks if any).
+
+        Samples that cannot train (`trained_samples`) are left out first (returned `batch`: the rest); when none
+        is left the loss is a zero that still reaches the trained tensors and `skipped` is true.
+        """
+        keep = self.trained_samples(batch)
+        if keep is not None and not all(keep):
+            self.untrained.left_out(list(batch["prompt"]), keep)
+            if not any(keep):
+                return {"loss": zero_loss(self.trainable()), "skipped": True, "batch": batch}
+            batch = select(batch, keep)
+        self.untrained.trained_this_step += len(batch["prompt"])
         latents = batch["latents"]  # [B, 4, h, w] fp32, cached
         scheduler = self.backbone.scheduler
         noise, timesteps = self.draw_noise(batch)
@@ -257,13 +284,28 @@ class DiffusionMethod(L.LightningModule):
         pred = self.predict(noisy, timesteps, batch)
         target = losses.diffusion_target(scheduler, latents, noise, timesteps)
         loss = losses.diffusion_mse(pred, target, batch.get("weight"))
-        return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps}
+        return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.shared_step(batch)["loss"]
         if self.log_now:
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # a step none of whose samples could train changes nothing: tensors without a gradient are left alone
+        # by the optimizer (zero gradients would still move them through Adam's momentum and weight decay)
+        trained = self.untrained.trained_this_step > 0
+        self.untrained.trained_this_step = 0
+        if self.trainer.world_size > 1:  # every rank must take the same decision
+            trained = self.trainer.strategy.reduce_boolean_decision(trained, all=False)
+        if not trained:
+            self.untrained.step_skipped(self.trainer.global_step + 1)
+            for p in self.trainable():
+                p.grad = None
+
+    def on_train_end(self) -> None:
+        self.untrained.summary()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Loggers write every `trainer.log_every_n_steps` steps, and `self.log` costs about 1 ms per value on

@@ -18,15 +18,26 @@ import torch
 from torch import Tensor
 
 from lit_ti import losses
-from lit_ti.errors import UserError
+from lit_ti.errors import check_choice, check_number
 from lit_ti.io.embeddings import to_file
 from lit_ti.io.paths import STEP
-from lit_ti.methods.textual_inversion import TextualInversion
+from lit_ti.methods.textual_inversion import TextualInversion, check_vectors
 from lit_ti.models import Backbone
 from lit_ti.modules.ema import BankEMA
 from lit_ti.modules.text_conditioning import PromptEncoder, check_name
 
 EXPORTS = ("ema", "live", "both")
+MAX_CFG = 30.0  # training guidance; the guides use 3-5, A1111's sampling slider ends at 30
+MAX_WEIGHT = 100.0  # lr and loss weights
+MAX_PERIOD = 10**7  # steps
+
+
+def check_cfg(spec, key: str = "method.cfg_scale") -> tuple[float, float, str]:
+    """The training guidance as (lo, hi, ramp), both ends in [1, MAX_CFG] (1 = no guidance)."""
+    lo, hi, ramp = losses.parse_cfg(spec, key)
+    for end in (lo, hi):
+        check_number(key, end, 1, MAX_CFG, hint="1 = no guidance; the guides train at 3-5")
+    return lo, hi, ramp
 
 
 class DreamArtist(TextualInversion):
@@ -75,19 +86,22 @@ class DreamArtist(TextualInversion):
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, num_vectors, init_text, init_file, **kwargs)
-        if export_vectors not in EXPORTS:
-            raise UserError(f"method.export_vectors={export_vectors!r}: use one of {', '.join(EXPORTS)}")
+        check_choice("method.export_vectors", export_vectors, EXPORTS)
         for key, decay in (("ema_decay", ema_decay), ("neg_ema_decay", neg_ema_decay)):
-            if not 0 < decay <= 1:
-                raise UserError(f"method.{key}={decay}: must lie in (0, 1]; 1 switches EMA off")
-        if neg_lr_weight <= 0:
-            raise UserError(f"method.neg_lr_weight={neg_lr_weight}: must be > 0")
+            check_number(f"method.{key}", decay, 0, 1, low_open=True, hint="1 switches EMA off")
+        for key, every in (("ema_reset_every", ema_reset_every), ("neg_ema_reset_every", neg_ema_reset_every)):
+            check_number(f"method.{key}", every, 0, MAX_PERIOD, integer=True, hint="0 = never reset")
+        check_number("method.neg_lr_weight", neg_lr_weight, 0, MAX_WEIGHT, low_open=True)
+        check_number("method.reconstruction_weight", reconstruction_weight, 0, MAX_WEIGHT)
+        check_number("method.embedding_clip_norm", embedding_clip_norm, 0, 1e6, low_open=True, optional=True)
+        check_number("method.neg_init_noise", neg_init_noise, 0, 1)
+        neg_num_vectors = check_vectors("method.neg_num_vectors", neg_num_vectors)
         self.neg_name = f"{name}-neg"
         self.neg_num_vectors = neg_num_vectors
         self.neg_init_text = neg_init_text
         self.neg_init_file = neg_init_file
         self.neg_init_noise = neg_init_noise
-        self.cfg = losses.parse_cfg(cfg_scale)  # (lo, hi, ramp)
+        self.cfg = check_cfg(cfg_scale)  # (lo, hi, ramp)
         self.positive_filewords_only = positive_filewords_only
         self.neg_lr_weight = neg_lr_weight
         self.embedding_clip_norm = embedding_clip_norm
@@ -130,6 +144,10 @@ class DreamArtist(TextualInversion):
             return [line.replace("[name]", self.neg_name) for line in batch["template_plain"]]
         return [self.name_pattern.sub(self.neg_name, p) for p in batch["prompt"]]
 
+    def trained_samples(self, batch: dict) -> list[bool]:
+        carries = self.prompt_encoder.carries
+        return [p or n for p, n in zip(carries(batch["prompt"]), carries(self.negative_prompts(batch)))]
+
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """Guided prediction `[B, 4, h, w]` (fp32) from one UNet pass over the doubled batch."""
         cond = self.encode_prompts(self.negative_prompts(batch) + list(batch["prompt"]))  # [2B, 77, d]
@@ -140,9 +158,10 @@ class DreamArtist(TextualInversion):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.shared_step(batch)
+        batch = out["batch"]  # the samples that can train
         size = batch["latents"].shape[0]
         loss = out["loss"]
-        if self.reconstruction:
+        if self.reconstruction and not out["skipped"]:
             if "pixels" not in batch:
                 raise RuntimeError("reconstruction needs the training images; the datamodule did not keep them")
             x0 = losses.predicted_x0(self.backbone.scheduler, out["noisy"], out["pred"], out["timesteps"])
@@ -163,6 +182,7 @@ class DreamArtist(TextualInversion):
 
     # ----------------------------------------------------------------- optimisation
     def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
         if self.embedding_clip_norm:  # per embedding, as the original (after AMP unscaling)
             for name in self.bank.names:
                 torch.nn.utils.clip_grad_norm_(list(self.bank.get(name).values()), self.embedding_clip_norm)

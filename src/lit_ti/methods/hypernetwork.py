@@ -5,18 +5,30 @@ Prompts are plain text (`[name]` is just a word here, as in A1111), so the text 
 prompt string: a run reuses a handful of template lines.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lit_ti import io
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, check_number, quote
 from lit_ti.io.paths import STEP, check_name
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
-from lit_ti.modules.hypernetwork import Hypernetwork, attach
+from lit_ti.modules.hypernetwork import Hypernetwork, attach, check_settings
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder
+
+MAX_STRENGTH = 10.0  # A1111's slider ends at 1; prompts may ask for more
+
+
+def as_list(key: str, value, example: str) -> list | None:
+    """A config list (a Hydra ListConfig, a list or tuple) as a list; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise UserError(f"{key}={quote(value)}: write a list, e.g. {key}={example}, or null")
+    return list(value)
 
 
 class HypernetworkMethod(DiffusionMethod):
@@ -54,17 +66,20 @@ class HypernetworkMethod(DiffusionMethod):
         super().__init__(backbone, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.name = check_name(name, "name", (f"{STEP}.safetensors",))
-        self.sizes = list(sizes) if sizes else None
+        self.sizes = as_list("method.sizes", sizes, "[768,320,640,1280]") or None
         self.hn_settings = dict(
-            layer_structure=list(layer_structure),
+            layer_structure=as_list("method.layer_structure", layer_structure, "[1,2,1]"),
             activation_func=activation_func,
             weight_init=weight_initialization,
             add_layer_norm=add_layer_norm,
             activate_output=activate_output,
-            dropout_structure=list(dropout_structure) if dropout_structure else None,
+            dropout_structure=as_list("method.dropout_structure", dropout_structure, "[0,0.3,0]") or None,
         )
+        check_settings(**self.hn_settings)
+        for size in self.sizes or []:
+            check_number("method.sizes", size, 1, 16384, integer=True, hint="each entry a context width")
         self.self_attention = self_attention
-        self.strength = strength
+        self.strength = check_number("method.strength", strength, 0, MAX_STRENGTH, hint="0 = off, 1 = as trained")
         self.init_file = init_file
         self.cond_cache: dict[str, Conditioning] = {}  # prompt -> its unbatched conditioning
 
@@ -72,7 +87,13 @@ class HypernetworkMethod(DiffusionMethod):
         if self.init_file:
             self.hypernetwork, _ = io.load_hypernetwork(self.init_file)
         else:
-            self.hypernetwork = Hypernetwork(self.sizes or self.backbone_widths(backbone), **self.hn_settings)
+            widths = self.backbone_widths(backbone)
+            if self.sizes and not set(self.sizes) & set(widths):
+                raise UserError(
+                    f"method.sizes={self.sizes}: this model's attention layers take widths {widths}, so no module "
+                    "would ever be used; pick from those, or null"
+                )
+            self.hypernetwork = Hypernetwork(self.sizes or widths, **self.hn_settings)
         self.hypernetwork.set_strength(self.strength)
         attach(self.unet, self.hypernetwork, self.self_attention)
         self.prompt_encoder = PromptEncoder(backbone, EmbeddingBank(), self.clip_skip)

@@ -10,15 +10,33 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_ti import io
-from lit_ti.errors import UserError
+from lit_ti.data.templates import check_names
+from lit_ti.errors import UserError, check_number, quote
 from lit_ti.io import paths
 from lit_ti.io.embeddings import from_file, shape_of, to_file
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
-from lit_ti.modules.embedding_bank import EmbeddingBank
+from lit_ti.modules.embedding_bank import MAX_VECTORS, EmbeddingBank
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name, init_vectors
 
 FORMATS = ("pt", "safetensors", "bin")
+
+
+def check_vectors(key: str, n) -> int:
+    return check_number(key, n, 1, MAX_VECTORS, integer=True, hint="each vector takes one of the prompt's 75 tokens")
+
+
+def check_file_vectors(key: str, path: str, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An init file's vectors, refused when a prompt could not hold them or training could not start from them."""
+    first = next(iter(vectors.values()))
+    if not 1 <= first.shape[0] <= MAX_VECTORS:
+        raise UserError(
+            f"{key}: {quote(path)} holds {first.shape[0]} vectors; a prompt holds 1 to {MAX_VECTORS}, so start "
+            "from another file (or from method.init_text)"
+        )
+    if not all(bool(v.isfinite().all()) for v in vectors.values()):
+        raise UserError(f"{key}: {quote(path)} holds NaN or infinite values; start from another file")
+    return vectors
 
 
 class TextualInversion(DiffusionMethod):
@@ -45,7 +63,7 @@ class TextualInversion(DiffusionMethod):
         super().__init__(backbone, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.name = paths.check_name(name, "name", self.stem_suffixes)
-        self.num_vectors = num_vectors
+        self.num_vectors = check_vectors("method.num_vectors", num_vectors)
         self.init_text = init_text
         self.init_file = init_file
         self.bank = EmbeddingBank()
@@ -74,7 +92,7 @@ class TextualInversion(DiffusionMethod):
                     f"{key}: {init_file} holds vectors of shape {shape_of(files[0].vectors)}, but this model's text "
                     f"encoders need width {want}; it was trained for another model family"
                 )
-            return vectors
+            return check_file_vectors(key, init_file, vectors)
         return {enc: init_vectors(tok, te, init_text, num_vectors) for enc, (tok, te) in encoders.items()}
 
     def build_trainables(self, backbone: Backbone) -> None:
@@ -95,15 +113,14 @@ class TextualInversion(DiffusionMethod):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.prompt_encoder(list(prompts), self.device)
 
+    def trained_samples(self, batch: dict) -> list[bool]:
+        return self.prompt_encoder.carries(batch["prompt"])
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "templates"):
             datamodule.setup("fit")
-            if not any("[name]" in line for line in datamodule.templates):
-                raise UserError(
-                    f"data.template={datamodule.template!r} has no [name] line, so the embedding would never "
-                    "be trained; use a template with [name] (e.g. subject or style)"
-                )
+            check_names(datamodule.template, datamodule.templates)
         super().on_fit_start()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -11,9 +11,37 @@ installed) so that K and V see the transformed context; `detach` puts the origin
 import torch
 from torch import Tensor, nn
 
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, check_choice, check_number, quote
 
 INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
+MAX_LAYERS = 16  # entries of layer_structure
+MAX_MULTIPLIER = 16.0  # a hidden layer's width as a multiple of the context width
+
+
+def check_settings(
+    layer_structure, activation_func: str | None, weight_init: str, dropout_structure=None, **_flags
+) -> None:
+    """A1111's creation options, checked before any module exists: `layer_structure` starts and ends with 1,
+    every entry in (0, MAX_MULTIPLIER]; `dropout_structure` has one value in [0, 1) per entry, first and last 0."""
+    ls = list(layer_structure) if isinstance(layer_structure, list | tuple) else None
+    if ls is None or not 2 <= len(ls) <= MAX_LAYERS or ls[0] != 1 or ls[-1] != 1:
+        raise UserError(
+            f"method.layer_structure={layer_structure}: a list of 2 to {MAX_LAYERS} multipliers starting and ending "
+            "with 1, e.g. [1, 2, 1]"
+        )
+    for x in ls:
+        check_number("method.layer_structure", x, 0, MAX_MULTIPLIER, low_open=True, hint="each entry, e.g. [1, 2, 1]")
+    if dropout_structure is not None:
+        dropout = list(dropout_structure) if isinstance(dropout_structure, list | tuple) else None
+        if dropout is None or len(dropout) != len(ls) or dropout[0] != 0 or dropout[-1] != 0:
+            raise UserError(
+                f"method.dropout_structure={dropout_structure}: one value per layer_structure entry, first and "
+                "last 0 (A1111), e.g. [0, 0.3, 0]"
+            )
+        for p in dropout:
+            check_number("method.dropout_structure", p, 0, 0.99, hint="each entry a dropout probability")
+    check_choice("method.weight_initialization", weight_init, INITS)
+    activation(activation_func)
 
 
 def activation(name: str | None) -> nn.Module | None:
@@ -28,7 +56,7 @@ def activation(name: str | None) -> nn.Module | None:
     builtin = {cls.lower(): getattr(nn.modules.activation, cls) for cls in nn.modules.activation.__all__}
     builtin.pop("multiheadattention", None)
     if name not in builtin:
-        raise UserError(f"method.activation_func={name!r}: use linear, {', '.join(sorted({*special, *builtin}))}")
+        raise UserError(f"method.activation_func={quote(name)}: use linear, {', '.join(sorted({*special, *builtin}))}")
     return builtin[name]()
 
 
@@ -46,14 +74,9 @@ class HypernetworkModule(nn.Module):
         dropout_structure: list[float] | None = None,
     ) -> None:
         super().__init__()
+        check_settings(layer_structure, activation_func, weight_init, dropout_structure)
         ls = list(layer_structure)
-        if len(ls) < 2 or ls[0] != 1 or ls[-1] != 1:
-            raise UserError(f"method.layer_structure={ls}: must start and end with 1, e.g. [1, 2, 1]")
         dropout = list(dropout_structure) if dropout_structure is not None else [0.0] * len(ls)
-        if len(dropout) != len(ls) or not all(0 <= p < 1 for p in dropout):
-            raise UserError(f"method.dropout_structure={dropout}: one value in [0, 1) per layer_structure entry")
-        if weight_init not in INITS:
-            raise UserError(f"method.weight_initialization={weight_init!r}: use one of {', '.join(INITS)}")
         layers: list[nn.Module] = []
         for i in range(len(ls) - 1):
             layers.append(nn.Linear(int(dim * ls[i]), int(dim * ls[i + 1])))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lit_ti.errors import UserError
+from lit_ti.errors import UserError, quote
 from lit_ti.modules.embedding_bank import MAX_VECTORS, EmbeddingBank
 
 FORBIDDEN = re.compile(r"[\s()\[\]{}:,|\\]")  # prompt syntax (emphasis, BREAK, separators)
@@ -45,14 +45,36 @@ def init_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, init_tex
 
     Vector i copies token floor(i*k/n) of the k (<= n) init tokens; an empty init text gives zeros.
     """
-    if not 1 <= n <= MAX_VECTORS:
-        raise UserError(f"method.num_vectors={n}: must be between 1 and {MAX_VECTORS} (the prompt's token budget)")
+    if not 1 <= n <= MAX_VECTORS:  # the methods' constructors tell users; this guards other callers
+        raise ValueError(f"init_vectors: n={n} is outside [1, {MAX_VECTORS}]")
     weight = text_encoder.get_input_embeddings().weight
     ids = tokenizer(init_text, add_special_tokens=False).input_ids[:n]
     if not ids:
         return torch.zeros(n, weight.shape[1])
     rows = weight[torch.tensor(ids, device=weight.device)].detach().float().cpu()
     return rows[[i * len(ids) // n for i in range(n)]]
+
+
+def shorten(ids: list[int], slots: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """A prompt's tokens cut to `limit`, concept tokens kept: the overflow goes from the end of the longest
+    stretch of plain words (usually the caption), then of the next longest. Only concept names that alone
+    exceed the budget lose their last vectors."""
+    runs, start = [], None  # [start, end) of the stretches without concept tokens
+    for i, slot in enumerate([*slots, 0]):  # the sentinel closes the last stretch
+        if slot < 0 and start is None:
+            start = i
+        elif slot >= 0 and start is not None:
+            runs.append([start, i])
+            start = None
+    over, drop = len(ids) - limit, set()
+    while over > 0 and runs:
+        run = max(runs, key=lambda r: (r[1] - r[0], r[0]))  # the longest; the last of equals
+        take = min(over, run[1] - run[0])
+        drop.update(range(run[1] - take, run[1]))
+        runs.remove(run)
+        over -= take
+    keep = [i for i in range(len(ids)) if i not in drop][:limit]
+    return [ids[i] for i in keep], [slots[i] for i in keep]
 
 
 class PromptTokenizer:
@@ -75,7 +97,7 @@ class PromptTokenizer:
         )
         self.lower = {name.lower(): name for name in names}
         self.cache: dict[str, tuple[list[int], list[int]]] = {}
-        self.warned: set[str] = set()
+        self.warned = False
 
     def _one(self, prompt: str) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
@@ -92,21 +114,33 @@ class PromptTokenizer:
                 ids += piece_ids
                 slots += [-1] * len(piece_ids)
         limit = tok.model_max_length - 2
-        if len(ids) > limit and prompt not in self.warned:
-            self.warned.add(prompt)
-            warnings.warn(f"prompt is {len(ids)} tokens, over the {limit}-token budget; cut: {prompt!r}", stacklevel=3)
+        if len(ids) > limit:
+            if not self.warned:  # once per run: a long-caption folder would otherwise warn on every prompt
+                self.warned = True
+                warnings.warn(
+                    f"prompts over the {limit}-token budget are shortened: words are cut from the end of their "
+                    f"longest stretch without a concept name, and every concept token is kept (first such prompt, "
+                    f"{len(ids)} tokens: {quote(prompt)})",
+                    stacklevel=3,
+                )
+            ids, slots = shorten(ids, slots, limit)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = [tok.bos_token_id, *ids[:limit], tok.eos_token_id]
-        slots = [-1, *slots[:limit], -1]
+        ids = [tok.bos_token_id, *ids, tok.eos_token_id]
+        slots = [-1, *slots, -1]
         fill = tok.model_max_length - len(ids)
         return ids + [pad] * fill, slots + [-1] * fill
 
+    def carries(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt holds at least one concept vector (after shortening)."""
+        return [any(s >= 0 for s in self._cached(p)[1]) for p in prompts]
+
+    def _cached(self, prompt: str) -> tuple[list[int], list[int]]:
+        if prompt not in self.cache:
+            self.cache[prompt] = self._one(prompt)
+        return self.cache[prompt]
+
     def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        rows = []
-        for prompt in prompts:
-            if prompt not in self.cache:
-                self.cache[prompt] = self._one(prompt)
-            rows.append(self.cache[prompt])
+        rows = [self._cached(prompt) for prompt in prompts]
         ids = torch.tensor([r[0] for r in rows], device=device)
         slots = torch.tensor([r[1] for r in rows], device=device)
         return ids, slots
@@ -167,6 +201,10 @@ class PromptEncoder:
         self.bank = bank
         self.clip_skip = clip_skip
         self.parts = [(key, PromptTokenizer(tok, bank), enc) for key, (tok, enc) in backbone.text_encoders.items()]
+
+    def carries(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt holds at least one of the bank's vectors (a sample that can train them)."""
+        return self.parts[0][1].carries(list(prompts))
 
     def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
         states, pooled = [], None

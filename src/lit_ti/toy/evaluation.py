@@ -20,14 +20,32 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 
 from lit_ti import io
+from lit_ti.errors import UserError, check_number, quote
 from lit_ti.losses import denoising_loss
 from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
+from lit_ti.methods.dreamartist import check_cfg
 from lit_ti.models import DiffusersFolder
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.world import concept_parts, random_scene, render
 
 EVAL_SEED = 12345  # held-out images: never the training renders (those use seeds 0..)
+MAX_SAMPLES = 4096  # generated images per measure (32 take about a minute on a CPU)
+
+
+def check_samples(key: str, samples, low: int = 0) -> int:
+    return check_number(key, samples, low, MAX_SAMPLES, integer=True, hint="images generated for the accuracy")
+
+
+def check_concept(key: str, concept) -> str:
+    """A toy concept name `<colour>_<shape>`, or one UserError naming `key`."""
+    try:
+        concept_parts(concept if isinstance(concept, str) else "")
+    except ValueError:
+        raise UserError(
+            f"{key}={quote(concept)}: not a toy concept; write <colour>_<shape>, e.g. purple_star"
+        ) from None
+    return concept
 
 
 def heldout_pixels(concept: str, n: int = 16) -> Tensor:
@@ -118,7 +136,13 @@ def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "
     guided one at `cfg_scale` (the training guidance) and its samples use the negative.
     """
     path = Path(path)
-    name = io.read_embedding(path)[0].name
+    check_concept("concept", concept)
+    samples = check_samples("--samples", samples)
+    check_cfg(cfg_scale, "--cfg-scale")
+    try:
+        name = io.read_embedding(path)[0].name
+    except UserError as e:
+        raise UserError(f"embedding: {e}") from None
     neg = path.with_name(f"{path.stem}-neg{path.suffix}")
     backbone = DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
     if neg.is_file():
