@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
@@ -115,14 +115,20 @@ class SingleFile:
             tokenizers = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad="!")}
         else:
             tokenizers = {"tokenizer": clip_tokenizer(pad="!" if family == "sd2" else "<|endoftext|>")}
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # no progress bars / "no safety checker" notices in training logs
+        common = dict(config=str(config), local_files_only=True)
+        verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.set_verbosity_error()  # no "no safety checker" notices in training logs
+        diffusers_logging.disable_progress_bar()  # nor a "Loading pipeline components" bar per run
         try:
+            # The VAE stays fp32 (see DiffusersFolder), read from the file as it is: loading it in the
+            # precision's dtype and casting back up would keep bf16's 8-bit mantissa.
+            vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=torch.float32, **common)
+            # UNet and text encoders straight to the precision's dtype: an SDXL UNet is 10 GB in fp32
             pipe = pipeline_class.from_single_file(
                 str(path),
-                config=str(config),
-                local_files_only=True,
-                torch_dtype=torch.float32,
+                vae=vae,
+                torch_dtype=dtype,
+                **common,
                 **tokenizers,
                 **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
             )
@@ -131,12 +137,10 @@ class SingleFile:
                 f"model.path: could not load {path} as {family} with the configs in {config}: "
                 f"{str(e).splitlines()[0][:300]}"
             ) from None
-            if dtype != torch.float32:  # the VAE stays fp32 (see DiffusersFolder)
-                for part in ("unet", "text_encoder", "text_encoder_2"):
-                    if getattr(pipe, part, None) is not None:
-                        getattr(pipe, part).to(dtype)
         finally:
             diffusers_logging.set_verbosity(verbosity)
+            if bars:
+                diffusers_logging.enable_progress_bar()
         overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **overrides)
         encoder_2 = getattr(pipe, "text_encoder_2", None)
