@@ -108,6 +108,13 @@ class Backbone:
 def weight_dtype(precision: str | int | None) -> torch.dtype:
     """dtype of the frozen UNet and text encoder for a Lightning precision setting."""
     precision = str(precision or "32")
+    if precision.endswith("-true") and precision != "32-true":
+        # Lightning's *-true plugins cast the whole module, the trained vectors and the VAE included
+        raise UserError(
+            f"trainer.precision={precision}: lit_ti keeps the trained tensors and the VAE in fp32; use "
+            f"{'32-true' if precision.startswith('64') else precision.replace('-true', '-mixed')} (the frozen "
+            "UNet and text encoders then run in the half dtype)"
+        )
     if precision.startswith("bf16"):
         return torch.bfloat16
     if precision.startswith("16"):
