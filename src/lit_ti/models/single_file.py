@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from lit_ti.errors import UserError
 from lit_ti.io.pickles import load_pickle
-from lit_ti.models.backbone import Backbone, check_prediction_type
+from lit_ti.models.backbone import Backbone, built_in, check_prediction_type
 from lit_ti.models.tiny import clip_tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -123,15 +123,15 @@ class SingleFile:
             # The VAE stays fp32 (see DiffusersFolder), read from the file as it is: loading it in the
             # precision's dtype and casting back up would keep bf16's 8-bit mantissa.
             vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=torch.float32, **common)
-            # UNet and text encoders straight to the precision's dtype: an SDXL UNet is 10 GB in fp32
-            pipe = pipeline_class.from_single_file(
-                str(path),
-                vae=vae,
-                torch_dtype=dtype,
-                **common,
-                **tokenizers,
-                **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
-            )
+            with built_in(dtype):  # UNet and text encoders built in the precision's dtype, not cast from fp32
+                pipe = pipeline_class.from_single_file(
+                    str(path),
+                    vae=vae,
+                    torch_dtype=dtype,
+                    **common,
+                    **tokenizers,
+                    **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
+                )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(
                 f"model.path: could not load {path} as {family} with the configs in {config}: "
