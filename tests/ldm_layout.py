@@ -149,6 +149,8 @@ def open_clip_state(encoder, prefix: str, unused_layer: bool = False) -> dict[st
         for p in ("weight", "bias"):
             out[f"{dst}attn.out_proj.{p}"] = sd[f"{src}self_attn.out_proj.{p}"]
             out[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{p}"] for q in "qkv"])
+    if unused_layer:  # its own copies: safetensors refuses tensors that share memory
+        out.update({k: v.clone() for k, v in out.items() if f".resblocks.{n}." in k})
     return out
 
 
