@@ -1,9 +1,9 @@
 """Test helper: a diffusers backbone written as an original-layout (LDM / A1111) single-file checkpoint.
 
-The inverse of the renaming diffusers' `from_single_file` does, for the parts SD1.x and SDXL checkpoints
-have: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*`
-(SD1 CLIP) or `conditioner.embedders.0.transformer.*` + `conditioner.embedders.1.model.*` (SDXL CLIP-L +
-OpenCLIP bigG with fused q/k/v). Written here rather than shipped: users have the files; tests need to make
+The inverse of the renaming diffusers' `from_single_file` does, for the parts SD1.x, SD2.x and SDXL
+checkpoints have: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*`
+(SD1 CLIP), `cond_stage_model.model.*` (SD2 OpenCLIP ViT-H, fused q/k/v) or
+`conditioner.embedders.0.transformer.*` + `conditioner.embedders.1.model.*` (SDXL CLIP-L + OpenCLIP bigG). Written here rather than shipped: users have the files; tests need to make
 them.
 """
 
@@ -119,18 +119,25 @@ def hf_clip_state(encoder) -> dict[str, torch.Tensor]:
     }
 
 
-def open_clip_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
-    """A CLIPTextModelWithProjection under OpenCLIP names (fused in_proj, transposed text_projection)."""
+def open_clip_state(encoder, prefix: str, unused_layer: bool = False) -> dict[str, torch.Tensor]:
+    """A CLIP text model under OpenCLIP names (fused in_proj, transposed text_projection).
+
+    unused_layer: also write one more residual block after the last, as SD2 files hold all 24 of OpenCLIP
+        ViT-H's blocks while SD2 uses 23 (diffusers skips the 24th); its weights repeat the last block's.
+    """
     sd = hf_clip_state(encoder)
+    width = encoder.config.hidden_size
+    projection = sd["text_projection.weight"].T if "text_projection.weight" in sd else torch.eye(width)
     out = {
         prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
         prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
         prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
         prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-        prefix + "text_projection": sd["text_projection.weight"].T.contiguous(),
+        prefix + "text_projection": projection.to(sd["text_model.final_layer_norm.weight"].dtype).contiguous(),
     }
-    for i in range(encoder.config.num_hidden_layers):
-        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+    n = encoder.config.num_hidden_layers
+    for i in range(n + 1 if unused_layer else n):
+        src, dst = f"text_model.encoder.layers.{min(i, n - 1)}.", f"{prefix}transformer.resblocks.{i}."
         for new, old in [
             ("layer_norm1", "ln_1"),
             ("layer_norm2", "ln_2"),
@@ -142,17 +149,24 @@ def open_clip_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
         for p in ("weight", "bias"):
             out[f"{dst}attn.out_proj.{p}"] = sd[f"{src}self_attn.out_proj.{p}"]
             out[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{p}"] for q in "qkv"])
+    if unused_layer:  # its own copies: safetensors refuses tensors that share memory
+        out.update({k: v.clone() for k, v in out.items() if f".resblocks.{n}." in k})
     return out
 
 
-def write_single_file(backbone, path: Path) -> Path:
-    """Save `backbone` (SD1.x or SDXL) as one original-layout `.safetensors` file."""
+def write_single_file(backbone, path: Path, family: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Save `backbone` as one original-layout `.safetensors` file of `family` (`sd1`, `sd2`, `sdxl`; null =
+    `sdxl` for a two-encoder backbone, else `sd1`), every tensor in `dtype` (most user files are fp16)."""
+    family = family or ("sdxl" if backbone.is_sdxl else "sd1")
     unet_sd = backbone.unet.state_dict()
     state = {f"model.diffusion_model.{ldm}": unet_sd[key] for key, ldm in unet_keys(backbone.unet).items()}
     state.update(vae_state(backbone.vae))
-    clip_prefix = "conditioner.embedders.0.transformer." if backbone.is_sdxl else "cond_stage_model.transformer."
-    state.update({clip_prefix + k: v for k, v in hf_clip_state(backbone.text_encoder).items()})
-    if backbone.is_sdxl:
+    if family == "sd2":
+        state.update(open_clip_state(backbone.text_encoder, "cond_stage_model.model.", unused_layer=True))
+    else:
+        prefix = "conditioner.embedders.0.transformer." if family == "sdxl" else "cond_stage_model.transformer."
+        state.update({prefix + k: v for k, v in hf_clip_state(backbone.text_encoder).items()})
+    if family == "sdxl":
         state.update(open_clip_state(backbone.text_encoder_2, "conditioner.embedders.1.model."))
-    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, path)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, path)
     return path

@@ -4,6 +4,7 @@ A *spec* (e.g. `DiffusersFolder`) is a small dataclass that Hydra instantiates a
 loads until `spec.load(dtype)` is called from the method's `configure_model`.
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +109,33 @@ class Backbone:
 def weight_dtype(precision: str | int | None) -> torch.dtype:
     """dtype of the frozen UNet and text encoder for a Lightning precision setting."""
     precision = str(precision or "32")
+    if precision.endswith("-true") and precision != "32-true":
+        # Lightning's *-true plugins cast the whole module, the trained vectors and the VAE included
+        raise UserError(
+            f"trainer.precision={precision}: lit_ti keeps the trained tensors and the VAE in fp32; use "
+            f"{'32-true' if precision.startswith('64') else precision.replace('-true', '-mixed')} (the frozen "
+            "UNet and text encoders then run in the half dtype)"
+        )
     if precision.startswith("bf16"):
         return torch.bfloat16
     if precision.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype):
+    """Modules constructed inside are created in `dtype` (Lightning's `*-true` plugins do the same).
+
+    Without `accelerate`, diffusers builds a model in fp32 before it loads the weights and casts: an SDXL UNet
+    would take 10 GB on the way to 5 GB in bf16.
+    """
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def check_prediction_type(value: str | None, key: str) -> None:
@@ -161,9 +184,10 @@ class DiffusersFolder:
                 if bar:
                     hf_logging.enable_progress_bar()
             # low_cpu_mem_usage=False: the same load, without a notice that asks for `accelerate`
-            unet = UNet2DConditionModel.from_pretrained(
-                root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw
-            )
+            with built_in(dtype):
+                unet = UNet2DConditionModel.from_pretrained(
+                    root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw
+                )
             text_encoder_2 = tokenizer_2 = None
             if (root / "text_encoder_2").is_dir():  # SDXL
                 tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", model_max_length=77)

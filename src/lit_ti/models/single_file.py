@@ -13,13 +13,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from lit_ti.errors import UserError
 from lit_ti.io.pickles import load_pickle
-from lit_ti.models.backbone import Backbone, check_prediction_type
+from lit_ti.models.backbone import Backbone, built_in, check_prediction_type
 from lit_ti.models.tiny import clip_tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -115,28 +115,32 @@ class SingleFile:
             tokenizers = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad="!")}
         else:
             tokenizers = {"tokenizer": clip_tokenizer(pad="!" if family == "sd2" else "<|endoftext|>")}
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # no progress bars / "no safety checker" notices in training logs
+        common = dict(config=str(config), local_files_only=True)
+        verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.set_verbosity_error()  # no "no safety checker" notices in training logs
+        diffusers_logging.disable_progress_bar()  # nor a "Loading pipeline components" bar per run
         try:
-            pipe = pipeline_class.from_single_file(
-                str(path),
-                config=str(config),
-                local_files_only=True,
-                torch_dtype=torch.float32,
-                **tokenizers,
-                **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
-            )
+            # The VAE stays fp32 (see DiffusersFolder), read from the file as it is: loading it in the
+            # precision's dtype and casting back up would keep bf16's 8-bit mantissa.
+            vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=torch.float32, **common)
+            with built_in(dtype):  # UNet and text encoders built in the precision's dtype, not cast from fp32
+                pipe = pipeline_class.from_single_file(
+                    str(path),
+                    vae=vae,
+                    torch_dtype=dtype,
+                    **common,
+                    **tokenizers,
+                    **({} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None}),
+                )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(
                 f"model.path: could not load {path} as {family} with the configs in {config}: "
                 f"{str(e).splitlines()[0][:300]}"
             ) from None
-            if dtype != torch.float32:  # the VAE stays fp32 (see DiffusersFolder)
-                for part in ("unet", "text_encoder", "text_encoder_2"):
-                    if getattr(pipe, part, None) is not None:
-                        getattr(pipe, part).to(dtype)
         finally:
             diffusers_logging.set_verbosity(verbosity)
+            if bars:
+                diffusers_logging.enable_progress_bar()
         overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **overrides)
         encoder_2 = getattr(pipe, "text_encoder_2", None)

@@ -48,6 +48,21 @@ SIZES = {
         ),
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
     ),
+    # SD2-shaped: an OpenCLIP-like encoder (gelu, pads with "!") and linear attention projections
+    "sd2_tiny": dict(
+        image=64,
+        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
+        unet=dict(
+            block_out_channels=(32, 64),
+            attention_head_dim=(2, 4),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            use_linear_projection=True,
+        ),
+        text=dict(hidden_size=40, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4),
+        open_clip=True,
+    ),
     # SDXL-shaped: two text encoders of different widths (so a mix-up cannot pass), pooled + size conditioning
     "sdxl_tiny": dict(
         image=64,
@@ -148,8 +163,9 @@ class TinyBackbone:
     """Random-weight SD-shaped components (no files, no downloads).
 
     Args:
-        size: `tiny` (64 px, 2.6 M parameters), `small` (128 px, 38 M), `sd15` (512 px, SD1.5's shapes) or
-            `sdxl_tiny` (64 px, SDXL-shaped: two text encoders, pooled and size conditioning).
+        size: `tiny` (64 px, 2.6 M parameters), `small` (128 px, 38 M), `sd15` (512 px, SD1.5's shapes),
+            `sd2_tiny` (64 px, SD2-shaped: OpenCLIP-like encoder, linear projections) or `sdxl_tiny` (64 px,
+            SDXL-shaped: two text encoders, pooled and size conditioning).
         seed: weight initialisation seed; the same seed gives bit-identical weights.
         prediction_type: `epsilon` or `v_prediction`.
     """
@@ -163,7 +179,8 @@ class TinyBackbone:
             raise UserError(f"model.size={self.size!r} is unknown; use one of {', '.join(SIZES)}")
         check_prediction_type(self.prediction_type, "model.prediction_type")
         cfg = SIZES[self.size]
-        tokenizer = clip_tokenizer()
+        open_clip = cfg.get("open_clip", False)  # SD2's encoder: OpenCLIP, padding with "!"
+        tokenizer = clip_tokenizer(pad="!" if open_clip else "<|endoftext|>")
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)
         try:
@@ -175,7 +192,7 @@ class TinyBackbone:
                 sample_size=cfg["image"],
                 **cfg["vae"],
             )
-            text_encoder = _text_encoder(CLIPTextModel, tokenizer, cfg["text"], "quick_gelu")
+            text_encoder = _text_encoder(CLIPTextModel, tokenizer, cfg["text"], "gelu" if open_clip else "quick_gelu")
             width = cfg["text"]["hidden_size"]
             text_encoder_2 = tokenizer_2 = None
             if "text_2" in cfg:  # SDXL's second (OpenCLIP bigG-like) encoder, with the pooled projection
