@@ -182,7 +182,8 @@ class ConceptDataModule(L.LightningDataModule):
             self.std = None
         elif self.latent_sampling == "once":  # one draw per image, frozen
             g = torch.Generator().manual_seed(self.seed)
-            self.mean = [m + s * torch.randn(m.shape, generator=g) for m, s in zip(self.mean, self.std)]
+            for m, s in zip(self.mean, self.std):
+                m.add_(s * torch.randn(m.shape, generator=g))  # in place: the latents stay in their blocks
             self.std = None
 
     def _weights(self, views: int) -> list[Tensor] | None:

@@ -114,9 +114,22 @@ def encode_folder(
         by_size.setdefault(size, []).append(i)
     with tqdm(total=len(paths), desc="caching latents", unit="image", disable=None, leave=False) as bar:
         for size, members in sorted(by_size.items()):
+            store: tuple[Tensor, Tensor] | None = None  # this size's moments [n, V, 4, h, w], one block each
+            rows = {i: row for row, i in enumerate(members)}
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                out.update(_encode_batch(chunk, paths, size, encode, crop, views, cache, keep_pixels, broken))
+                for i, (mean, std, pixels) in _encode_batch(
+                    chunk, paths, size, encode, crop, views, cache, keep_pixels, broken
+                ).items():
+                    # one allocation per size instead of one per image: thousands of small tensors left
+                    # between the VAE's large temporaries fragment the heap, which then never shrinks
+                    store = store or (
+                        mean.new_empty(len(members), *mean.shape),
+                        std.new_empty(len(members), *std.shape),
+                    )
+                    row = rows[i]
+                    store[0][row], store[1][row] = mean, std
+                    out[i] = store[0][row], store[1][row], pixels
                 bar.update(len(chunk))
     if cache is not None:
         log.info("latent cache: %d hit(s), %d miss(es)", cache.hits, cache.misses)
