@@ -100,3 +100,27 @@ def test_vae_fingerprint_sees_weights_and_config():
     with torch.no_grad():
         b.weight[0, 0, 0, 0] += 1e-6
     assert vae_fingerprint(a) != vae_fingerprint(b)
+
+
+def test_vae_fingerprint_is_the_same_in_every_process():
+    """A new process (other hash seed, other module path) must find the cache: keys may not depend on either."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from diffusers import AutoencoderKL; from lit_ti.data.latents import vae_fingerprint; "
+        "torch.manual_seed(0); v = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, layers_per_block=1); "
+        "print(vae_fingerprint(v))"
+    )
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(prints) == 1 and len(next(iter(prints))) == 64

@@ -37,7 +37,10 @@ Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """A hash of a VAE's config and weights: another VAE (or a fine-tuned one) gives other latents."""
-    h = hashlib.sha256(json.dumps(getattr(vae, "config", {}), sort_keys=True, default=str).encode())
+    # diffusers' private config keys (`_use_default_values`, `_name_or_path`) vary between processes and
+    # folders without changing the model (the first is built from a set: its order follows hash randomization)
+    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in vae.state_dict().items():
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
