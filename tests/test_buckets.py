@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from lit_ti.callbacks import ValidationLoss
 from lit_ti.data import ConceptDataModule
 from lit_ti.data import buckets as bk
 from lit_ti.data.images import resize
@@ -150,7 +151,7 @@ def _fit(root, data, method, steps, ckpt_path=None, every=None, **dm_kw):
         str(data), name="zz-thing", batch_size=2, flip_p=0.5, latent_sampling="random", **{**SMALL, **dm_kw}
     )
     shapes = Shapes()
-    callbacks = [shapes]
+    callbacks = [shapes, ValidationLoss(draws=1)]  # scores images of every bucket one by one
     if every:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1))
     trainer = L.Trainer(
@@ -163,6 +164,7 @@ def _fit(root, data, method, steps, ckpt_path=None, every=None, **dm_kw):
         enable_checkpointing=bool(every),
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    assert float(trainer.callback_metrics["val/loss"]) > 0
     return module, dm, shapes.shapes
 
 
