@@ -202,7 +202,7 @@ class ConceptDataModule(L.LightningDataModule):
         return out
 
     def _warn_small(self, paths: list[Path], size: int) -> None:
-        small = [f"{img.display(p)} ({w}x{h})" for p in paths for w, h in [img.image_size(p)] if min(w, h) * 2 < size]
+        small = [f"{img.shown(p)} ({w}x{h})" for p in paths for w, h in [img.image_size(p)] if min(w, h) * 2 < size]
         if small:
             warnings.warn(
                 f"data.dir: {len(small)} image(s) upscaled more than 2x to {size}px, so they will look blurry "

@@ -36,21 +36,21 @@ def list_images(folder: Path) -> list[Path]:
         try:
             mode = path.stat().st_mode  # follows links; never opens the file
         except OSError:
-            skipped.append(f"{display(path)} (broken link)")
+            skipped.append(f"{shown(path)} (broken link)")
             continue
         if stat.S_ISDIR(mode):
-            subfolders.append(display(path))
+            subfolders.append(shown(path))
             continue
         if not stat.S_ISREG(mode):
-            skipped.append(f"{display(path)} ({SPECIAL.get(stat.S_IFMT(mode), 'not a regular file')}; not opened)")
+            skipped.append(f"{shown(path)} ({SPECIAL.get(stat.S_IFMT(mode), 'not a regular file')}; not opened)")
             continue
         reason, frames = inspect(path)
         if reason is not None:
-            skipped.append(f"{display(path)} ({reason})")
+            skipped.append(f"{shown(path)} ({reason})")
             continue
         images.append(path)
         if frames > 1:
-            animated.append(f"{display(path)} ({frames} frames)")
+            animated.append(f"{shown(path)} ({frames} frames)")
     if subfolders:
         warnings.warn(
             f"data.dir: {len(subfolders)} subfolder(s) not searched: {listing(subfolders)}; move their images "
@@ -107,8 +107,13 @@ def quote(text: str, limit: int = 120) -> str:
 
 
 def display(path: Path) -> str:
-    """A file name fit for a message, whatever bytes it holds (non-UTF-8 names show as escapes)."""
-    return quote(path.name.encode("utf-8", "backslashreplace").decode("utf-8"))
+    """A file name as text, whatever bytes it holds (non-UTF-8 bytes show as escapes)."""
+    return path.name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shown(path: Path) -> str:
+    """A file name fit for a log line: `display` with control characters escaped, bounded in length."""
+    return quote(display(path))
 
 
 def listing(items: list[str], sep: str = ", ", most: int = 10) -> str:

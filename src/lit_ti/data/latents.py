@@ -159,7 +159,7 @@ def _encode_batch(batch, paths, size, encode, crop, views, cache, keep_pixels, b
             try:
                 x = img.to_tensor(img.resize(img.load_image(paths[i]), size, crop))  # [3, H, W]
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                broken.append(f"{img.display(paths[i])} ({img.quote(str(e), 80)})")
+                broken.append(f"{img.shown(paths[i])} ({img.quote(str(e), 80)})")
                 continue
             pixels[i] = torch.stack([x, x.flip(-1)][:views])  # [V, 3, H, W]
     for v in range(views):
