@@ -152,3 +152,61 @@ def test_bad_settings_name_their_key(concept_dir):
         ConceptDataModule(dir=str(concept_dir), name="zz", latent_sampling="sometimes")
     with pytest.raises(UserError, match="data.crop"):
         ConceptDataModule(dir=str(concept_dir), name="zz", crop="zoom")
+
+
+# --- kohya's keep_tokens, caption encodings, safe messages, bounds --------------------------------------------
+def test_keep_tokens_stay_in_place_and_are_never_dropped():
+    caption = "zz person,red hair,smile,outdoors,hat,night,blue eyes,coat"
+    for seed in range(50):
+        out = fill("[filewords]", "zz", caption, random.Random(seed), shuffle=True, dropout=0.3, keep=2)
+        tags = out.split(",")
+        assert tags[:2] == ["zz person", "red hair"] and set(tags[2:]) <= set(caption.split(",")[2:])
+    shuffled = {fill("[filewords]", "zz", caption, random.Random(s), shuffle=True, keep=2) for s in range(20)}
+    assert len(shuffled) > 1  # the rest is still shuffled
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be"])
+def test_captions_decode_in_every_unicode_encoding(tmp_path, encoding):
+    (tmp_path / "a.txt").write_text("café, crème brûlée, 日本\n", encoding=encoding)
+    assert caption(tmp_path / "a.png") == "café, crème brûlée, 日本"
+
+
+def test_special_files_and_subfolders_are_never_opened(tmp_path):
+    import os
+
+    make_image = Image.new("RGB", (16, 16))
+    make_image.save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")  # opening it for reading would block forever
+    os.mkfifo(tmp_path / "a.txt")  # nor is a FIFO read as a caption
+    (tmp_path / "sub").mkdir()
+    with pytest.warns(UserWarning, match="data.dir") as record:
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+    messages = [str(r.message) for r in record]
+    assert any("b.png (a FIFO; not opened)" in m for m in messages)
+    assert any("subfolder(s) not searched: sub" in m for m in messages)
+    assert caption(tmp_path / "a.png") == "a"
+
+
+def test_multi_frame_images_use_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r"first frame of a.gif \(2 frames\)"):
+        list_images(tmp_path)
+    assert load_image(tmp_path / "a.gif").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_user_text_in_messages_is_escaped_and_bounded():
+    from lit_ti.data.images import quote
+
+    assert quote("a\x1b[31mb\nc\u202ed") == "a\\x1b[31mb\\nc\\u202ed"  # ANSI, newline, bidi override
+    assert len(quote("x" * 10_000)) == 120
+
+
+def test_samples_per_epoch_are_bounded(concept_dir):
+    from lit_ti.data.settings import check_samples
+
+    check_samples(1000, 10_000)
+    with pytest.raises(UserError, match=r"data.repeats=10000: 1001 images"):
+        check_samples(1001, 10_000)
+    with pytest.raises(UserError, match="data.repeats=10001"):
+        ConceptDataModule(dir=str(concept_dir), name="zz", repeats=10_001)

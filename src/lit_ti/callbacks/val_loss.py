@@ -36,10 +36,10 @@ class ValidationLoss(L.Callback):
         self.draws = check_number("callbacks.val_loss.draws", draws, 1, 1024, integer=True)
         self.every_n_steps = check_period("callbacks.val_loss.every_n_steps", every_n_steps, low=1, optional=True)
         self.seed = check_seed("callbacks.val_loss.seed", seed)
-        self.images: tuple[torch.Tensor, list[str]] | None = None  # latents [N, 4, h, w], prompts
+        self.images: tuple[list[torch.Tensor], list[str]] | None = None  # latents [4, h, w] each, prompts
         self.last_step: int | None = None
 
-    def _images(self, trainer, pl_module) -> tuple[torch.Tensor, list[str]]:
+    def _images(self, trainer, pl_module) -> tuple[list[torch.Tensor], list[str]]:
         if self.images is None:
             train = trainer.datamodule
             data = train
@@ -50,7 +50,7 @@ class ValidationLoss(L.Callback):
                 data.cache_latents(pl_module.encode_images, pl_module.backbone.resolution)
             line = next((t for t in data.templates if "[name]" in t), data.templates[0])
             prompts = [fill(line, data.name, caption, random.Random(0)) for caption in data.captions]
-            self.images = data.latents[0][:, 0], prompts  # the unflipped view
+            self.images = [data.latent(i) for i in range(len(prompts))], prompts  # unflipped; sizes may differ
         return self.images
 
     @torch.no_grad()
@@ -62,7 +62,7 @@ class ValidationLoss(L.Callback):
         try:
             total = sum(
                 losses.denoising_loss(
-                    pl_module.predict, scheduler, latents[i : i + 1].to(pl_module.device), p, self.draws, self.seed + i
+                    pl_module.predict, scheduler, latents[i][None].to(pl_module.device), p, self.draws, self.seed + i
                 )
                 for i, p in enumerate(prompts)
             )

@@ -6,26 +6,22 @@ freshly drawn prompt, so a step costs no image decoding and no VAE pass.
 """
 
 import math
-import random
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from lit_ti.data import buckets as bk
 from lit_ti.data import images as img
+from lit_ti.data.dataset import ConceptDataset
+from lit_ti.data.latents import Encoder, LatentCache, encode_folder, vae_fingerprint
 from lit_ti.data.sampler import EpochSampler
-from lit_ti.data.templates import fill, load_templates, without_filewords
+from lit_ti.data.settings import check_samples, validate
+from lit_ti.data.templates import load_templates, without_filewords
 from lit_ti.errors import UserError
-
-LATENT_SAMPLING = ("once", "deterministic", "random")
-
-# encode(pixels [B, 3, H, W] in [-1, 1]) -> (mean, std), each [B, 4, H/8, W/8], already scaled
-Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 class ConceptDataModule(L.LightningDataModule):
@@ -36,19 +32,26 @@ class ConceptDataModule(L.LightningDataModule):
         name: the concept name written for `[name]` in the templates.
         template: a shipped template (`subject`, `subject_filewords`, `style`, `style_filewords`,
             `hypernetwork`, `none`) or a path to a text file with one prompt per line.
-        resolution: training size in pixels; null = the backbone's native size.
-        crop: `center` (keep aspect, crop the middle) or `squash` (A1111's plain resize).
+        resolution: training size in pixels (with buckets: the side of the square of equal area); null = the
+            backbone's native size.
+        crop: `center` (keep aspect, crop what sticks out) or `squash` (A1111's plain resize).
         flip_p: probability of using the horizontally flipped image (both latents are cached).
         latent_sampling: `once` (one VAE sample per image, A1111's default), `deterministic` (the mean), or
             `random` (a fresh sample every step).
         filewords_regex / filewords_join: A1111's "filename word regex" and "join string".
         shuffle_tags / tag_dropout: shuffle or drop the comma-separated caption tags per sample.
+        keep_tokens: the first N caption tags are never shuffled or dropped (kohya's `keep_tokens`).
         attention_maps: weight the loss by DreamArtist attention maps `<stem>_att.<ext>` where present
             (grey 0% -> 0, 50% -> 1, 100% -> 5), cropped like their image.
         alpha_weight: weight the loss by each image's alpha channel (transparent = not learned).
         batch_size, num_workers: DataLoader settings; batch_size is capped at images × repeats.
         repeats: how many times each image appears per epoch.
         seed: seed of the one-off latent sample of `once`.
+        buckets: aspect-ratio buckets (kohya's): each image trains at the size of about resolution² pixels
+            nearest its aspect ratio, a batch from one bucket; false = every image at resolution².
+        bucket_step: bucket sides are multiples of this (kohya's `bucket_reso_steps`, 64).
+        bucket_min_side / bucket_max_side: limits of a bucket's sides; null = resolution/2 and 2·resolution.
+        cache_dir: a folder for the on-disk latent cache (null = off); see data/latents.py.
     """
 
     def __init__(
@@ -70,18 +73,15 @@ class ConceptDataModule(L.LightningDataModule):
         num_workers: int = 0,
         repeats: int = 1,
         seed: int = 0,
+        keep_tokens: int = 0,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if latent_sampling not in LATENT_SAMPLING:
-            raise UserError(f"data.latent_sampling={latent_sampling!r}: use one of {', '.join(LATENT_SAMPLING)}")
-        if crop not in ("center", "squash"):
-            raise UserError(f"data.crop={crop!r}: use 'center' or 'squash'")
-        if resolution is not None and (resolution < 8 or resolution % 8):
-            raise UserError(f"data.resolution={resolution}: use a multiple of 8 (the VAE's downscale), or null")
-        if batch_size < 1 or repeats < 1 or num_workers < 0:
-            raise UserError("data.batch_size and data.repeats must be >= 1, data.num_workers >= 0")
-        if not 0 <= flip_p <= 1 or not 0 <= tag_dropout < 1:
-            raise UserError("data.flip_p must lie in [0, 1] and data.tag_dropout in [0, 1)")
+        validate(locals())
         self.dir = Path(dir).expanduser()
         self.name = name
         self.template = template
@@ -93,19 +93,27 @@ class ConceptDataModule(L.LightningDataModule):
         self.filewords_join = filewords_join
         self.shuffle_tags = shuffle_tags
         self.tag_dropout = tag_dropout
+        self.keep_tokens = keep_tokens
         self.attention_maps = attention_maps
         self.alpha_weight = alpha_weight
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.repeats = repeats
         self.seed = seed
+        self.buckets = buckets
+        self.bucket_step = bucket_step
+        self.bucket_min_side = bucket_min_side
+        self.bucket_max_side = bucket_max_side
+        self.cache_dir = cache_dir
         self.paths: list[Path] = []
         self.captions: list[str] = []
         self.templates: list[str] = []
         self.plain_templates: list[str] = []  # the same lines without [filewords]
-        self.latents: tuple[Tensor, Tensor] | None = None  # (mean, std): [N, V, 4, h, w], V = 2 with flips
-        self.weights: Tensor | None = None  # [N, V, 1, h, w] loss weight at latent size, None = all 1
-        self.pixels: Tensor | None = None  # [N, V, 3, H, W] uint8, kept only when a method asks
+        self.sizes: list[tuple[int, int]] = []  # each image's training (width, height)
+        self.mean: list[Tensor] = []  # per image [V, 4, h, w], V = 2 with flips
+        self.std: list[Tensor] | None = None  # per image [V, 4, h, w]; None once sampling is applied
+        self.weight_list: list[Tensor] | None = None  # per image [V, 1, h, w] loss weight, None = all 1
+        self.pixel_list: list[Tensor] | None = None  # per image [V, 3, H, W] uint8, kept only when a method asks
 
     def setup(self, stage: str | None = None) -> None:
         """Scan the folder and read captions and templates; fails early on bad input."""
@@ -114,74 +122,119 @@ class ConceptDataModule(L.LightningDataModule):
         self.templates = load_templates(self.template)
         self.plain_templates = without_filewords(self.template, self.templates)
         self.paths = img.list_images(self.dir)
+        check_samples(len(self.paths), self.repeats)
         self.captions = [img.caption(p, self.filewords_regex, self.filewords_join) for p in self.paths]
         if any("[filewords]" in t for t in self.templates) and not any(self.captions):
             raise UserError(
-                f"data.template={self.template!r} uses [filewords] but no image in {self.dir} has a caption; "
-                "add <image>.txt files, name the images after their content, or use a template without it"
+                f"data.template={self.template!r} uses [filewords] but no image in {img.quote(str(self.dir))} has "
+                "a caption; add <image>.txt files, name the images after their content, or use a template without it"
             )
 
+    def training_sizes(self, resolution: int) -> list[tuple[int, int]]:
+        """Each image's training (width, height): its bucket, or the square `resolution`."""
+        if not self.buckets:
+            return [(resolution, resolution)] * len(self.paths)
+        lo, hi = bk.resolve_sides(resolution, self.bucket_step, self.bucket_min_side, self.bucket_max_side)
+        grid = bk.bucket_sizes(resolution, self.bucket_step, lo, hi)
+        return [bk.nearest(img.image_size(p), grid) for p in self.paths]
+
     @torch.no_grad()
-    def cache_latents(self, encode: Encoder, resolution: int, batch_size: int = 8, keep_pixels: bool = False) -> None:
-        """Run the VAE encoder once over every image (and its mirror image when flipping).
+    def cache_latents(
+        self,
+        encode: Encoder,
+        resolution: int,
+        batch_size: int = 8,
+        keep_pixels: bool = False,
+        vae: torch.nn.Module | None = None,
+    ) -> None:
+        """Run the VAE encoder once over every image (and its mirror image when flipping), `batch_size`
+        images at a time, keeping only the latents.
 
         keep_pixels: also keep the cropped images (uint8) for methods with a pixel-space loss.
+        vae: the module behind `encode`, whose fingerprint keys the on-disk cache (no cache without it).
         """
         self.setup()
         size = self.resolution or resolution
-        pixels, weights, kept_paths, kept_captions, broken = [], [], [], [], []
-        small = []
-        for path, text in zip(self.paths, self.captions):
-            try:
-                image = img.load_image(path)
-                if min(image.size) * 2 < size:
-                    small.append(f"{img.display(path)} ({image.width}x{image.height})")
-                pixels.append(img.to_tensor(img.resize(image, size, self.crop)))
-                weights.append(img.load_weight(path, size, self.crop, self.attention_maps, self.alpha_weight))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                pixels = pixels[: len(kept_paths)]
-                broken.append(f"{img.display(path)} ({e})")
-                continue
-            kept_paths.append(path)
-            kept_captions.append(text)
-        if broken:
-            warnings.warn(f"data.dir: skipped {len(broken)} unreadable image(s): {'; '.join(broken)}", stacklevel=2)
+        sizes = self.training_sizes(size)
+        cache = None
+        if self.cache_dir is not None:
+            if vae is None:
+                warnings.warn("data.cache_dir: no VAE given to fingerprint, so latents are not cached", stacklevel=2)
+            else:
+                cache = LatentCache(Path(self.cache_dir).expanduser(), vae_fingerprint(vae))
+        views = 2 if self.flip_p > 0 else 1
+        done = encode_folder(self.paths, sizes, encode, self.crop, views, batch_size, cache, keep_pixels)
+        if done.broken:
+            warnings.warn(
+                f"data.dir: skipped {len(done.broken)} unreadable image(s): {img.listing(done.broken, '; ')}",
+                stacklevel=2,
+            )
+        if not done.kept:
+            raise UserError(f"data.dir: no image in {img.quote(str(self.dir))} could be decoded: {done.broken[0]}")
+        self._warn_small([self.paths[i] for i in done.kept], size)
+        self.paths = [self.paths[i] for i in done.kept]
+        self.captions = [self.captions[i] for i in done.kept]
+        self.sizes = [sizes[i] for i in done.kept]
+        self.pixel_list = done.pixels if keep_pixels else None
+        self.weight_list = self._weights(views)
+        self.mean, self.std = done.mean, done.std
+        if self.latent_sampling == "deterministic":
+            self.std = None
+        elif self.latent_sampling == "once":  # one draw per image, frozen
+            g = torch.Generator().manual_seed(self.seed)
+            for m, s in zip(self.mean, self.std):
+                m.add_(s * torch.randn(m.shape, generator=g))  # in place: the latents stay in their blocks
+            self.std = None
+
+    def _weights(self, views: int) -> list[Tensor] | None:
+        """Per-image loss weights [V, 1, h, w] at latent size (mean over each 8×8 cell), or None (all 1)."""
+        found = [
+            img.load_weight(p, s, self.crop, self.attention_maps, self.alpha_weight)
+            for p, s in zip(self.paths, self.sizes)
+        ]
+        if all(w is None for w in found):
+            return None
+        out = []
+        for w, (width, height) in zip(found, self.sizes):
+            w = torch.ones(1, height, width) if w is None else w
+            w = torch.nn.functional.interpolate(w[None], size=(height // 8, width // 8), mode="area")[0]
+            out.append(torch.stack([w, w.flip(-1)][:views]))
+        return out
+
+    def _warn_small(self, paths: list[Path], size: int) -> None:
+        small = [f"{img.shown(p)} ({w}x{h})" for p in paths for w, h in [img.image_size(p)] if min(w, h) * 2 < size]
         if small:
             warnings.warn(
                 f"data.dir: {len(small)} image(s) upscaled more than 2x to {size}px, so they will look blurry "
-                f"to the model: {', '.join(small)}; use larger images or a smaller data.resolution",
-                stacklevel=2,
+                f"to the model: {img.listing(small)}; use larger images or a smaller data.resolution",
+                stacklevel=3,
             )
-        if not pixels:
-            raise UserError(f"data.dir: no image in {self.dir} could be decoded: {'; '.join(broken)}")
-        self.paths, self.captions = kept_paths, kept_captions
-        x = torch.stack(pixels)  # [N, 3, H, W]
-        views = [x, x.flip(-1)] if self.flip_p > 0 else [x]
-        means, stds = [], []
-        for view in views:
-            parts = [encode(view[i : i + batch_size]) for i in range(0, len(view), batch_size)]
-            means.append(torch.cat([m for m, _ in parts]).float().cpu())
-            stds.append(torch.cat([s for _, s in parts]).float().cpu())
-        mean, std = torch.stack(means, 1), torch.stack(stds, 1)  # [N, V, 4, h, w]
-        self.weights = None
-        if any(w is not None for w in weights):
-            w = torch.stack([torch.ones(1, size, size) if w is None else w for w in weights])  # [N, 1, H, W]
-            w = torch.nn.functional.interpolate(w, size=mean.shape[-2:], mode="area")  # mean over each 8x8 cell
-            self.weights = torch.stack([w, w.flip(-1)] if self.flip_p > 0 else [w], 1)
-        self.pixels = None
-        if keep_pixels:
-            self.pixels = torch.stack([((v + 1) * 127.5).round().to(torch.uint8) for v in views], 1)
-        if self.latent_sampling == "deterministic":
-            std = torch.zeros_like(std)
-        elif self.latent_sampling == "once":
-            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(self.seed))
-            mean, std = mean + std * noise, torch.zeros_like(std)
-        self.latents = (mean, std)
+
+    # stacked views for inspection (every image one size, e.g. without buckets)
+    @property
+    def latents(self) -> tuple[Tensor, Tensor] | None:
+        """(mean, std) `[N, V, 4, h, w]` (std zero once sampling is applied), or None before caching."""
+        if not self.mean:
+            return None
+        mean = torch.stack(self.mean)
+        return mean, torch.stack(self.std) if self.std is not None else torch.zeros_like(mean)
+
+    @property
+    def weights(self) -> Tensor | None:
+        return None if self.weight_list is None else torch.stack(self.weight_list)  # [N, V, 1, h, w]
+
+    @property
+    def pixels(self) -> Tensor | None:
+        return None if self.pixel_list is None else torch.stack(self.pixel_list)  # [N, V, 3, H, W]
+
+    def latent(self, i: int, view: int = 0) -> Tensor:
+        """Image `i`'s latent `[4, h, w]` (its mean, or the `once` sample)."""
+        return self.mean[i][view]
 
     def train_dataloader(self) -> DataLoader:
-        if self.latents is None:
+        if not self.mean:
             raise RuntimeError("ConceptDataModule.cache_latents must run before training (the method calls it)")
-        dataset = _ConceptDataset(self)
+        dataset = ConceptDataset(self)
         if self.batch_size > len(dataset):
             warnings.warn(
                 f"data.batch_size={self.batch_size} is more than the {len(dataset)} samples per epoch; using "
@@ -189,19 +242,19 @@ class ConceptDataModule(L.LightningDataModule):
                 stacklevel=2,
             )
         rank, world = self._shard()
-        per_rank = len(dataset) // world
-        if per_rank < 1:
+        if len(dataset) // world < 1:
             raise UserError(
                 f"data.repeats: {len(dataset)} samples per epoch cannot feed {world} processes; raise data.repeats"
             )
-        batch_size = min(self.batch_size, per_rank)
+        batch_size = min(self.batch_size, len(dataset) // world)
+        groups = None
+        if self.buckets:
+            index = {s: k for k, s in enumerate(sorted(set(self.sizes)))}
+            groups = [index[self.sizes[j % len(self.sizes)]] for j in range(len(dataset))]
         sampler = EpochSampler(
-            len(dataset),
-            self.seed,
-            start=lambda: self._resume_point(per_rank, batch_size, world),
-            rank=rank,
-            world_size=world,
+            len(dataset), self.seed, rank=rank, world_size=world, groups=groups, batch=batch_size * world
         )
+        sampler.start = lambda: self._resume_point(len(sampler), batch_size, world)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -238,48 +291,3 @@ class ConceptDataModule(L.LightningDataModule):
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         epoch, step = divmod(trainer.global_step, steps_per_epoch)
         return epoch, step * trainer.accumulate_grad_batches * batch_size * world_size
-
-
-class _ConceptDataset(Dataset):
-    """Cached latents + a prompt drawn per fetch (template line, tag shuffle/dropout)."""
-
-    def __init__(self, dm: ConceptDataModule) -> None:
-        self.mean, self.std = dm.latents
-        self.weights, self.pixels = dm.weights, dm.pixels
-        self.captions = dm.captions
-        self.templates, self.plain_templates = dm.templates, dm.plain_templates
-        self.name = dm.name
-        self.flip_p, self.shuffle, self.dropout = dm.flip_p, dm.shuffle_tags, dm.tag_dropout
-        self.repeats = dm.repeats
-
-    def __len__(self) -> int:
-        return len(self.captions) * self.repeats
-
-    def __getitem__(self, item: tuple[int, int] | int) -> dict:
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        i = index % len(self.captions)
-        # every draw from the sample's own seed (see EpochSampler): resumes replay the same prompts and noise
-        g = torch.Generator().manual_seed(seed)
-        view = int(self.mean.shape[1] > 1 and torch.rand((), generator=g) < self.flip_p)
-        std = self.std[i, view]
-        latents = self.mean[i, view] + std * torch.randn(std.shape, generator=g)
-        k = int(torch.randint(len(self.templates), (), generator=g))
-        line = self.templates[k]
-        rng = random.Random(seed)
-        prompt = fill(line, self.name, self.captions[i], rng, self.shuffle, self.dropout)
-        sample = {
-            # the step's noise and timestep come from this seed (the method draws them), so they depend on the
-            # sample, not on the process or the batch it lands in: DDP ranks and resumes reproduce them
-            "noise_seed": int(torch.randint(2**62, (), generator=g)),
-            "latents": latents,  # [4, h, w]
-            "prompt": prompt,
-            "template": line,
-            "template_plain": self.plain_templates[k],
-            "caption": self.captions[i],
-            "index": i,
-        }
-        if self.weights is not None:
-            sample["weight"] = self.weights[i, view]  # [1, h, w]
-        if self.pixels is not None:
-            sample["pixels"] = self.pixels[i, view].float() / 127.5 - 1  # [3, H, W] in [-1, 1]
-        return sample

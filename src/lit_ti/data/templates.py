@@ -54,12 +54,22 @@ def without_filewords(template: str, lines: list[str]) -> list[str]:
     return [re.sub(r"\s+,", ",", cut.sub("", line)).strip(" ,") for line in lines]
 
 
-def fill(line: str, name: str, caption: str, rng: random.Random, shuffle: bool = False, dropout: float = 0.0) -> str:
+def fill(
+    line: str,
+    name: str,
+    caption: str,
+    rng: random.Random,
+    shuffle: bool = False,
+    dropout: float = 0.0,
+    keep: int = 0,
+) -> str:
     """A1111's create_text: optional tag dropout/shuffle on the comma-separated caption, then `[filewords]`,
-    then `[name]`."""
+    then `[name]`. The first `keep` tags stay in place and are never dropped (kohya's `keep_tokens`)."""
     if shuffle or dropout > 0:
-        tags = [t for t in caption.split(",") if dropout <= 0 or rng.random() > dropout]
+        tags = caption.split(",")
+        fixed, tags = tags[:keep], tags[keep:]
+        tags = [t for t in tags if dropout <= 0 or rng.random() > dropout]
         if shuffle:
             rng.shuffle(tags)
-        caption = ",".join(tags)
+        caption = ",".join(fixed + tags)
     return line.replace("[filewords]", caption).replace("[name]", name)

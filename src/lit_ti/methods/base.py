@@ -198,7 +198,9 @@ class DiffusionMethod(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "cache_latents"):
-            datamodule.cache_latents(self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels)
+            datamodule.cache_latents(
+                self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels, vae=self.vae
+            )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # the noise seeds stay on the host: reading them back from a GPU would stall every step
