@@ -71,7 +71,7 @@ class GracefulStop(L.Callback):
             return
         folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else self.dirpath
         self.checkpoint = folder / "last.ckpt"
-        trainer.save_checkpoint(self.checkpoint)
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # the full state: it resumes
         trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
