@@ -1,5 +1,6 @@
 """`run(cfg)`: build the datamodule, method, callbacks, loggers and trainer from a Hydra config and fit."""
 
+import logging
 import re
 import sys
 import time
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_ti.callbacks import GracefulStop
+from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io import paths
@@ -155,12 +157,29 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         try:
             trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SystemExit:  # Lightning's answer to a second Ctrl-C: its clean-up, then exit(1)
+            if not interrupted(trainer):
+                raise
+            _second_interrupt(checkpoint_dirs)
         except paths.WriteFailed as e:  # the trained state is in the last checkpoint: say how to go on
             last = next((d / "last.ckpt" for d in checkpoint_dirs if (d / "last.ckpt").is_file()), None)
             if last is None or not folder.training:
                 raise
             raise paths.WriteFailed(f"{e}; then resume with ckpt_path={last}") from None
     return _report(cfg, trainer, callbacks, start)
+
+
+def _second_interrupt(checkpoint_dirs: list[Path]) -> None:
+    """Ctrl-C twice: no new checkpoint, but the newest one still resumes; say so and exit 130."""
+    found = [p for d in checkpoint_dirs if d.is_dir() for p in d.glob("*.ckpt")]
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    rank_zero_info("[lit_ti] stopped at once (Ctrl-C twice)")
+    if newest is not None:
+        rank_zero_info(
+            f"[lit_ti] checkpoint: {newest}\n"
+            f"[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={newest}"
+        )
+    sys.exit(130)
 
 
 def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) -> float | None:
@@ -242,8 +261,23 @@ def _run_undoing(cfg: DictConfig, folder: RunFolder) -> float | None:
         raise
 
 
+def log_to_run_folder() -> None:
+    """Send Lightning's lines (ours among them: `rank_zero_info`) and Python warnings to the handlers Hydra set
+    up, the console and `<run>/train.log`. Lightning keeps a console handler of its own when it is imported
+    before logging is configured, as train.py does, and its lines then never reached the log file."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
+
+
 def main(cfg: DictConfig) -> float | None:
     """`run` with user mistakes reported as one line (exit status 2) instead of a traceback."""
+    log_to_run_folder()
     try:
         return report_user_errors(_run_undoing, cfg, RunFolder(cfg.paths.output_dir))
     finally:

@@ -3,8 +3,9 @@
 Lightning turns Ctrl-C into a KeyboardInterrupt wherever the main thread happens to be (mid-backward, mid
 optimizer step) and exits with status 1. Here the signal only raises a flag; the step in flight finishes,
 then a checkpoint (`last.ckpt`, for `ckpt_path=`) is written, `trainer.should_stop` ends the fit, and the
-usual end-of-training exports write the final files. A second Ctrl-C stops at once (the files of the last
-completed export stay as they were).
+usual end-of-training exports write the final files; end-of-run evaluations are skipped (they take minutes,
+and `evaluate.py` runs them on the files). A second Ctrl-C stops at once; the files of the last completed
+export and the newest checkpoint stay as they were, and the resume line still names that checkpoint.
 """
 
 import signal
@@ -15,6 +16,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupted(trainer) -> bool:
+    """Whether a GracefulStop of this trainer received Ctrl-C or SIGTERM (callbacks skip slow end-of-run work)."""
+    return any(isinstance(c, GracefulStop) and c.received is not None for c in trainer.callbacks)
 
 
 class GracefulStop(L.Callback):
@@ -65,7 +71,7 @@ class GracefulStop(L.Callback):
             return
         folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else self.dirpath
         self.checkpoint = folder / "last.ckpt"
-        trainer.save_checkpoint(self.checkpoint)
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # the full state: it resumes
         trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
 
+from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.errors import UserError, check_choice, check_number, check_period, check_seed
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.paths import WriteFailed
@@ -86,7 +87,7 @@ class PreviewImages(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self.last_step:
+        if trainer.global_step != self.last_step and not interrupted(trainer):  # a stop must take seconds
             self.render_or_warn(trainer, pl_module, trainer.global_step)
 
     def render_or_warn(self, trainer, pl_module, step: int) -> None:

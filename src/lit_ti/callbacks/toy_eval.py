@@ -4,6 +4,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.errors import check_choice
 from lit_ti.toy.evaluation import check_concept, check_samples, evaluate
 from lit_ti.toy.style import evaluate_style
@@ -41,6 +42,12 @@ class ToyEvaluation(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not hasattr(pl_module, "bank"):
             return  # not a concept-embedding method (hypernetworks are judged by lit_ti.toy.style)
+        if interrupted(trainer):
+            files = f"{trainer.default_root_dir}/{pl_module.name}.pt"
+            rank_zero_info(
+                f"[lit_ti] toy evaluation skipped (interrupted); to run it: python evaluate.py {files} {self.concept}"
+            )
+            return
         if pl_module.backbone.name != TOY_MODEL:
             rank_zero_info(
                 f"[lit_ti] toy evaluation skipped: the model is not the toy base ({pl_module.backbone.name})"
@@ -73,6 +80,9 @@ class ToyStyleEvaluation(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not hasattr(pl_module, "hypernetwork") or pl_module.backbone.name != TOY_MODEL:
             rank_zero_info("[lit_ti] toy style evaluation skipped: needs a hypernetwork on the toy base model")
+            return
+        if interrupted(trainer):
+            rank_zero_info("[lit_ti] toy style evaluation skipped (interrupted)")
             return
         self.results = evaluate_style(pl_module, style=self.style, samples=self.samples)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ti import losses
+from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.data.datamodule import ConceptDataModule
 from lit_ti.data.templates import fill
 from lit_ti.errors import UserError, check_number, check_period, check_seed
@@ -81,4 +82,6 @@ class ValidationLoss(L.Callback):
             self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if interrupted(trainer):  # a stop must take seconds; the sweep reads val/loss from finished runs
+            return
         rank_zero_info(f"[lit_ti] val/loss = {self.measure(trainer, pl_module):.5f}")
