@@ -128,7 +128,9 @@ def test_a_run_that_exits_2_in_a_users_folder_removes_only_its_own_files(tmp_pat
 
 
 def test_cfg_job_prints_the_config():
-    run = train("experiment=ti_style", "--cfg", "job")
+    run = train(
+        "experiment=ti_style", "model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "--cfg", "job"
+    )
     assert run.returncode == 0, run.stderr
     assert "template: style" in run.stdout and "_target_: lit_ti.methods.TextualInversion" in run.stdout
 

@@ -205,7 +205,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(io.embeddings, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(io.paths.WriteFailed, match="x.safetensors: could not be written"):
         io.save_embedding(path, torch.zeros(1, 8))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temp file left behind

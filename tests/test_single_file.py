@@ -13,6 +13,7 @@ from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.models import SingleFile, TinyBackbone
 from lit_ti.models.single_file import shipped_config
+from tests.conftest import make_concept_dir
 from tests.ldm_layout import write_single_file
 from tests.test_cli import train
 
@@ -72,18 +73,21 @@ def test_training_on_a_single_file_records_its_hash(single_file, tmp_path):
         "model=single_file",
         f"model.path={path}",
         f"model.config={config}",
+        "data=concept",
+        f"data.dir={make_concept_dir(tmp_path / 'data')}",
+        "name=zz-concept",
         "trainer.max_steps=2",
         "callbacks.preview=null",
         "callbacks.toy_eval=null",
         "callbacks.model_checkpoint=null",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     if not original.is_sdxl:
-        data = torch.load(tmp_path / "toy-concept.pt", weights_only=True)
+        data = torch.load(tmp_path / "run" / "zz-concept.pt", weights_only=True)
         assert (data["sd_checkpoint"], data["sd_checkpoint_name"]) == (expected, "my-model")
-    entry = io.read_embedding(tmp_path / "toy-concept.safetensors")[0]
+    entry = io.read_embedding(tmp_path / "run" / "zz-concept.safetensors")[0]
     assert (entry.sd_checkpoint, entry.sd_checkpoint_name) == (expected, "my-model")
 
 

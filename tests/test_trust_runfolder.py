@@ -63,20 +63,23 @@ def test_a_name_is_one_path_component(entry, method, name):
     nothing_left(outcome)
 
 
+OUTSIDE = "outside the run folder"
+
+
 @pytest.mark.parametrize(
-    ("override", "key"),
+    ("override", "key", "message"),
     [
-        ("callbacks.model_checkpoint.dirpath=__root__/elsewhere", "callbacks.model_checkpoint.dirpath"),
-        ("callbacks.export.dirpath=__out__/../../x", "callbacks.export.dirpath"),
-        ("logger.tensorboard.save_dir=__root__", "logger.tensorboard.save_dir"),
-        ("callbacks.loss_csv.filename=../../loss.csv", "callbacks.loss_csv.path"),
+        ("callbacks.model_checkpoint.dirpath=__root__/elsewhere", "callbacks.model_checkpoint.dirpath", OUTSIDE),
+        ("callbacks.export.dirpath=__out__/../../x", "callbacks.export.dirpath", OUTSIDE),
+        ("logger.tensorboard.save_dir=__root__", "logger.tensorboard.save_dir", OUTSIDE),
+        ("callbacks.loss_csv.filename=../../loss.csv", "callbacks.loss_csv.filename", "a file name, without folders"),
     ],
     ids=["checkpoints", "export", "tensorboard", "loss-csv"],
 )
-def test_every_output_folder_lies_inside_the_run_folder(entry, override, key):
+def test_every_output_folder_lies_inside_the_run_folder(entry, override, key, message):
     override = override.replace("__root__", str(entry.root)).replace("__out__", str(entry.out))
     outcome = entry.train("name=zz-concept", override, *QUICK)
-    one_error(outcome, key, "outside the run folder")
+    one_error(outcome, key, message)
     nothing_left(outcome)
 
 

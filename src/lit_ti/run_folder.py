@@ -124,8 +124,9 @@ class RunFolder:
             raise write_failed(self.root, e) from None
 
     def record_config(self, cfg) -> None:
-        """`.hydra/config.yaml` and `overrides.yaml`, written by us once the run is validated (Hydra's own
-        `output_subdir` is off: it would overwrite a finished run's record before any check could refuse)."""
+        """`.hydra/config.yaml` and `overrides.yaml`, written by us when training begins, after every check (a
+        resume's identity included; Hydra's own `output_subdir` is off: it would overwrite a finished run's
+        record before any check could refuse)."""
         from omegaconf import OmegaConf
 
         from lit_ti.io.atomic import atomic_path
@@ -147,12 +148,14 @@ class RunFolder:
     def remove_stale(self, checkpoint_dirs: list[Path]) -> list[Path]:
         return remove_stale([self.root / sub for sub in WRITTEN] + checkpoint_dirs)
 
-    def callback(self) -> L.Callback:
+    def callback(self, cfg=None) -> L.Callback:
         folder = self
 
         class TrainingBegan(L.Callback):
             def on_train_start(self, trainer, pl_module) -> None:
                 folder.training = True
+                if cfg is not None and trainer.is_global_zero:
+                    folder.record_config(cfg)
 
         return TrainingBegan()
 

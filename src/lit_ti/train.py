@@ -150,8 +150,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
         folder.refuse_finished(getattr(method, "name", cfg.get("name")), checkpoint_dirs)
     folder.check_writable()
     folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
-    folder.record_config(cfg)
-    trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback()], logger=loggers or False)
+    trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback(cfg)], logger=loggers or False)
     with paths.run_folder(folder.root):
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -265,8 +264,10 @@ def log_to_run_folder() -> None:
     """Send Lightning's lines (ours among them: `rank_zero_info`) and Python warnings to the handlers Hydra set
     up, the console and `<run>/train.log`. Lightning keeps a console handler of its own when it is imported
     before logging is configured, as train.py does, and its lines then never reached the log file."""
-    if not logging.getLogger().handlers:
-        return
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not logging.getLogger().handlers:
+        return  # not a command-line run: the caller's logging (and warnings capture) stays as it is
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
