@@ -49,7 +49,14 @@ def test_default_run_writes_every_output(tmp_path):
 
 
 def test_dreamartist_character_run(tmp_path):
-    train_ok(tmp_path, "experiment=dreamartist_character", "trainer.max_steps=30", "callbacks.toy_eval.samples=4")
+    # reconstruction is off in the toy world's DreamArtist settings; on here to see its loss logged
+    train_ok(
+        tmp_path,
+        "experiment=dreamartist_character",
+        "method.reconstruction=true",
+        "trainer.max_steps=30",
+        "callbacks.toy_eval.samples=4",
+    )
     from lit_ti import io
 
     pair = {p.name for p in tmp_path.iterdir()}
