@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lit_ti.captioning import format_tags
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, make_tagger
 
 
 def preprocess(*overrides: str) -> dict:
@@ -99,20 +99,7 @@ def test_deepbooru_tag_formatting():
 
 
 def test_local_tagger_writes_captions(tmp_path):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    tags = ["red", "square_shape", "rating:safe"]
-    config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    config.id2label = dict(enumerate(tags))
-    config.label2id = {t: i for i, t in enumerate(tags)}
-    model = ViTForImageClassification(config)
-    for p in model.classifier.parameters():  # every tag scores sigmoid(10): all kept but the rating
-        p.data.zero_()
-    model.classifier.bias.data.fill_(10.0)
-    model.save_pretrained(tmp_path / "tagger")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "tagger")
+    make_tagger(tmp_path / "tagger")
     src = tmp_path / "raw"
     src.mkdir()
     buf = _io.BytesIO()

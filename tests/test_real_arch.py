@@ -7,7 +7,6 @@ records the dtypes, hashes every frozen weight before and after, and times the s
 `python -m pytest -m slow tests/test_real_arch.py -s` (about 25 GB of temporary files; SDXL needs ~14 GB RAM).
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from lit_ti.models.backbone import built_in
 
 FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}  # shipped config folder -> family
 WIDTHS = {"sd15": {"clip_l": 768}, "sd21": {"clip_l": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
@@ -85,16 +86,6 @@ class FrozenProbe(Callback):
 
 
 # ----------------------------------------------------------------- building the models
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def random_backbone(config: str, dtype: torch.dtype = torch.float16):
     """The shipped configs' architecture with random weights, built directly in `dtype` (an SDXL UNet is
     10 GB in fp32)."""
@@ -106,7 +97,7 @@ def random_backbone(config: str, dtype: torch.dtype = torch.float16):
 
     folder = shipped_config(FAMILIES[config])
     torch.manual_seed(0)
-    with default_dtype(dtype):
+    with built_in(dtype):
         parts = {
             "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
             "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
