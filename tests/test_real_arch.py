@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -137,16 +136,19 @@ def train_measured(args: list[str], log: Path, timeout: float = 3600) -> tuple[i
     from tests.conftest import ROOT
 
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    peak = log.with_suffix(".peak")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=out, stderr=out, env=env)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 2**20
+        cmd = [sys.executable, "-c", _LAUNCH, str(peak), str(timeout), sys.executable, "train.py", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=out, env=env)
+    return proc.returncode, (int(peak.read_text()) / 2**20 if peak.exists() else float("nan"))  # none: timed out
+
+
+# train.py is started by a small launcher, which reports its child's peak RSS (KiB). Measured from pytest directly,
+# ru_maxrss would include pytest's own high-water mark: Linux carries it into a child across fork and exec.
+_LAUNCH = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[3:], timeout=float(sys.argv[2])).returncode;"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+)
 
 
 def check_files(run: Path, config: str, method: str) -> None:
