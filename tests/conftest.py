@@ -16,11 +16,32 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+# The quick lane (`python -m pytest --quick`, under 2 minutes on 2 cores) leaves out the modules that start
+# whole `python train.py` processes, several of them, or a second backbone family; the default lane runs them.
+PROCESS_MODULES = {
+    "test_cli",
+    "test_crash",
+    "test_ddp",
+    "test_sweeps",
+    "test_notebook",
+    "test_sdxl",
+    "test_latent_cache",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="the edit-test loop: no tests that start processes")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+    if config.getoption("--quick"):
+        kept = [i for i in items if i.module.__name__.rsplit(".", 1)[-1] not in PROCESS_MODULES]
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)
