@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-# The quick lane (`python -m pytest --quick`, under 2 minutes on 2 cores) leaves out the modules that start
-# whole `python train.py` processes, several of them, or a second backbone family; the default lane runs them.
-PROCESS_MODULES = {
+# The quick lane (`python -m pytest --quick`, under 2 minutes on 2 idle cores) is the edit-test loop: it leaves
+# out the modules that start `python train.py` processes or a second backbone family, and those that run a
+# whole pipeline (toy evaluation, single-file conversion, sampling, torch.compile, every loader x precision).
+# The default lane runs everything.
+QUICK_SKIPS = {
+    # processes
     "test_cli",
     "test_crash",
     "test_ddp",
@@ -26,11 +29,17 @@ PROCESS_MODULES = {
     "test_notebook",
     "test_sdxl",
     "test_latent_cache",
+    # whole pipelines
+    "test_toy",
+    "test_single_file",
+    "test_generate",
+    "test_speed_switches",
+    "test_precision",
 }
 
 
 def pytest_addoption(parser):
-    parser.addoption("--quick", action="store_true", help="the edit-test loop: no tests that start processes")
+    parser.addoption("--quick", action="store_true", help="the edit-test loop (under 2 minutes): see QUICK_SKIPS")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
     if config.getoption("--quick"):
-        kept = [i for i in items if i.module.__name__.rsplit(".", 1)[-1] not in PROCESS_MODULES]
+        kept = [i for i in items if i.module.__name__.rsplit(".", 1)[-1] not in QUICK_SKIPS]
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
 
