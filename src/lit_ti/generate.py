@@ -28,15 +28,15 @@ from PIL import PngImagePlugin
 from lit_ti import io
 from lit_ti.callbacks.preview import SAMPLERS
 from lit_ti.errors import UserError
+from lit_ti.io import formats
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.embeddings import from_file, shape_of
-from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, NotAnEmbedding, png_name
+from lit_ti.io.png_embeddings import NotAnEmbedding, png_name
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
-SUFFIXES = (".pt", ".safetensors", ".bin", *IMAGE_SUFFIXES)  # what io.read_embedding reads
 
 
 def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
@@ -45,7 +45,8 @@ def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
         folder = Path(directory).expanduser()
         if not folder.is_dir():
             raise UserError(f"embeddings_dir: {folder} is not a folder of embedding files")
-        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        readable = formats.readable(formats.EMBEDDING)  # exactly what io.read_embedding reads
+        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in readable and not p.name.startswith("."))
     return paths
 
 
@@ -58,7 +59,7 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
         return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.IGNORECASE) is not None
 
     for path in paths:
-        image = path.suffix.lower() in IMAGE_SUFFIXES
+        image = formats.is_image(path)
         name = (png_name(path) or path.stem) if image else None  # no pixels decoded for this
         if image and not named(name):
             continue
