@@ -39,7 +39,7 @@ class ExportEmbeddings(L.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             self.last_step = step
-            folder = self.dirpath / getattr(pl_module, "periodic_dirname", "embeddings")
+            folder = self.dirpath / pl_module.periodic_dirname
             try:
                 pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
             except WriteFailed as e:
