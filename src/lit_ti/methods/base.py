@@ -9,14 +9,12 @@ backbone is loaded in `configure_model`, never in `__init__`, and checkpoints ho
 in `checkpointed` (kilobytes for TI, not the frozen model).
 """
 
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +22,7 @@ from lit_ti import losses
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError, check_number
 from lit_ti.io import paths
+from lit_ti.methods import resume
 from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
 from lit_ti.models import Backbone, compiled, weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
@@ -100,35 +99,6 @@ class DiffusionMethod(L.LightningModule, ABC):
         self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
         self.untrained = UntrainedLedger()
 
-    # ----------------------------------------------------------------- model
-    def configure_model(self) -> None:
-        if self.backbone is not None:
-            return
-        precision = self.trainer.precision if self._trainer is not None else "32"
-        bb = self.backbone_spec.load(weight_dtype(precision))
-        self.backbone = bb
-        # registered as submodules so Lightning moves them to the device; frozen and in eval mode
-        self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
-        # diffusers' `unet.dtype` walks every submodule on each call (about 1 ms per step on the tiny
-        # backbone, more on SD-sized ones), and the frozen weights never change dtype
-        self.unet_dtype = bb.unet.dtype
-        if bb.text_encoder_2 is not None:
-            self.text_encoder_2 = bb.text_encoder_2
-        if self.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
-        if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        layers = min(enc.config.num_hidden_layers for _, enc in bb.text_encoders.values())
-        if self.clip_skip > layers:
-            raise UserError(f"method.clip_skip={self.clip_skip}: this model's text encoder has {layers} layers")
-        steps = bb.scheduler.config.num_train_timesteps
-        if self.max_timestep is not None and self.max_timestep > steps:
-            raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
-        self.timestep_range = (self.min_timestep, self.max_timestep or steps)
-        self.build_trainables(bb)
-        if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
-            self.compiled_unet = compiled.compile_unet(self.unet)
-
     # ----------------------------------------------------------------- the contract: what trains
     @property
     @abstractmethod
@@ -176,6 +146,35 @@ class DiffusionMethod(L.LightningModule, ABC):
         """The trained prompt tokens, which concept measures (`callbacks.toy_eval`) snapshot and swap for their
         initial values; None when the method trains no token (its measures are of another kind)."""
 
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        precision = self.trainer.precision if self._trainer is not None else "32"
+        bb = self.backbone_spec.load(weight_dtype(precision))
+        self.backbone = bb
+        # registered as submodules so Lightning moves them to the device; frozen and in eval mode
+        self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        # diffusers' `unet.dtype` walks every submodule on each call (about 1 ms per step on the tiny
+        # backbone, more on SD-sized ones), and the frozen weights never change dtype
+        self.unet_dtype = bb.unet.dtype
+        if bb.text_encoder_2 is not None:
+            self.text_encoder_2 = bb.text_encoder_2
+        if self.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        layers = min(enc.config.num_hidden_layers for _, enc in bb.text_encoders.values())
+        if self.clip_skip > layers:
+            raise UserError(f"method.clip_skip={self.clip_skip}: this model's text encoder has {layers} layers")
+        steps = bb.scheduler.config.num_train_timesteps
+        if self.max_timestep is not None and self.max_timestep > steps:
+            raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
+        self.timestep_range = (self.min_timestep, self.max_timestep or steps)
+        self.build_trainables(bb)
+        if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
+            self.compiled_unet = compiled.compile_unet(self.unet)
+
     def train(self, mode: bool = True) -> "DiffusionMethod":
         super().train(mode)
         if self.backbone is not None:  # the frozen parts never leave eval mode
@@ -187,6 +186,7 @@ class DiffusionMethod(L.LightningModule, ABC):
         state = super().state_dict(*args, **kwargs)
         return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
 
+    # ----------------------------------------------------------------- previews and evaluations
     @torch.no_grad()
     def sample(
         self,
@@ -259,25 +259,9 @@ class DiffusionMethod(L.LightningModule, ABC):
 
     # ----------------------------------------------------------------- step
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch.
-
-        Drawn per sample from the batch's `noise_seed`s when the datamodule gives them (so they do not depend on
-        the process or batch a sample lands in: DDP with N ranks equals one process with N× the batch), else
-        from the global RNG.
-        """
-        latents = batch["latents"]
-        seeds = batch.get("noise_seed")
-        low, high = self.timestep_range
-        if seeds is None:
-            noise = torch.randn_like(latents)
-            return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device)
-        noise, timesteps = [], []
-        for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
-            g = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(latents.shape[1:], generator=g))
-            timesteps.append(int(torch.randint(low, high, (), generator=g)))
-        noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
-        return noise, torch.tensor(timesteps, device=latents.device)
+        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
+        them (`losses.draw_noise`)."""
+        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), *self.timestep_range)
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
@@ -407,30 +391,7 @@ class DiffusionMethod(L.LightningModule, ABC):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_ti"] = self.identity()
-        # plain tensors and tuples only: Lightning reads checkpoints with torch.load(weights_only=True)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate(),
-        }
+        resume.record(checkpoint, self.identity())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, now = checkpoint.get("lit_ti"), self.identity()
-        differs = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in now.items() if saved and saved.get(k) != v]
-        if differs:
-            raise UserError(
-                f"ckpt_path={self.trainer.ckpt_path}: a checkpoint of another run: {'; '.join(differs)}; resume "
-                "with that run's settings, or start a fresh run without ckpt_path in a new hydra.run.dir"
-            )
-        rng = checkpoint.get("rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        kind, keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(rng["python"])
+        resume.restore(checkpoint, self.identity(), self.trainer.ckpt_path)
