@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from lit_ti.callbacks import ExportEmbeddings, PreviewImages, ToyEvaluation
 from lit_ti.data import ConceptDataModule
 from lit_ti.io.atomic import atomic_path
+from lit_ti.io.checkpoint_io import TRAINED
 from lit_ti.methods import DiffusionMethod, DreamArtist, HypernetworkMethod, TextualInversion
 from lit_ti.models import Backbone, TinyBackbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
@@ -65,6 +66,11 @@ def test_the_contract_is_what_the_docs_list():
     assert DiffusionMethod.__abstractmethods__ == CONTRACT
     for method in (TextualInversion, DreamArtist, HypernetworkMethod, TextShift):
         assert not method.__abstractmethods__, method
+
+
+def test_resume_accepts_what_every_shipped_method_checkpoints():
+    for method in (TextualInversion, DreamArtist, HypernetworkMethod):
+        assert set(method.checkpointed) <= set(TRAINED), method
 
 
 @pytest.mark.parametrize("missing", sorted(CONTRACT))

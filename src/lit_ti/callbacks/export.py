@@ -15,13 +15,14 @@ from lit_ti.io.paths import WriteFailed
 
 
 class ExportEmbeddings(L.Callback):
-    """Periodic copies go to `<dirpath>/embeddings/<name>-<step>.<fmt>` (`hypernetworks/` for hypernetworks;
-    A1111 naming); the final files to `<dirpath>/<name>.<fmt>`.
+    """Periodic copies go to `<dirpath>/<periodic_dirname>/<name>-<step>.<fmt>` (the method's folder:
+    `embeddings/`, `hypernetworks/`; A1111 naming); the final files to `<dirpath>/<name>.<fmt>`.
 
     Args:
         dirpath: the run's output folder.
         every_n_steps: period in optimizer steps; 0 = only the final files.
-        formats: any of `pt` (A1111), `safetensors` (kohya/A1111/ComfyUI), `bin` (diffusers).
+        formats: any of `pt` (A1111), `safetensors` (kohya/A1111/ComfyUI), `bin` (diffusers) that the method
+            writes (`io.formats.exportable`).
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 500, formats: tuple[str, ...] = ("pt", "safetensors")):
