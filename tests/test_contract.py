@@ -104,3 +104,32 @@ def test_a_fourth_method_works_with_the_export_and_preview_callbacks(tmp_path, c
     assert [p.name for p in preview.written] == ["zz-shift-2.png"]  # `[name]` became the method's name
     assert set(method.state_dict()) == {"shift.vector"}  # checkpoints hold what trains, nothing frozen
     assert toy.init is None and toy.results == {}  # no token trains: the concept measure stands aside
+
+
+@pytest.mark.parametrize(
+    ("method_cls", "kw"),
+    [(TextualInversion, {}), (DreamArtist, {"reconstruction": True}), (HypernetworkMethod, {})],
+    ids=["ti", "dreamartist", "hypernetwork"],
+)
+def test_every_loss_is_logged_synced_across_ranks(tmp_path, concept_dir, monkeypatch, method_cls, kw):
+    """Per-rank losses differ under DDP: every `train/loss*` value is averaged over the ranks (`sync_dist`)."""
+    L.seed_everything(0, verbose=False)
+    method = method_cls(TinyBackbone(), name="zz-thing", **kw)
+    logged = {}
+    log = method.log
+    monkeypatch.setattr(method, "log", lambda key, value, **k: (logged.setdefault(key, k), log(key, value, **k)))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(method, datamodule=ConceptDataModule(dir=str(concept_dir), name="zz-thing", template="subject"))
+    losses = {key: k for key, k in logged.items() if key.startswith("train/loss")}
+    assert "train/loss" in losses
+    if kw:
+        assert {"train/loss_diffusion", "train/loss_reconstruction"} <= set(losses)
+    assert all(k.get("sync_dist") for k in losses.values()), losses
