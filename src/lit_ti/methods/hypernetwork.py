@@ -136,7 +136,7 @@ class HypernetworkMethod(DiffusionMethod):
         unknown = set(formats) - set(FORMATS)
         if unknown:
             raise UserError(
-                f"callbacks.export.formats: hypernetworks are written as pt or safetensors, not {sorted(unknown)}"
+                f"callbacks.export.formats: hypernetworks are written as {' or '.join(FORMATS)}, not {sorted(unknown)}"
             )
         return [
             io.save_hypernetwork(
