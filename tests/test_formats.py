@@ -9,13 +9,12 @@ from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.generate import embedding_files
 from lit_ti.io import formats
-from lit_ti.models.single_file import SUFFIXES as CHECKPOINT_SUFFIXES
 from lit_ti.modules.hypernetwork import Hypernetwork
 
 # every suffix the table names, in both cases, plus neighbours a reader might start to accept one day
 CANDIDATES = sorted(
     {s for f in formats.FORMATS for s in (f.suffix, f.suffix.upper())}
-    | {*CHECKPOINT_SUFFIXES, ".pth", ".jpg", ".jpeg", ".gif", ".txt", ".json", ".npz", ".yaml", ".gguf"}
+    | {".pth", ".pkl", ".jpg", ".jpeg", ".gif", ".txt", ".json", ".npz", ".yaml", ".gguf"}
 )
 
 
@@ -40,6 +39,22 @@ def test_generate_finds_every_embedding_file_the_reader_accepts(tmp_path):
     assert read == found
     assert {p.suffix.lower() for p in folder.iterdir() if p.name in read} == set(formats.readable(formats.EMBEDDING))
     assert ".ckpt" in formats.readable(formats.EMBEDDING)  # original TI's files (the drift that was)
+
+
+def test_single_file_models_accept_exactly_the_table(tmp_path):
+    from lit_ti.models import SingleFile
+
+    read = set()
+    for i, suffix in enumerate(CANDIDATES):
+        path = tmp_path / f"model{i}{suffix}"
+        path.write_bytes(b"not really a checkpoint")
+        try:
+            SingleFile(str(path)).load()
+        except UserError as e:
+            if "not a checkpoint file" in str(e):
+                continue
+        read.add(suffix.lower())
+    assert read == set(formats.readable(formats.MODEL))
 
 
 def test_hypernetwork_reader_accepts_exactly_the_table(tmp_path):

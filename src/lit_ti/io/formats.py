@@ -2,7 +2,8 @@
 written) and which kinds of file use it.
 
 Everything that lists extensions asks this table: the embedding and hypernetwork readers and writers, the
-export formats a method offers, `generate.py`'s folder scan, and the run folder's "finished run" check. The
+single-file model loader, the export formats a method offers, `generate.py`'s folder scan, and the run
+folder's "finished run" check. The
 layout *inside* a container (A1111's dict, kohya's `emb_params`, diffusers' `{token: tensor}`) belongs to the
 kind's own module (`io/embeddings.py`, `io/hypernetworks.py`).
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from lit_ti.errors import UserError
 
-EMBEDDING, HYPERNETWORK = "embedding", "hypernetwork"
+EMBEDDING, HYPERNETWORK, MODEL = "embedding", "hypernetwork", "model"  # MODEL: a single-file SD checkpoint
 PICKLE, SAFETENSORS, IMAGE = "pickle", "safetensors", "image"  # containers: io.pickles, safetensors, PNG chunks
 
 
@@ -35,10 +36,11 @@ def _format(suffix: str, container: str, reads: tuple[str, ...], writes: tuple[s
 
 BOTH = (EMBEDDING, HYPERNETWORK)
 FORMATS = (
-    _format(".pt", PICKLE, BOTH, BOTH),  # A1111's layouts (what the webui and ComfyUI load)
-    _format(".safetensors", SAFETENSORS, BOTH, BOTH),  # kohya embeddings; lit_ti's hypernetwork layout
+    _format(".pt", PICKLE, (*BOTH, MODEL), BOTH),  # A1111's layouts (what the webui and ComfyUI load)
+    _format(".safetensors", SAFETENSORS, (*BOTH, MODEL), BOTH),  # kohya embeddings; lit_ti's hypernetworks
     _format(".bin", PICKLE, BOTH, (EMBEDDING,)),  # diffusers' learned_embeds.bin
-    _format(".ckpt", PICKLE, BOTH),  # original textual inversion's embeddings
+    _format(".ckpt", PICKLE, (*BOTH, MODEL)),  # original textual inversion's embeddings; SD checkpoints
+    _format(".pth", PICKLE, (MODEL,)),
     # A1111's "embedding in PNG": written as PNG (the preview), read from every image type the webui reads
     _format(".png", IMAGE, (EMBEDDING,), (EMBEDDING,)),
     _format(".webp", IMAGE, (EMBEDDING,)),
