@@ -257,7 +257,8 @@ class DiffusionMethod(L.LightningModule, ABC):
             batch["noise_seed"] = seeds
         return batch
 
-    # ----------------------------------------------------------------- step
+    # ----------------------------------------------------------------- step (methods may override the hooks
+    # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
         them (`losses.draw_noise`)."""
