@@ -1,9 +1,10 @@
 """`python generate.py prompt=...`: images from a backbone with embeddings and a hypernetwork.
 
-Embeddings come from `embeddings_dir` (every `.pt`, `.safetensors`, `.bin` or A1111 PNG in it) and
-`embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
+Embeddings come from `embeddings_dir` (every file `io.formats` lists as an embedding: `.pt`, `.safetensors`,
+`.bin`, `.ckpt` or an A1111 image) and `embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
 concepts share a prompt and a DreamArtist pair works as `prompt="... <name> ..." negative_prompt="<name>-neg"`.
-A PNG is decoded only when its name (its text chunk's, else its file stem) is in a prompt. Every setting is
+A PNG is decoded only when its name (its text chunk's, else its file stem) is in a prompt. Files that act inside
+the UNet with a strength (a hypernetwork) are the `ADAPTERS` table's rows. Every setting is
 checked before the model loads, and a run whose latents turn NaN/Inf stops with one line instead of writing
 black images.
 Prompts are encoded exactly as in training (`PromptEncoder`: multi-vector names, clip skip, SDXL's two encoders) and
@@ -15,7 +16,8 @@ import math
 import random
 import re
 import warnings
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +30,36 @@ from PIL import PngImagePlugin
 from lit_ti import io
 from lit_ti.callbacks.preview import SAMPLERS
 from lit_ti.errors import UserError
+from lit_ti.io import formats
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.embeddings import from_file, shape_of
-from lit_ti.io.png_embeddings import IMAGE_SUFFIXES, NotAnEmbedding, png_name
+from lit_ti.io.png_embeddings import NotAnEmbedding, png_name
 from lit_ti.models import weight_dtype
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
-SUFFIXES = (".pt", ".safetensors", ".bin", *IMAGE_SUFFIXES)  # what io.read_embedding reads
+
+
+def apply_hypernetwork(unet, path: Path, strength: float) -> Callable[[], None]:
+    from lit_ti.methods.hypernetwork import attach_file
+    from lit_ti.modules.hypernetwork import detach
+
+    _, original = attach_file(unet, path, strength)
+    return lambda: detach(unet, original)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A trained file applied inside the frozen UNet, set by its config key (a path or null)."""
+
+    kind: str  # its `io.formats` kind
+    strength_key: str  # the config key of its multiplier
+    a1111_name: str  # its key in A1111's `parameters` text (`<name>` and `<name> strength`)
+    apply: Callable[..., Callable[[], None]]  # (unet, path, strength) -> undo
+
+
+ADAPTERS = {"hypernetwork": Adapter(formats.HYPERNETWORK, "hypernetwork_strength", "Hypernet", apply_hypernetwork)}
 
 
 def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
@@ -45,7 +68,8 @@ def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
         folder = Path(directory).expanduser()
         if not folder.is_dir():
             raise UserError(f"embeddings_dir: {folder} is not a folder of embedding files")
-        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        readable = formats.readable(formats.EMBEDDING)  # exactly what io.read_embedding reads
+        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in readable and not p.name.startswith("."))
     return paths
 
 
@@ -58,7 +82,7 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
         return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.IGNORECASE) is not None
 
     for path in paths:
-        image = path.suffix.lower() in IMAGE_SUFFIXES
+        image = formats.is_image(path)
         name = (png_name(path) or path.stem) if image else None  # no pixels decoded for this
         if image and not named(name):
             continue
@@ -94,7 +118,7 @@ def load_concepts(paths: list[Path], text: str, backbone) -> EmbeddingBank:
     return bank
 
 
-def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Path | None) -> str:
+def parameters(cfg: DictConfig, seed: int, size: int, backbone, applied: dict[str, Path]) -> str:
     """A1111's `parameters` PNG text: prompt, negative prompt, then `Key: value` settings."""
     settings = {
         "Steps": cfg.steps,
@@ -105,9 +129,10 @@ def parameters(cfg: DictConfig, seed: int, size: int, backbone, hypernetwork: Pa
         "Model hash": backbone.checkpoint_hash,
         "Model": backbone.name,
         "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
-        "Hypernet": hypernetwork.stem if hypernetwork else None,
-        "Hypernet strength": cfg.hypernetwork_strength if hypernetwork else None,
     }
+    for key, path in applied.items():
+        adapter = ADAPTERS[key]
+        settings |= {adapter.a1111_name: path.stem, f"{adapter.a1111_name} strength": cfg[adapter.strength_key]}
     lines = [cfg.prompt] + ([f"Negative prompt: {cfg.negative_prompt}"] if cfg.negative_prompt else [])
     return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)])
 
@@ -152,8 +177,14 @@ def check_settings(cfg: DictConfig) -> torch.device:
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu")
     if str(cfg.precision) == "16" and device.type == "cpu":
         raise UserError("precision=16: float16 runs on a GPU only; use precision=32 or bf16 on the CPU")
-    if cfg.hypernetwork and not Path(str(cfg.hypernetwork)).expanduser().is_file():
-        raise UserError(f"hypernetwork={cfg.hypernetwork}: no such file")
+    for key, adapter in ADAPTERS.items():
+        if cfg[key] and not Path(str(cfg[key])).expanduser().is_file():
+            raise UserError(f"{key}={cfg[key]}: no such file")
+        if cfg[key]:
+            try:
+                formats.format_of(Path(str(cfg[key])).expanduser(), adapter.kind)
+            except UserError as e:
+                raise UserError(f"{key}: {e}") from None
     return device
 
 
@@ -188,16 +219,13 @@ def run(cfg: DictConfig) -> list[Path]:
         )
         return {"prompt_embeds": pos.states, "negative_prompt_embeds": neg.states, **pooled}
 
-    hypernetwork = Path(cfg.hypernetwork).expanduser() if cfg.hypernetwork else None
-    original = None
-    if hypernetwork is not None:
-        from lit_ti.methods.hypernetwork import attach_file
-
-        _, original = attach_file(backbone.unet, hypernetwork, cfg.hypernetwork_strength)
+    applied = {key: Path(cfg[key]).expanduser() for key in ADAPTERS if cfg[key]}
     pipe = backbone.pipeline(SAMPLERS[cfg.sampler].from_config(backbone.scheduler.config))
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**32)
-    out, images, written = Path(cfg.out_dir), [], []
+    out, images, written, undo = Path(cfg.out_dir), [], [], []
     try:
+        for key, path in applied.items():
+            undo.append(ADAPTERS[key].apply(backbone.unet, path, cfg[ADAPTERS[key].strength_key]))
         for it in range(cfg.n_iter):
             seeds = [seed + it * cfg.batch_size + i for i in range(cfg.batch_size)]
             batch = pipe(
@@ -215,17 +243,15 @@ def run(cfg: DictConfig) -> list[Path]:
                 raise UserError("the decoded images are non-finite (NaN/Inf); try precision=32")
             for s, image in zip(seeds, pipe.numpy_to_pil(batch)):
                 info = PngImagePlugin.PngInfo()
-                info.add_text("parameters", parameters(cfg, s, size, backbone, hypernetwork))
+                info.add_text("parameters", parameters(cfg, s, size, backbone, applied))
                 path = out / f"{len(written):05d}-{s}.png"
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG", pnginfo=info)
                 written.append(path)
                 images.append(image)
     finally:
-        if original is not None:
-            from lit_ti.modules.hypernetwork import detach
-
-            detach(backbone.unet, original)
+        for restore in reversed(undo):
+            restore()
     if len(images) > 1:
         with atomic_path(out / "grid.png") as tmp:
             make_image_grid(images, rows=cfg.n_iter, cols=cfg.batch_size).save(tmp, format="PNG")

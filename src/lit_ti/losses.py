@@ -33,6 +33,23 @@ def sample_timesteps(batch: int, low: int, high: int, device: torch.device) -> T
     return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
 
 
+def draw_noise(latents: Tensor, seeds: Tensor | None, low: int, high: int) -> tuple[Tensor, Tensor]:
+    """Noise like `latents` `[B, 4, h, w]` and timesteps `[B]` in [low, high).
+
+    Drawn per sample from `seeds` (a CPU tensor `[B]`) when given, so they do not depend on the process or batch
+    a sample lands in (DDP with N ranks equals one process with N× the batch); else from the global RNG.
+    """
+    if seeds is None:
+        return torch.randn_like(latents), sample_timesteps(latents.shape[0], low, high, latents.device)
+    noise, timesteps = [], []
+    for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
+        g = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+        timesteps.append(int(torch.randint(low, high, (), generator=g)))
+    noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
+    return noise, torch.tensor(timesteps, device=latents.device)
+
+
 @torch.no_grad()
 def denoising_loss(predict, scheduler, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
     """Mean MSE to the model's target over `draws` fixed (noise, timestep) pairs per image: a denoising loss

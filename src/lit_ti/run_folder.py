@@ -20,6 +20,7 @@ import lightning as L
 
 from lit_ti.errors import UserError
 from lit_ti.io.atomic import remove_stale, temp_prefix
+from lit_ti.io.formats import final_suffixes
 from lit_ti.io.paths import write_failed
 
 # When this process began, as far as the run folder can tell: lit_ti.train is imported by train.py before
@@ -27,7 +28,6 @@ from lit_ti.io.paths import write_failed
 STARTED = time.time() - 0.05
 MADE = ("tensorboard", "checkpoints", "embeddings", "hypernetworks", "previews", "image_embeddings", "lightning_logs")
 WRITTEN = ("", "embeddings", "hypernetworks", "previews", "image_embeddings", "checkpoints")  # temp files only here
-FINAL = ("pt", "safetensors", "bin")
 
 
 def _new(path: Path) -> bool:
@@ -100,7 +100,7 @@ class RunFolder:
     def refuse_finished(self, name: str, checkpoint_dirs: list[Path]) -> None:
         """A fresh run must not overwrite another run's checkpoints or final files."""
         found = [d / f for d in checkpoint_dirs if d.is_dir() for f in sorted(os.listdir(d)) if f.endswith(".ckpt")]
-        found += [self.root / f"{stem}.{fmt}" for stem in (name, f"{name}-neg") for fmt in FINAL]
+        found += [self.root / f"{stem}{suffix}" for stem in (name, f"{name}-neg") for suffix in final_suffixes()]
         found = [p for p in found if p.is_file()]
         if found:
             resume = next((p for p in found if p.name == "last.ckpt"), None) or next(

@@ -23,6 +23,7 @@ from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
+from lit_ti.io.formats import final_suffixes
 from lit_ti.run_folder import RunFolder
 
 
@@ -147,7 +148,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
         Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint | GracefulStop) and c.dirpath
     ]
     if not cfg.get("ckpt_path"):
-        folder.refuse_finished(getattr(method, "name", cfg.get("name")), checkpoint_dirs)
+        folder.refuse_finished(method.name, checkpoint_dirs)
     folder.check_writable()
     folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
     trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback(cfg)], logger=loggers or False)
@@ -185,7 +186,7 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) 
     """Print what was trained and where it is; exit 128 + signal after Ctrl-C/SIGTERM; return the metric."""
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     out = Path(cfg.paths.output_dir)
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin"))
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in final_suffixes())
     rank_zero_info(
         f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")

@@ -15,13 +15,14 @@ from lit_ti.io.paths import WriteFailed
 
 
 class ExportEmbeddings(L.Callback):
-    """Periodic copies go to `<dirpath>/embeddings/<name>-<step>.<fmt>` (`hypernetworks/` for hypernetworks;
-    A1111 naming); the final files to `<dirpath>/<name>.<fmt>`.
+    """Periodic copies go to `<dirpath>/<periodic_dirname>/<name>-<step>.<fmt>` (the method's folder:
+    `embeddings/`, `hypernetworks/`; A1111 naming); the final files to `<dirpath>/<name>.<fmt>`.
 
     Args:
         dirpath: the run's output folder.
         every_n_steps: period in optimizer steps; 0 = only the final files.
-        formats: any of `pt` (A1111), `safetensors` (kohya/A1111/ComfyUI), `bin` (diffusers).
+        formats: any of `pt` (A1111), `safetensors` (kohya/A1111/ComfyUI), `bin` (diffusers) that the method
+            writes (`io.formats.exportable`).
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 500, formats: tuple[str, ...] = ("pt", "safetensors")):
@@ -39,7 +40,7 @@ class ExportEmbeddings(L.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             self.last_step = step
-            folder = self.dirpath / getattr(pl_module, "periodic_dirname", "embeddings")
+            folder = self.dirpath / pl_module.periodic_dirname
             try:
                 pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
             except WriteFailed as e:

@@ -100,7 +100,7 @@ class PreviewImages(L.Callback):
     @torch.no_grad()
     def render(self, trainer, pl_module, step: int) -> Path:
         self.last_step = step
-        name = getattr(pl_module, "name", "")
+        name = pl_module.name
         bb = pl_module.backbone
         images = pl_module.sample(
             self.prompt.replace("[name]", name),
@@ -121,7 +121,7 @@ class PreviewImages(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("preview", row, step, dataformats="HWC")
         self.written.append(path)
-        if self.embed_in_png and hasattr(pl_module, "export_images"):
+        if self.embed_in_png:
             first = Image.fromarray(row[:, : images.shape[2]])
             self.written += pl_module.export_images(self.dirpath / "image_embeddings", step, first)
         return path

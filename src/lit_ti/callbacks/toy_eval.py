@@ -6,6 +6,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.errors import check_choice
+from lit_ti.methods import HypernetworkMethod
 from lit_ti.toy.evaluation import check_concept, check_samples, evaluate
 from lit_ti.toy.style import evaluate_style
 from lit_ti.toy.world import STYLES
@@ -29,8 +30,8 @@ class ToyEvaluation(L.Callback):
         self.results: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.init is None and hasattr(pl_module, "bank"):
-            self.init = {k: v.detach().clone() for k, v in pl_module.bank.vectors.items()}
+        if self.init is None and pl_module.concept_bank is not None:
+            self.init = {k: v.detach().clone() for k, v in pl_module.concept_bank.vectors.items()}
 
     def state_dict(self) -> dict:
         return {"init": self.init}  # a resumed run still measures against the very first vectors
@@ -40,7 +41,7 @@ class ToyEvaluation(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        if not hasattr(pl_module, "bank"):
+        if pl_module.concept_bank is None:
             return  # not a concept-embedding method (hypernetworks are judged by lit_ti.toy.style)
         if interrupted(trainer):
             files = f"{trainer.default_root_dir}/{pl_module.name}.pt"
@@ -78,7 +79,7 @@ class ToyStyleEvaluation(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        if not hasattr(pl_module, "hypernetwork") or pl_module.backbone.name != TOY_MODEL:
+        if not isinstance(pl_module, HypernetworkMethod) or pl_module.backbone.name != TOY_MODEL:
             rank_zero_info("[lit_ti] toy style evaluation skipped: needs a hypernetwork on the toy base model")
             return
         if interrupted(trainer):

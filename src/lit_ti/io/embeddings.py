@@ -25,16 +25,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from lit_ti.errors import UserError
+from lit_ti.io import formats
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.limits import check_safetensors
 from lit_ti.io.pickles import load_pickle, save_pt
-from lit_ti.io.png_embeddings import (
-    IMAGE_SUFFIXES,
-    KEY,
-    NotAnEmbedding,
-    read_png_embedding,
-    save_png_embedding,
-)
+from lit_ti.io.png_embeddings import KEY, NotAnEmbedding, read_png_embedding, save_png_embedding
 
 Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -106,6 +101,9 @@ def save_embedding(
     if sdxl and set(vectors) != set(SDXL_KEYS):
         raise ValueError(f"SDXL vectors need exactly the keys {SDXL_KEYS}, got {sorted(vectors)}")
     suffix = path.suffix.lower()
+    fmt = formats.BY_SUFFIX.get(suffix)
+    if fmt is None or formats.EMBEDDING not in fmt.writes or fmt.container == formats.IMAGE:
+        raise ValueError(f"{path}: unknown embedding format; use {', '.join(formats.exportable(formats.EMBEDDING))}")
     with atomic_path(path) as tmp:
         if suffix == ".safetensors":
             tensors = dict(vectors) if sdxl else {"emb_params": vectors}
@@ -126,8 +124,6 @@ def save_embedding(
             if sdxl:
                 raise ValueError("diffusers .bin files hold one encoder; save SDXL as .safetensors or .pt")
             save_pt({name: vectors}, tmp)
-        else:
-            raise ValueError(f"{path}: unknown embedding format; use .pt, .safetensors or .bin")
     return path
 
 
@@ -166,10 +162,10 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such embedding file")
-    suffix = path.suffix.lower()
+    container = formats.format_of(path, formats.EMBEDDING).container
     meta: dict = {}
     try:
-        if suffix == ".safetensors":
+        if container == formats.SAFETENSORS:
             try:
                 check_safetensors(path, "embedding")
             except ValueError as e:
@@ -177,18 +173,14 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
             data = load_file(path, device="cpu")
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
-        elif suffix in (".pt", ".bin", ".ckpt"):
+        elif container == formats.PICKLE:
             data = load_pickle(path, "embedding")
-        elif suffix in IMAGE_SUFFIXES:
+        else:  # formats.IMAGE
             data = read_png_embedding(path)
             if data is None:
                 raise NotAnEmbedding(f"{path}: an image without an embedding in it (no {KEY} chunk, no data blocks)")
             if "name" in data and "string_to_param" in data:  # A1111 names image embeddings by their data
                 return [replace(e, name=str(data["name"])) for e in _identify(path, data, meta)]
-        else:
-            raise UserError(
-                f"{path}: unsupported embedding file type {suffix!r}; use .pt, .bin, .safetensors or an A1111 .png"
-            )
     except UserError:
         raise
     except Exception as e:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lit_ti.errors import UserError
+from lit_ti.io import formats
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.limits import HYPERNETWORK_LAYERS, HYPERNETWORK_WIDTH, check_safetensors
 from lit_ti.io.pickles import load_pickle, save_pt
@@ -92,11 +93,16 @@ def save_hypernetwork(
             (k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in module.state_dict().items()
         )
 
+    fmt = formats.BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None or formats.HYPERNETWORK not in fmt.writes:
+        raise ValueError(
+            f"{path}: unknown hypernetwork format; use {', '.join(formats.exportable(formats.HYPERNETWORK))}"
+        )
     with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".pt":
+        if fmt.container == formats.PICKLE:
             data = {size: (state(hn.pair(size)[0]), state(hn.pair(size)[1])) for size in hn.sizes}
             save_pt({**data, **meta}, tmp)
-        elif path.suffix.lower() == ".safetensors":
+        else:  # formats.SAFETENSORS
             tensors = {
                 f"{size}.{kv}.{key}": value
                 for size in hn.sizes
@@ -104,8 +110,6 @@ def save_hypernetwork(
                 for key, value in state(module).items()
             }
             save_file(tensors, tmp, metadata={"lit_ti_hypernetwork": json.dumps(meta)})
-        else:
-            raise ValueError(f"{path}: unknown hypernetwork format; use .pt or .safetensors")
     return path
 
 
@@ -116,7 +120,7 @@ def _legacy(state: dict) -> dict:
 
 def _read(path: Path) -> tuple[dict[int, tuple[dict, dict]], dict]:
     """`({width: (K state, V state)}, metadata)` as the file holds them, nothing built yet."""
-    if path.suffix.lower() == ".safetensors":
+    if formats.format_of(path, formats.HYPERNETWORK).container == formats.SAFETENSORS:
         check_safetensors(path, "hypernetwork")
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {}).get("lit_ti_hypernetwork", "{}"))

@@ -23,7 +23,6 @@ from lit_ti.io.atomic import atomic_path
 from lit_ti.io.limits import PNG_PAYLOAD_BYTES, PNG_PIXELS, mb
 
 KEY = "sd-ti-embedding"
-IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
 
 
 # ----------------------------------------------------------------- JSON payload

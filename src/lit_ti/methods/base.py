@@ -1,24 +1,31 @@
-"""The step every method shares: cached latents -> noisy latents at a random timestep -> frozen UNet
-conditioned on the method's text states -> MSE to the noise (or v) target.
+"""The method contract and the step every method shares: cached latents -> noisy latents at a random
+timestep -> frozen UNet conditioned on the method's text states -> MSE to the noise (or v) target.
 
-Subclasses say what trains (`build_trainables`, `param_groups`) and how prompts become UNet conditioning
-(`encode_prompts`). The frozen backbone is loaded in `configure_model`, never in `__init__`, and checkpoints
-hold only the submodules named in `checkpointed` (kilobytes for TI, not the frozen model).
+`DiffusionMethod`'s abstract members are the contract (see docs/architecture.md, "Adding a method"): what
+trains (`checkpointed`, `build_trainables`, `param_groups`), how prompts become UNet conditioning
+(`encode_prompts`), what it exports and where (`export`, `periodic_dirname`), and what previews and
+evaluations need (`export_images`, `concept_bank`). A subclass missing one cannot be constructed. The frozen
+backbone is loaded in `configure_model`, never in `__init__`, and checkpoints hold only the submodules named
+in `checkpointed` (kilobytes for TI, not the frozen model).
 """
 
-import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
 from lit_ti import losses
+from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError, check_number
+from lit_ti.io import paths
+from lit_ti.methods import resume
 from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
 from lit_ti.models import Backbone, compiled, weight_dtype
+from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import Conditioning
 from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
 
@@ -26,10 +33,12 @@ MAX_CLIP_SKIP = 32  # CLIP layers of the largest text encoder (SDXL's OpenCLIP b
 MAX_TIMESTEPS = 10_000  # any diffusion schedule (SD's has 1000)
 
 
-class DiffusionMethod(L.LightningModule):
+class DiffusionMethod(L.LightningModule, ABC):
     """Base system. Args shared by every method:
 
     backbone: a backbone spec (`DiffusersFolder`, `TinyBackbone`, ...) with `.load(dtype)`.
+    name: what the method trains is called: the file stem of its exports (A1111 reads it as the prompt
+        word) and what `[name]` becomes in preview prompts.
     optimizer: a partial optimizer taking the param groups; null = AdamW(lr=0.005, weight_decay=0) as A1111.
     lr_schedule: A1111 schedule string such as `"0.005:100, 1e-3:1000, 1e-5"` (absolute rates), or null.
     lr_scheduler: a partial torch LR scheduler stepped per optimizer step, or null (not with lr_schedule).
@@ -43,13 +52,14 @@ class DiffusionMethod(L.LightningModule):
         `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
     """
 
-    checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
     needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
     strict_loading = False  # checkpoints deliberately lack the frozen backbone
+    stem_suffixes: tuple[str, ...] = (f"{paths.STEP}.safetensors",)  # the longest file name derived from `name`
 
     def __init__(
         self,
         backbone,
+        name: str,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_schedule: str | None = None,
         lr_scheduler: Callable | None = None,
@@ -70,6 +80,7 @@ class DiffusionMethod(L.LightningModule):
             raise UserError(
                 f"method.min_timestep={min_timestep}, method.max_timestep={max_timestep}: need 0 <= min < max"
             )
+        self.name = paths.check_name(name, "name", self.stem_suffixes)
         self.backbone_spec = backbone
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -87,6 +98,53 @@ class DiffusionMethod(L.LightningModule):
         self.schedule_end: int | None = None
         self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
         self.untrained = UntrainedLedger()
+
+    # ----------------------------------------------------------------- the contract: what trains
+    @property
+    @abstractmethod
+    def checkpointed(self) -> tuple[str, ...]:
+        """Prefixes of the submodules that train (made by `build_trainables`): Lightning checkpoints hold these
+        and nothing else, and `io.checkpoint_io.TRAINED` lists every method's. A class attribute in methods."""
+
+    @abstractmethod
+    def build_trainables(self, backbone: Backbone) -> None:
+        """Make the trainable modules, once the frozen `backbone` is loaded (and attach them to it when they act
+        inside the UNet or text encoder). Called once, by `configure_model`, before the optimizer exists."""
+
+    @abstractmethod
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups; a group's optional `lr_weight` scales the optimizer's lr for it (kept by the
+        LR schedule)."""
+
+    # ----------------------------------------------------------------- the contract: prompts -> conditioning
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """UNet conditioning (states `[B, 77, d]`, SDXL's pooled `[B, 1280]`) for a list of prompts, with the
+        trained tensors in it (training steps, previews and evaluations all go through here)."""
+
+    # ----------------------------------------------------------------- the contract: exports
+    @property
+    @abstractmethod
+    def periodic_dirname(self) -> str:
+        """Folder (under the run folder) of the periodic copies `callbacks.export` writes. A class attribute."""
+
+    @abstractmethod
+    def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
+        """Write what trained as files other tools load, `<directory>/<name><tag>.<format>` for each of
+        `formats` (names from `io.formats`; a UserError naming `callbacks.export.formats` for one this method
+        cannot write). `tag` (`-<step>`) marks periodic copies. Returns the paths written (rank zero only)."""
+
+    # ----------------------------------------------------------------- the contract: previews and evaluations
+    @abstractmethod
+    def export_images(self, directory: Path, step: int, preview) -> list[Path]:
+        """Files that carry the trained tensors inside the preview image (PIL), A1111's "embedding in PNG";
+        [] when the method has no such format. Called by `callbacks.preview` after each preview."""
+
+    @property
+    @abstractmethod
+    def concept_bank(self) -> EmbeddingBank | None:
+        """The trained prompt tokens, which concept measures (`callbacks.toy_eval`) snapshot and swap for their
+        initial values; None when the method trains no token (its measures are of another kind)."""
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -117,18 +175,6 @@ class DiffusionMethod(L.LightningModule):
         if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
             self.compiled_unet = compiled.compile_unet(self.unet)
 
-    def build_trainables(self, backbone: Backbone) -> None:
-        raise NotImplementedError
-
-    def param_groups(self) -> list[dict]:
-        """Optimizer groups; a group's optional `lr_weight` scales the optimizer's lr for it (kept by the
-        LR schedule)."""
-        raise NotImplementedError
-
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """UNet conditioning (states `[B, 77, d]`, SDXL's pooled `[B, 1280]`) for a list of prompts."""
-        raise NotImplementedError
-
     def train(self, mode: bool = True) -> "DiffusionMethod":
         super().train(mode)
         if self.backbone is not None:  # the frozen parts never leave eval mode
@@ -140,6 +186,7 @@ class DiffusionMethod(L.LightningModule):
         state = super().state_dict(*args, **kwargs)
         return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
 
+    # ----------------------------------------------------------------- previews and evaluations
     @torch.no_grad()
     def sample(
         self,
@@ -196,8 +243,8 @@ class DiffusionMethod(L.LightningModule):
         return (dist.mean - shift) * scale, dist.std * scale
 
     def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "cache_latents"):
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, ConceptDataModule):
             datamodule.cache_latents(
                 self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels, vae=self.vae
             )
@@ -210,27 +257,12 @@ class DiffusionMethod(L.LightningModule):
             batch["noise_seed"] = seeds
         return batch
 
-    # ----------------------------------------------------------------- step
+    # ----------------------------------------------------------------- step (methods may override the hooks
+    # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch.
-
-        Drawn per sample from the batch's `noise_seed`s when the datamodule gives them (so they do not depend on
-        the process or batch a sample lands in: DDP with N ranks equals one process with N× the batch), else
-        from the global RNG.
-        """
-        latents = batch["latents"]
-        seeds = batch.get("noise_seed")
-        low, high = self.timestep_range
-        if seeds is None:
-            noise = torch.randn_like(latents)
-            return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device)
-        noise, timesteps = [], []
-        for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
-            g = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(latents.shape[1:], generator=g))
-            timesteps.append(int(torch.randint(low, high, (), generator=g)))
-        noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
-        return noise, torch.tensor(timesteps, device=latents.device)
+        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
+        them (`losses.draw_noise`)."""
+        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), *self.timestep_range)
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
@@ -288,10 +320,19 @@ class DiffusionMethod(L.LightningModule):
         loss = losses.diffusion_mse(pred, target, batch.get("weight"))
         return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
 
+    def step_loss(self, out: dict) -> Tensor:
+        """The loss to minimise from `shared_step`'s output; a method with terms of its own adds them here
+        (and logs them as `train/loss_<term>`)."""
+        return out["loss"]
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self.shared_step(batch)["loss"]
+        """One step, every method: `shared_step` (`trained_samples`, `draw_noise`, `predict` ->
+        `encode_prompts` + `call_unet`, the MSE), then `step_loss`; `train/loss` is the total."""
+        out = self.shared_step(batch)
+        loss = self.step_loss(out)
         if self.log_now:
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
+            size = out["batch"]["latents"].shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -343,33 +384,15 @@ class DiffusionMethod(L.LightningModule):
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed by this run (stored in it as `lit_ti`)."""
         bb = self.backbone
-        return {"method": type(self).__name__, "model": bb and bb.name, "model_hash": bb and bb.checkpoint_hash}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_ti"] = self.identity()
-        # plain tensors and tuples only: Lightning reads checkpoints with torch.load(weights_only=True)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate(),
+        return {
+            "method": type(self).__name__,
+            "model": bb and bb.name,
+            "model_hash": bb and bb.checkpoint_hash,
+            "name": self.name,
         }
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        resume.record(checkpoint, self.identity())
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, now = checkpoint.get("lit_ti"), self.identity()
-        differs = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in now.items() if saved and saved.get(k) != v]
-        if differs:
-            raise UserError(
-                f"ckpt_path={self.trainer.ckpt_path}: a checkpoint of another run: {'; '.join(differs)}; resume "
-                "with that run's settings, or start a fresh run without ckpt_path in a new hydra.run.dir"
-            )
-        rng = checkpoint.get("rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        kind, keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(rng["python"])
+        resume.restore(checkpoint, self.identity(), self.trainer.ckpt_path)

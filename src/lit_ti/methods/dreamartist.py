@@ -156,23 +156,20 @@ class DreamArtist(TextualInversion):
         w = losses.cfg_weights(*self.cfg, timesteps, self.backbone.scheduler.config.num_train_timesteps)
         return losses.guided(pred_neg, pred_pos, w)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.shared_step(batch)
+    def step_loss(self, out: dict) -> Tensor:
+        """The diffusion loss plus, with `reconstruction`, λ·mean|x − D(x̂0)| (both parts logged)."""
+        if not self.reconstruction or out["skipped"]:
+            return out["loss"]
         batch = out["batch"]  # the samples that can train
-        size = batch["latents"].shape[0]
-        loss = out["loss"]
-        if self.reconstruction and not out["skipped"]:
-            if "pixels" not in batch:
-                raise RuntimeError("reconstruction needs the training images; the datamodule did not keep them")
-            x0 = losses.predicted_x0(self.backbone.scheduler, out["noisy"], out["pred"], out["timesteps"])
-            rec = losses.reconstruction_l1(self.decode(x0), batch["pixels"])
-            if self.log_now:
-                self.log("train/loss_diffusion", out["loss"], batch_size=size)
-                self.log("train/loss_reconstruction", rec, batch_size=size)
-            loss = loss + self.reconstruction_weight * rec
+        if "pixels" not in batch:
+            raise RuntimeError("reconstruction needs the training images; the datamodule did not keep them")
+        x0 = losses.predicted_x0(self.backbone.scheduler, out["noisy"], out["pred"], out["timesteps"])
+        rec = losses.reconstruction_l1(self.decode(x0), batch["pixels"])
         if self.log_now:
-            self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        return loss
+            size = batch["latents"].shape[0]
+            self.log("train/loss_diffusion", out["loss"], batch_size=size, sync_dist=True)
+            self.log("train/loss_reconstruction", rec, batch_size=size, sync_dist=True)
+        return out["loss"] + self.reconstruction_weight * rec
 
     def decode(self, latents: Tensor) -> Tensor:
         """VAE decoder *with* gradient: scaled latents `[B, 4, h, w]` -> pixels `[B, 3, H, W]`."""

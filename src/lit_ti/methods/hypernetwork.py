@@ -12,13 +12,14 @@ import torch
 
 from lit_ti import io
 from lit_ti.errors import UserError, check_number, quote
-from lit_ti.io.paths import STEP, check_name
+from lit_ti.io.formats import HYPERNETWORK, exportable
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.hypernetwork import Hypernetwork, attach, check_settings
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder
 
+FORMATS = exportable(HYPERNETWORK)  # pt, safetensors
 MAX_STRENGTH = 10.0  # A1111's slider ends at 1; prompts may ask for more
 
 
@@ -63,9 +64,8 @@ class HypernetworkMethod(DiffusionMethod):
         init_file: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(backbone, **kwargs)
+        super().__init__(backbone, name, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.name = check_name(name, "name", (f"{STEP}.safetensors",))
         self.sizes = as_list("method.sizes", sizes, "[768,320,640,1280]") or None
         self.hn_settings = dict(
             layer_structure=as_list("method.layer_structure", layer_structure, "[1,2,1]"),
@@ -108,8 +108,9 @@ class HypernetworkMethod(DiffusionMethod):
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.hypernetwork.parameters())}]
 
-    def identity(self) -> dict:
-        return {**super().identity(), "name": self.name}
+    @property
+    def concept_bank(self) -> None:
+        return None  # no prompt token trains; judged by `toy.style` instead
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -132,10 +133,10 @@ class HypernetworkMethod(DiffusionMethod):
 
     def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
         """`<directory>/<name><tag>.pt` (A1111 layout) and `.safetensors`; the stored name stays `name` (A1111)."""
-        unknown = set(formats) - {"pt", "safetensors"}
+        unknown = set(formats) - set(FORMATS)
         if unknown:
             raise UserError(
-                f"callbacks.export.formats: hypernetworks are written as pt or safetensors, not {sorted(unknown)}"
+                f"callbacks.export.formats: hypernetworks are written as {' or '.join(FORMATS)}, not {sorted(unknown)}"
             )
         return [
             io.save_hypernetwork(
@@ -148,6 +149,9 @@ class HypernetworkMethod(DiffusionMethod):
             )
             for fmt in formats
         ]
+
+    def export_images(self, directory: Path, step: int, preview) -> list[Path]:
+        return []  # A1111 has no hypernetwork-in-PNG format
 
 
 def attach_file(

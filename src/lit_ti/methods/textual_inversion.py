@@ -10,16 +10,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_ti import io
+from lit_ti.data import ConceptDataModule
 from lit_ti.data.templates import check_names
 from lit_ti.errors import UserError, check_number, quote
-from lit_ti.io import paths
 from lit_ti.io.embeddings import from_file, shape_of, to_file
+from lit_ti.io.formats import EMBEDDING, exportable
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import MAX_VECTORS, EmbeddingBank
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name, init_vectors
 
-FORMATS = ("pt", "safetensors", "bin")
+FORMATS = exportable(EMBEDDING)  # pt, safetensors, bin
 
 
 def check_vectors(key: str, n) -> int:
@@ -49,7 +50,7 @@ class TextualInversion(DiffusionMethod):
     """
 
     checkpointed = ("bank",)
-    stem_suffixes = (f"{paths.STEP}.safetensors",)  # the longest file names derived from `name`
+    periodic_dirname = "embeddings"
 
     def __init__(
         self,
@@ -60,14 +61,14 @@ class TextualInversion(DiffusionMethod):
         init_file: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(backbone, **kwargs)
+        super().__init__(backbone, name, **kwargs)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.name = paths.check_name(name, "name", self.stem_suffixes)
         self.num_vectors = check_vectors("method.num_vectors", num_vectors)
         self.init_text = init_text
         self.init_file = init_file
         self.bank = EmbeddingBank()
         self.prompt_encoder: PromptEncoder | None = None
+        self.warned_png = False
 
     def initial_vectors(
         self,
@@ -103,12 +104,12 @@ class TextualInversion(DiffusionMethod):
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.bank.parameters())}]
 
+    @property
+    def concept_bank(self) -> EmbeddingBank:
+        return self.bank
+
     def identity(self) -> dict:
-        return {
-            **super().identity(),
-            "name": self.name,
-            "vectors": {n: self.bank.num_vectors(n) for n in self.bank.names},
-        }
+        return {**super().identity(), "vectors": {n: self.bank.num_vectors(n) for n in self.bank.names}}
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.prompt_encoder(list(prompts), self.device)
@@ -117,8 +118,8 @@ class TextualInversion(DiffusionMethod):
         return self.prompt_encoder.carries(batch["prompt"])
 
     def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "templates"):
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, ConceptDataModule):
             datamodule.setup("fit")
             check_names(datamodule.template, datamodule.templates)
         super().on_fit_start()
@@ -162,7 +163,7 @@ class TextualInversion(DiffusionMethod):
         named `<stem>-<step>` inside, around the PIL `preview` image. Not for SDXL: A1111's PNG format holds
         one encoder's vectors, so SDXL pairs are skipped (with one warning)."""
         if self.backbone.is_sdxl:
-            if not getattr(self, "warned_png", False):
+            if not self.warned_png:
                 self.warned_png = True
                 rank_zero_warn(
                     "SDXL embeddings cannot be written into PNGs (A1111's format holds one encoder); skipped"

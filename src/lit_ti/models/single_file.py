@@ -18,11 +18,12 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from lit_ti.errors import UserError
+from lit_ti.io import formats
 from lit_ti.io.pickles import load_pickle
 from lit_ti.models.backbone import Backbone, built_in, check_prediction_type
 from lit_ti.models.tiny import clip_tokenizer
 
-SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+SUFFIXES = formats.readable(formats.MODEL)  # .pt, .safetensors, .ckpt, .pth
 # family -> (keys only that family's checkpoints hold, the shipped config folder)
 FAMILIES = {
     "sdxl": (("conditioner.embedders.1.model.ln_final.weight",), "sdxl"),
@@ -52,7 +53,7 @@ def checkpoint_keys(path: Path) -> set[str]:
     A `.safetensors` file gives them from its header; a pickle has to be read whole (and diffusers reads it
     again to convert it), one reason to prefer `.safetensors`.
     """
-    if path.suffix.lower() == ".safetensors":
+    if formats.BY_SUFFIX[path.suffix.lower()].container == formats.SAFETENSORS:
         try:
             with safe_open(path, framework="pt") as f:
                 return set(f.keys())

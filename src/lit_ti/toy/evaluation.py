@@ -69,8 +69,11 @@ def swapped(bank, vectors: dict[str, Tensor]):
 
 
 @torch.no_grad()
-def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int = 32, guidance: float = 5.0) -> dict:
-    """Recovery and classifier accuracy of `method`'s concept (its `name`) against the toy `concept`."""
+def evaluate(
+    method: DiffusionMethod, concept: str, init_vectors: dict[str, Tensor], samples: int = 32, guidance: float = 5.0
+) -> dict:
+    """Recovery and classifier accuracy of `method`'s concept (its `name`; its `concept_bank` is what
+    `init_vectors` stand in for) against the toy `concept`."""
     bb = method.backbone
     colour, shape = concept_parts(concept)
     pixels = heldout_pixels(concept)
@@ -84,7 +87,7 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
         return DiffusionMethod.predict(method, noisy, t, batch)
 
     learned = loss(prompt)
-    with swapped(method.bank, init_vectors):
+    with swapped(method.concept_bank, init_vectors):
         initial = loss(prompt)
     oracle = loss(f"a {colour} {shape}", conditional)
     other = next(c for c in ("green_circle", "red_square") if c != concept).replace("_", " ")
@@ -104,7 +107,7 @@ def evaluate(method, concept: str, init_vectors: dict[str, Tensor], samples: int
         "loss_unrelated": unrelated,
     }
     if negative:  # a method with a learned negative: also judge its positive alone (plain CFG, "" negative)
-        with swapped(method.bank, init_vectors):
+        with swapped(method.concept_bank, init_vectors):
             initial_alone = loss(prompt, conditional)
         alone = loss(prompt, conditional)
         results["recovery_positive_only"] = (initial_alone - alone) / (initial_alone - oracle)
