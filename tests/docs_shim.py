@@ -56,10 +56,12 @@ def rewrite(script: str, args: list[str]) -> list[str]:
     sweep = "-m" in args or "--multirun" in args
     out = []
     for a in args:
-        a = re.sub(r"outputs/([\w.-]+)/<run>", newest_run, a)
+        a = re.sub(r"outputs/([\w.-]+)/RUN_PLACEHOLDER", newest_run, a)  # `<run>` in the docs (tests/test_docs.py)
         key, _, value = a.partition("=")
         if key == "model.path":
             a = f"model.path={WORLD['single_file' if single else 'diffusers']}"
+            if single and "model.config" not in keys:  # the tiny model is no shipped SD shape: its own configs
+                out.append(f"model.config={WORLD['diffusers']}")
         elif key in ("data.dir", "callbacks.val_loss.dir") and value.startswith("/"):
             a = f"{key}={data_folder(value)}"
         elif key == "caption.tagger":
@@ -85,10 +87,11 @@ def rewrite(script: str, args: list[str]) -> list[str]:
     return out
 
 
-def benchmark(args: list[str]) -> list[str]:
-    """Benchmark scripts: two steps, one repeat."""
-    cut = {"--steps": "2", "--repeats": "1"}
-    return [cut.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+def benchmark(script: str, args: list[str]) -> list[str]:
+    """Benchmark scripts: two steps, one repeat, a few small images in a fresh work folder."""
+    cut = {"--steps": "2", "--repeats": "1", "--work": next_run_dir("bench").replace("${name}", "bench")}
+    args = [cut.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    return [*args, "--counts", "3", "--size", "64"] if script.endswith("latent_cache.py") else args
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +101,7 @@ def main(argv: list[str]) -> int:
     if script in SCRIPTS:
         args = rewrite(script, args)
     elif script.startswith("benchmarks/"):
-        args = benchmark(args)
+        args = benchmark(script, args)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.call([sys.executable, str(ROOT / script), *args], env=env)
 

@@ -72,6 +72,7 @@ def docs_world(tmp_path_factory) -> Path:
         "tagger": str(make_tagger(home / "models" / "tagger")),
     }
     make_concept_dir(home / "raw" / "my-cat", n=3, size=96)
+    (home / "benchmarks").symlink_to(ROOT / "benchmarks")  # documented as run from the repository root
     (home / "world.json").write_text(json.dumps(world))
     return home
 
@@ -79,9 +80,10 @@ def docs_world(tmp_path_factory) -> Path:
 def run_block(home: Path, block: list[str]) -> subprocess.CompletedProcess:
     shim = shlex.quote(str(ROOT / "tests" / "docs_shim.py"))
     python = shlex.quote(sys.executable)
+    # `<run>` (a run folder the reader picks) would be a shell redirection: the shim resolves RUN_PLACEHOLDER
     script = "\n".join(
         ["set -eo pipefail", f'python() {{ {python} {shim} "$@"; }}', *(c for c in block if runnable(c))]
-    )
+    ).replace("<run>", "RUN_PLACEHOLDER")
     env = {**os.environ, "DOCS_WORLD": (home / "world.json").read_text(), "HYDRA_FULL_ERROR": "1"}
     return subprocess.run(["bash", "-c", script], cwd=home, env=env, capture_output=True, text=True, timeout=1800)
 

@@ -3,6 +3,8 @@
 import re
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 
@@ -42,6 +44,7 @@ MISTAKES = [
     (["-m", "method.num_vectors=1,2", "trainer.max_stepz=3"], "trainer.max_stepz=3: no such key"),
     (["data.dirr=/x"], "data.dirr=/x: no such key; did you mean data.dir?"),
     (["method.optimizer.lr=[1"], "the command line:"),
+    (["seed=1,2"], "seed=1,2: a comma makes this a sweep; for one value with a comma quote it"),
 ]
 
 
@@ -69,3 +72,20 @@ def test_help_lists_groups_options_and_keys_from_the_configs(capsys):
     assert comment in (ROOT / "configs" / "method" / "textual_inversion.yaml").read_text()
     assert re.search(rf"^  method\.num_vectors +{re.escape(comment)}$", text, re.M)
     assert "Hydra" not in text.split("--hydra-help")[0].replace("Hydra's own options", "")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=40))
+def test_a_prompt_reaches_the_config_exactly_as_typed(text):
+    """SD prompts carry commas, `(word:1.2)`, `[name]`, `\\(`, quotes: Hydra's grammar reads them as sweeps,
+    lists and escapes. Typed as `prompt=...` in a single run, the config holds exactly what was typed."""
+    from hydra import compose, initialize_config_dir
+
+    from lit_ti.cli import quote_prompts
+
+    assume("${" not in text and text == text.strip() and text[:1] not in "'\"")
+    [argv] = quote_prompts([f"prompt={text}"])
+    [neg] = quote_prompts([f"callbacks.preview.negative_prompt={text}"])
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        assert compose("generate", overrides=[argv]).prompt == text
+        assert compose("train", overrides=[neg]).callbacks.preview.negative_prompt == text

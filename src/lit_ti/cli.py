@@ -32,6 +32,40 @@ def overrides_of(argv: list[str]) -> list[str] | None:
     return out
 
 
+PROMPT_KEYS = re.compile(r"^\+?(?:[\w.]+\.)?(?:negative_)?prompt=")
+
+
+def quote_prompts(argv: list[str]) -> list[str]:
+    """Prompts as users write them (`prompt=a photo of my-cat, by my-style`, `(word:1.2)`, `[name]`, `0`) are
+    strings: quoted for Hydra, whose grammar reads a comma as a sweep, brackets as a list and `0` as a number.
+    Only in a single run; a value already quoted is left alone."""
+    if "-m" in argv or "--multirun" in argv:
+        return argv
+    out = []
+    for a in argv:
+        if PROMPT_KEYS.match(a):
+            key, value = a.split("=", 1)
+            if value and value[:1] not in "'\"":  # `prompt=1girl`, `prompt=0`, `prompt=null` are strings too
+                # Hydra's quoted strings: a backslash run before a quote or at the end is doubled, quotes escaped
+                value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+                a = f"{key}='" + value.replace("'", "\\'") + "'"
+        out.append(a)
+    return out
+
+
+def unintended_sweeps(overrides: list[str]) -> None:
+    """Outside `-m`, a comma makes a value a sweep that Hydra refuses with a 5-line message: one line instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            raise UserError(
+                f"{text}: a comma makes this a sweep; for one value with a comma quote it "
+                f"(\"{key}='{text.split('=', 1)[1]}'\"), to sweep add -m"
+            )
+
+
 def single_run(overrides: list[str]) -> list[str]:
     """A sweep's first point (`lr=1,2` -> `lr=1`); searches Optuna draws from (`interval(...)`) are dropped."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -113,6 +147,8 @@ def check(configs: Path, config_name: str, argv: list[str]) -> None:
             return compose(config_name, overrides=chosen)
 
     try:
+        if "-m" not in argv and "--multirun" not in argv:
+            unintended_sweeps(overrides)
         composed(single_run(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise UserError(explain(e, overrides, composed, configs)) from None
@@ -121,7 +157,10 @@ def check(configs: Path, config_name: str, argv: list[str]) -> None:
 def entry(task: Callable[[], object], script: str, config_name: str, argv: list[str] | None = None) -> None:
     """Run a Hydra task function (`script` is the entry script's `__file__`; its `configs/` folder) after
     checking its command line; `--help` prints lit_ti's help."""
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        argv = sys.argv[1:] = quote_prompts(sys.argv[1:])  # Hydra reads sys.argv itself
+    else:
+        argv = quote_prompts(argv)
     configs = Path(script).resolve().parent / "configs"
     if any(a in ("--help", "-h") for a in argv):
         from lit_ti.cli_help import help_text
