@@ -160,8 +160,8 @@ def test_multirun_sweeps(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == [
-        "0-textual_inversion-trainer.max_steps=2,method.optimizer.lr=0.01,callbacks.preview=null,callbacks.toy_eval=null",
-        "1-textual_inversion-trainer.max_steps=2,method.optimizer.lr=0.02,callbacks.preview=null,callbacks.toy_eval=null",
+        "0-textual_inversion-max_steps=2,lr=0.01,preview=null,toy_eval=null",
+        "1-textual_inversion-max_steps=2,lr=0.02,preview=null,toy_eval=null",
     ]
 
 

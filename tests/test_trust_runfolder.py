@@ -411,7 +411,7 @@ def test_run_and_sweep_folders_name_the_method_and_values_but_no_path_or_hostile
     )
     cfg.hydra.job.num = 3
     subdir = cfg.hydra.sweep.subdir
-    assert subdir.startswith("3-dreamartist-seed=1,method.optimizer.lr=0.003,callbacks.preview.prompt=a_")
+    assert subdir.startswith("3-dreamartist-seed=1,lr=0.003,prompt=a_")
     assert "/" not in subdir and ".." not in subdir and "secret" not in subdir and "elsewhere" not in subdir
     run_dir = Path(cfg.hydra.sweep.dir)
     assert run_dir.parts[:2] == ("outputs", "evil") and ".." not in run_dir.parts  # the name made safe

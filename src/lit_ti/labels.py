@@ -43,14 +43,16 @@ def _kept(override: str) -> bool:
 
 
 def label(overrides=(), *prefix: object) -> str:
-    """`${lit_ti.label:${hydra:overrides.task},${hydra.job.num}}`: the prefix parts, then the overrides as
-    `key=value,...` (path-valued keys left out, each value shortened), joined by `-`; one safe component."""
+    """`${lit_ti.label:${hydra.overrides.task},${hydra.job.num}}`: the prefix parts, then the overrides as
+    `key=value,...` (the key's last part; path-valued keys left out, each value shortened), joined by `-`; one
+    safe component."""
     parts = [component(p, MAX_VALUE) for p in prefix if p is not None and str(p) != ""]
     pairs = []
     for o in overrides or ():
         if _kept(str(o)):
             key, value = str(o).lstrip("+~").split("=", 1)
-            pairs.append(f"{component(key, MAX_KEY)}={component(value, MAX_VALUE)}")
+            # the key's last part (`lr`, not `method.optimizer.lr`): the folder is a name, the record is .hydra/
+            pairs.append(f"{component(key.split('.')[-1], MAX_KEY)}={component(value, MAX_VALUE)}")
     if pairs:
         parts.append(",".join(pairs))
     return component("-".join(parts) or "run")
