@@ -6,7 +6,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 MIN_TILE = 256  # pixels: smaller images are enlarged by a whole factor, nearest neighbour
 COLUMNS = 4
-FONT_SIZE = 14
 MARGIN = 6
 
 
@@ -26,18 +25,18 @@ def labelled_grid(images: np.ndarray, title: str, caption: str) -> np.ndarray:
     scale = max(1, -(-MIN_TILE // max(h, w)))  # ceil
     tw, th = w * scale, h * scale
     cols, rows = min(n, COLUMNS), -(-n // COLUMNS)
-    font = ImageFont.load_default(size=FONT_SIZE)
-    header = 2 * (FONT_SIZE + MARGIN) + MARGIN
+    size = max(14, th // 9)  # TensorBoard shows the grid scaled to its card: the text grows with the tiles
+    font = ImageFont.load_default(size=size)
+    header = 2 * (size + MARGIN) + MARGIN
     width = max(cols * tw + (cols + 1) * MARGIN, 2 * MIN_TILE)
     grid = Image.new("RGB", (width, header + rows * (th + MARGIN)), "white")
     draw = ImageDraw.Draw(grid)
     for line, text in enumerate((title, caption)):
-        draw.text(
-            (MARGIN, MARGIN + line * (FONT_SIZE + MARGIN)), _fit(text, font, width - 2 * MARGIN, draw), "black", font
-        )
+        position = (MARGIN, MARGIN + line * (size + MARGIN))
+        draw.text(position, _fit(text, font, width - 2 * MARGIN, draw), "black", font)
     for i, image in enumerate(images):
         x, y = MARGIN + (i % COLUMNS) * (tw + MARGIN), header + (i // COLUMNS) * (th + MARGIN)
         grid.paste(Image.fromarray(image).resize((tw, th), Image.Resampling.NEAREST), (x, y))
         if n > 1:
-            draw.text((x + 4, y + 2), str(i + 1), "white", font, stroke_width=2, stroke_fill="black")
+            draw.text((x + 6, y + 4), str(i + 1), "white", font, stroke_width=3, stroke_fill="black")
     return np.asarray(grid)
