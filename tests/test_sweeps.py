@@ -76,6 +76,7 @@ def test_a_two_job_sweep_writes_its_summary_and_hparams_with_metrics(tmp_path):
         hparams = _hparams(tmp_path / row["job"] / "tensorboard")
         assert hparams["seed"] == int(row["seed"]) and hparams["method"] == "textual_inversion"
         assert {"final/train/loss", "final/eval/recovery", "final/eval/accuracy"} <= hparams["metrics"]
+        assert hparams["first"] == {"seed", "max_steps", "callbacks.toy_eval.samples"}  # what the command line set
     assert "sweep summary" in run.stdout and rows[1]["job"] in run.stdout  # printed as a table too
 
 
@@ -88,7 +89,9 @@ def _hparams(logdir) -> dict:
     data = {tag: plugin_data_pb2.HParamsPluginData.FromString(raw) for tag, raw in content.items()}
     start = data["_hparams_/session_start_info"].session_start_info.hparams
     out = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.items()}
-    out["metrics"] = {m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos}
+    experiment = data["_hparams_/experiment"].experiment
+    out["metrics"] = {m.name.tag for m in experiment.metric_infos}
+    out["first"] = {h.name for h in experiment.hparam_infos if h.differs}  # the columns shown first
     return out
 
 

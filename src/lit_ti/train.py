@@ -161,7 +161,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
     folder.check_writable()
     folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
     # after the configured callbacks: the end-of-run evaluations have run when it collects the results
-    results = RunResults(folder.root, run_params(cfg))
+    results = RunResults(folder.root, *run_params(cfg))
     trainer = _build(
         "trainer", cfg.trainer, callbacks=[*callbacks, folder.callback(cfg), results], logger=loggers or False
     )

@@ -18,6 +18,8 @@ from lit_ti.io.paths import WriteFailed
 
 SMOOTHING = 0.98  # train/loss is averaged over the last ~50 batches: one batch's loss is mostly timestep noise
 FILENAME = "metrics.json"
+# the metrics that tell runs apart, listed first (TensorBoard's HParams table shows 5 metric columns at first)
+HEADLINE = ("val/loss", "eval/recovery", "eval/accuracy", "eval/style_rate")
 # (config key, hparam name): the settings that tell runs apart; every command-line override is added
 PARAMS = (
     ("method.optimizer.lr", "lr"),
@@ -28,9 +30,9 @@ PARAMS = (
 )
 
 
-def run_params(cfg) -> dict[str, object]:
+def run_params(cfg) -> tuple[dict[str, object], list[str]]:
     """The run's hyperparameters, flat: method, name, model, the PARAMS and each key overridden on the command line
-    (its resolved value when it is a plain value, else what was typed)."""
+    (its resolved value when it is a plain value, else what was typed); and the names of the overridden ones."""
     from omegaconf import OmegaConf
 
     try:
@@ -45,16 +47,20 @@ def run_params(cfg) -> dict[str, object]:
         "name": cfg.get("name"),
         "model": choices.get("model") or OmegaConf.select(cfg, "model._target_", default=""),
     }
+    named = dict(PARAMS) | {k: k for k in ("name", "method", "model")}
     for key, name in PARAMS:
         params[name] = OmegaConf.select(cfg, key, default=None)
-    named = {key for key, _ in PARAMS} | {"name", "method", "model"}
+    overridden = []
     for text in overrides:
         key, _, typed = text.lstrip("+~").partition("=")
-        if key.startswith("hydra.") or key in named or key == "ckpt_path":
+        if key.startswith("hydra.") or key == "ckpt_path":
             continue
-        value = OmegaConf.select(cfg, key, default=None)
-        params[key] = value if isinstance(value, bool | int | float | str) else typed
-    return {k: v for k, v in params.items() if v is not None}
+        overridden.append(named.get(key, key))
+        if key not in named:
+            value = OmegaConf.select(cfg, key, default=None)
+            params[key] = value if isinstance(value, bool | int | float | str) else typed
+    params = {k: v for k, v in params.items() if v is not None}
+    return params, [k for k in dict.fromkeys(overridden) if k in params]
 
 
 class RunResults(L.Callback):
@@ -63,11 +69,12 @@ class RunResults(L.Callback):
     page, `final/*` scalars, a "results" text). Added by lit_ti.train after the configured callbacks, so that
     the end-of-run evaluations have run."""
 
-    def __init__(self, dirpath, params: dict[str, object]) -> None:
+    def __init__(self, dirpath, params: dict[str, object], overridden: list[str] = ()) -> None:
         from pathlib import Path
 
         self.path = Path(dirpath) / FILENAME
         self.params = params
+        self.overridden = list(overridden)
         self.loss = None  # the exponential moving average of the batch loss (a device tensor: no sync per step)
         self.weight = 0.0  # for the bias correction of the first steps
         self.metrics: dict[str, float] = {}
@@ -94,7 +101,7 @@ class RunResults(L.Callback):
         final = {f"final/{k}": v for k, v in self.metrics.items()}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.params, final or {"final/step": trainer.global_step})
+                log_hparams(logger, self.params, final or {"final/step": trainer.global_step}, self.overridden)
                 logger.experiment.add_text("results", results_table(self.params, self.metrics), trainer.global_step)
 
     def lines(self) -> list[str]:
@@ -102,10 +109,30 @@ class RunResults(L.Callback):
         return [f"{k}{' (smoothed)' if k == 'train/loss' else ''} = {v:.4f}" for k, v in self.metrics.items()]
 
 
+def log_hparams(logger: TensorBoardLogger, params: dict, metrics: dict, first: list[str]) -> None:
+    """`logger.log_hyperparams(params, metrics)`, with the `first` params marked as the ones that differ between
+    runs: TensorBoard's HParams table shows 5 columns at first, those that differ first (else alphabetically),
+    and it takes the table's columns from one run's record, so that it cannot tell which keys a sweep varied."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    logger.hparams.update(params)  # hparams.yaml, as log_hyperparams keeps it
+    experiment, start, end = hparams(params, metrics)
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in first
+    value.metadata.plugin_data.content = data.SerializeToString()
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+    logger.log_metrics(metrics, step=0)
+
+
 def final_metrics(trainer, smoothed_loss: float | None) -> dict[str, float]:
     """`train/loss` (smoothed), `val/loss` when measured, and the `eval/*` of the end-of-run evaluations."""
     out = {"train/loss": smoothed_loss} if smoothed_loss is not None else {}
-    for key, value in sorted(trainer.callback_metrics.items()):
+    for key, value in sorted(trainer.callback_metrics.items(), key=lambda kv: (kv[0] not in HEADLINE, kv[0])):
         if key == "val/loss" or key.startswith("eval/"):
             out[key] = float(value)
     return {k: v for k, v in out.items() if math.isfinite(v)}
