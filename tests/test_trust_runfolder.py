@@ -415,3 +415,16 @@ def test_run_and_sweep_folders_name_the_method_and_values_but_no_path_or_hostile
     assert "/" not in subdir and ".." not in subdir and "secret" not in subdir and "elsewhere" not in subdir
     run_dir = Path(cfg.hydra.sweep.dir)
     assert run_dir.parts[:2] == ("outputs", "evil") and ".." not in run_dir.parts  # the name made safe
+
+
+@pytest.mark.parametrize("folder", ["/runs/0-textual_inversion-seed=0,lr=0.01", "/runs/it's [odd] {x}", "/runs/plain"])
+def test_the_resume_line_names_any_run_folder_as_hydra_reads_it_back(folder):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lit_ti.train import _override
+
+    [word] = shlex.split(_override("hydra.run.dir", folder))  # one shell word
+    [parsed] = OverridesParser.create().parse_overrides([word])
+    assert not parsed.is_sweep_override() and parsed.value() == folder
