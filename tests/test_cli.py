@@ -1,5 +1,6 @@
 """`python train.py ...` as a user runs it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -45,7 +46,13 @@ def test_default_run_writes_every_output(tmp_path):
     out = run.stdout + run.stderr
     assert "trained 'toy-concept' for 30 steps" in out
     assert "eval/recovery = " in out and "eval/accuracy = " in out
-    assert {"eval/recovery", "eval/accuracy"} <= set(events.Tags()["scalars"])
+    # the evaluation is a result: in metrics.json and with the run's settings (final/*), not a curve's point
+    assert not {"eval/recovery", "eval/accuracy"} & set(events.Tags()["scalars"])
+    assert {"final/eval/recovery", "final/eval/accuracy", "final/train/loss"} <= set(events.Tags()["scalars"])
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 30
+    assert {"train/loss", "eval/recovery", "eval/accuracy"} <= set(record["metrics"])
+    assert f"eval/recovery = {record['metrics']['eval/recovery']:.4f}" in out
 
 
 def test_dreamartist_character_run(tmp_path):
@@ -70,7 +77,7 @@ def test_dreamartist_character_run(tmp_path):
         "train/emb_norm/toy-concept",
         "train/emb_norm/toy-concept-neg",
     } <= tags
-    assert "eval/accuracy_positive_only" in tags
+    assert "final/eval/accuracy_positive_only" in tags
 
 
 def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
@@ -152,7 +159,10 @@ def test_multirun_sweeps(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == ["0", "1"]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/toy-concept.pt")) == [
+        "0-textual_inversion-max_steps=2,lr=0.01,preview=null,toy_eval=null",
+        "1-textual_inversion-max_steps=2,lr=0.02,preview=null,toy_eval=null",
+    ]
 
 
 def start_training(run_dir, *args: str, timeout: float = 180) -> subprocess.Popen:

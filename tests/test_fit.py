@@ -86,7 +86,10 @@ def test_fit_trains_only_the_bank_and_writes_every_output(tmp_path, concept_dir)
     assert rows[1].startswith("1,0,0,")
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert {"train/loss", "train/lr", f"train/emb_norm/{NAME}"} <= set(events.Tags()["scalars"])
-    assert "preview" in events.Tags()["images"]
+    [tag] = [t for t in events.Tags()["images"] if t.startswith("preview/")]  # tagged with its prompt
+    shown = events.Images(tag)
+    assert [e.step for e in shown] == [3, 6]  # the grid enlarges the images and writes prompt and step above them
+    assert shown[-1].width >= 256 and shown[-1].height > shown[-1].width // 2
 
 
 def test_checkpoint_holds_only_what_trains(tmp_path, concept_dir):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lit_ti import io
 from lit_ti.io import atomic, checkpoint_io
@@ -374,3 +376,55 @@ def test_a_chmod_read_only_run_folder_is_one_line(entry):
         one_error(entry.train("name=zz-concept", *QUICK), str(entry.out), "no permission")
     finally:
         entry.out.chmod(0o755)
+
+
+# ---------------------------------------------------------------- run-folder names from user values
+OVERRIDE_TEXT = st.text(st.characters(codec="utf-8"), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(OVERRIDE_TEXT, max_size=4), values=st.lists(OVERRIDE_TEXT, max_size=4), prefix=OVERRIDE_TEXT)
+def test_a_label_from_any_values_is_one_safe_path_component(tmp_path_factory, keys, values, prefix):
+    from lit_ti.labels import MAX_LABEL, label
+
+    text = label([f"{k}={v}" for k, v in zip(keys, values)], prefix)
+    assert text not in ("", ".", "..") and ".." not in text and len(text) <= MAX_LABEL
+    assert text.isascii() and text.isprintable() and not set(text) & set("/\\'\" \t")
+    folder = tmp_path_factory.getbasetemp() / "labels"
+    made = (folder / text).resolve()
+    assert made.parent == folder.resolve()  # one component, directly below
+    made.mkdir(parents=True, exist_ok=True)
+
+
+def test_run_and_sweep_folders_name_the_method_and_values_but_no_path_or_hostile_text():
+    from tests.conftest import compose
+
+    cfg = compose(
+        "method=dreamartist",
+        "seed=1",
+        "method.optimizer.lr=0.003",
+        "callbacks.preview.prompt='a/../../x y'",
+        "name=../../evil",
+        "data.dir=/etc/secret",
+        "hydra.run.dir=/elsewhere",
+        hydra=True,
+    )
+    cfg.hydra.job.num = 3
+    subdir = cfg.hydra.sweep.subdir
+    assert subdir.startswith("3-dreamartist-seed=1,lr=0.003,prompt=a_")
+    assert "/" not in subdir and ".." not in subdir and "secret" not in subdir and "elsewhere" not in subdir
+    run_dir = Path(cfg.hydra.sweep.dir)
+    assert run_dir.parts[:2] == ("outputs", "evil") and ".." not in run_dir.parts  # the name made safe
+
+
+@pytest.mark.parametrize("folder", ["/runs/0-textual_inversion-seed=0,lr=0.01", "/runs/it's [odd] {x}", "/runs/plain"])
+def test_the_resume_line_names_any_run_folder_as_hydra_reads_it_back(folder):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lit_ti.train import _override
+
+    [word] = shlex.split(_override("hydra.run.dir", folder))  # one shell word
+    [parsed] = OverridesParser.create().parse_overrides([word])
+    assert not parsed.is_sweep_override() and parsed.value() == folder

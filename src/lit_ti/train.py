@@ -2,6 +2,7 @@
 
 import logging
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -17,13 +18,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_ti.callbacks import GracefulStop
+from lit_ti.callbacks import GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
+from lit_ti.callbacks.results import run_params
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
 from lit_ti.io.formats import final_suffixes
+from lit_ti.labels import component, label
 from lit_ti.run_folder import RunFolder
 
 
@@ -62,7 +65,14 @@ def _toy_style(style: str) -> str:
     return str(folder.resolve())
 
 
-for _name, _resolver in (("lit_ti.asset", _asset), ("lit_ti.toy_data", _toy_data), ("lit_ti.toy_style", _toy_style)):
+RESOLVERS = {
+    "lit_ti.asset": _asset,
+    "lit_ti.toy_data": _toy_data,
+    "lit_ti.toy_style": _toy_style,
+    "lit_ti.safe": component,  # run-folder names (configs/hydra/default.yaml): one safe path component
+    "lit_ti.label": label,
+}
+for _name, _resolver in RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 
@@ -151,7 +161,11 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
         folder.refuse_finished(method.name, checkpoint_dirs)
     folder.check_writable()
     folder.remove_stale(checkpoint_dirs)  # temp files of a killed run never became outputs
-    trainer = _build("trainer", cfg.trainer, callbacks=[*callbacks, folder.callback(cfg)], logger=loggers or False)
+    # after the configured callbacks: the end-of-run evaluations have run when it collects the results
+    results = RunResults(folder.root, *run_params(cfg))
+    trainer = _build(
+        "trainer", cfg.trainer, callbacks=[*callbacks, folder.callback(cfg), results], logger=loggers or False
+    )
     with paths.run_folder(folder.root):
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -166,7 +180,7 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
             if last is None or not folder.training:
                 raise
             raise paths.WriteFailed(f"{e}; then resume with ckpt_path={last}") from None
-    return _report(cfg, trainer, callbacks, start)
+    return _report(cfg, trainer, callbacks, results, start)
 
 
 def _second_interrupt(checkpoint_dirs: list[Path]) -> None:
@@ -175,14 +189,11 @@ def _second_interrupt(checkpoint_dirs: list[Path]) -> None:
     newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
     rank_zero_info("[lit_ti] stopped at once (Ctrl-C twice)")
     if newest is not None:
-        rank_zero_info(
-            f"[lit_ti] checkpoint: {newest}\n"
-            f"[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={newest}"
-        )
+        rank_zero_info(f"[lit_ti] checkpoint: {newest}\n[lit_ti] resume: {_resume_command(newest)}")
     sys.exit(130)
 
 
-def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) -> float | None:
+def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, results: RunResults, start: float) -> float | None:
     """Print what was trained and where it is; exit 128 + signal after Ctrl-C/SIGTERM; return the metric."""
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     out = Path(cfg.paths.output_dir)
@@ -190,11 +201,8 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) 
     rank_zero_info(
         f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")
-        + "".join(
-            f"\n[lit_ti] {k} = {float(v):.4f}"
-            for k, v in sorted(trainer.callback_metrics.items())
-            if k.startswith("eval/")
-        )
+        + "".join(f"\n[lit_ti] {line}" for line in results.lines())
+        + (f"\n[lit_ti] results: {results.path}" if results.path.is_file() else "")
         + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
         + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
     )
@@ -203,11 +211,14 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) 
         rank_zero_info(f"[lit_ti] stopped by {stop.received.name} at step {trainer.global_step}")
         if stop.checkpoint is not None:  # None when training was ending anyway (max steps, NaN guard)
             rank_zero_info(
-                f"[lit_ti] checkpoint: {stop.checkpoint}\n"
-                f"[lit_ti] resume: python train.py {' '.join(_overrides())} ckpt_path={stop.checkpoint}"
+                f"[lit_ti] checkpoint: {stop.checkpoint}\n[lit_ti] resume: {_resume_command(stop.checkpoint)}"
             )
         sys.exit(128 + stop.received)
     return float(metric) if metric is not None else None
+
+
+def _resume_command(checkpoint: Path) -> str:
+    return f"python train.py {' '.join(_overrides())} {_override('ckpt_path', str(checkpoint))}"
 
 
 def _overrides() -> list[str]:
@@ -216,10 +227,18 @@ def _overrides() -> list[str]:
         from hydra.core.hydra_config import HydraConfig
 
         hydra = HydraConfig.get()
-        kept = [o for o in hydra.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
-        return [*kept, f"hydra.run.dir={hydra.runtime.output_dir}"]  # resume into the same folder
+        kept = [shlex.quote(o) for o in hydra.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+        return [*kept, _override("hydra.run.dir", hydra.runtime.output_dir)]  # resume into the same folder
     except ValueError:
         return []
+
+
+def _override(key: str, value: str) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value`: run folders are named `...-seed=0,lr=0.01`,
+    and `=`/`,` in a bare value would make it a sweep; plain paths stay as they are."""
+    if re.fullmatch(r"[\w/.:+@%-]+", value):
+        return f"{key}={value}"
+    return shlex.quote(f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'")
 
 
 def _check_inside(root: Path, cfg: DictConfig, callbacks: list, loggers: list) -> None:

@@ -6,6 +6,7 @@ from lit_ti.callbacks.loss_csv import LossCSV
 from lit_ti.callbacks.nan_guard import NanGuard
 from lit_ti.callbacks.preview import PreviewImages
 from lit_ti.callbacks.progress import StepProgress
+from lit_ti.callbacks.results import RunResults
 from lit_ti.callbacks.toy_eval import ToyEvaluation, ToyStyleEvaluation
 from lit_ti.callbacks.val_loss import ValidationLoss
 
@@ -15,6 +16,7 @@ __all__ = [
     "LossCSV",
     "NanGuard",
     "PreviewImages",
+    "RunResults",
     "StepProgress",
     "ToyEvaluation",
     "ToyStyleEvaluation",

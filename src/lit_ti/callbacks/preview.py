@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
 
 from lit_ti.callbacks.interrupt import interrupted
+from lit_ti.callbacks.preview_grid import labelled_grid
 from lit_ti.errors import UserError, check_choice, check_number, check_period, check_seed
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.paths import WriteFailed
@@ -38,7 +39,8 @@ MAX_IMAGES = 64  # a preview row
 
 class PreviewImages(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end) render `prompt` and save
-    `<dirpath>/previews/<name>-<step>.png` (a row of `num_images`), also logged to TensorBoard.
+    `<dirpath>/previews/<name>-<step>.png` (a row of `num_images`), also logged to TensorBoard as a labelled grid
+    (tag `preview/<prompt>`; the prompt, step and seed drawn above the enlarged images).
 
     Args:
         prompt / negative_prompt: `[name]` is replaced by the concept name.
@@ -112,14 +114,17 @@ class PreviewImages(L.Callback):
             scheduler=SAMPLERS[self.sampler].from_config(bb.scheduler.config),
             size=self.size,
         )  # [n, 3, H, W] in [0, 1]
-        images = images.permute(0, 2, 3, 1).cpu().numpy()
-        row = (np.concatenate(list(images), axis=1) * 255).round().clip(0, 255).astype(np.uint8)
+        images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        row = np.concatenate(list(images), axis=1)  # the saved file: the images at their own size
         path = self.dirpath / "previews" / f"{name or 'preview'}-{step}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(row).save(tmp, format="PNG")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("preview", row, step, dataformats="HWC")
+                prompt = self.prompt.replace("[name]", name)
+                caption = f"step {step} · seed {self.seed} · {self.sampler}, {self.num_inference_steps} steps"
+                grid = labelled_grid(images, prompt, caption)
+                logger.experiment.add_image(f"preview/{prompt}", grid, step, dataformats="HWC")
         self.written.append(path)
         if self.embed_in_png:
             first = Image.fromarray(row[:, : images.shape[2]])

@@ -56,9 +56,8 @@ class ToyEvaluation(L.Callback):
             return
         init = {k: v.to(pl_module.device) for k, v in self.init.items()}
         self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        # results, not points on a curve: RunResults logs them with the run's settings (final/eval/*)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
@@ -86,7 +85,6 @@ class ToyStyleEvaluation(L.Callback):
             rank_zero_info("[lit_ti] toy style evaluation skipped (interrupted)")
             return
         self.results = evaluate_style(pl_module, style=self.style, samples=self.samples)
+        # results, not points on a curve: RunResults logs them with the run's settings (final/eval/*)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
