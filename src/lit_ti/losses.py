@@ -17,20 +17,57 @@ def diffusion_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, t
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def diffusion_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Mean squared error in fp32, optionally weighted per element (A1111's alpha-channel weighting).
+def diffusion_mse(
+    pred: Tensor, target: Tensor, weight: Tensor | None = None, sample_weight: Tensor | None = None
+) -> Tensor:
+    """Mean squared error in fp32, optionally weighted per element (A1111's alpha-channel weighting) and per
+    sample (min-SNR-γ).
 
-    pred, target: [B, C, h, w] (any float dtype); weight broadcastable to them, or None.
+    pred, target: [B, C, h, w] (any float dtype); weight broadcastable to them, or None; sample_weight [B] or None.
     """
     err = (pred.float() - target.float()) ** 2
     if weight is not None:
         err = err * weight
+    if sample_weight is not None:
+        err = err * sample_weight.float().view(-1, *([1] * (err.dim() - 1)))
     return err.mean()
 
 
-def sample_timesteps(batch: int, low: int, high: int, device: torch.device) -> Tensor:
-    """Uniform integer timesteps in [low, high) per sample; SD's recipe uses [0, T)."""
-    return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "cosine_map")
+
+
+def map_timesteps(u: Tensor, low: int, high: int, kind: str) -> Tensor:
+    """Integer timesteps in [low, high) from uniform draws `u` in [0, 1) `[B]`, by the density `kind`:
+
+    * `uniform`: SD's recipe.
+    * `logit_normal`: sigmoid of a standard normal (SD3's default, Esser et al. 2024): most draws mid-schedule,
+      few at either end.
+    * `cosine_map`: SD3's "cosmap", t = 1 − 1 / (tan(πu/2) + 1), also mid-heavy but with longer tails.
+    """
+    u = u.double().clamp(1e-6, 1 - 1e-6)
+    if kind == "logit_normal":
+        x = torch.sigmoid(torch.special.ndtri(u))
+    elif kind == "cosine_map":
+        x = 1 - 1 / (torch.tan(u * torch.pi / 2) + 1)
+    else:
+        x = u
+    return (low + (x * (high - low)).floor().long()).clamp(low, high - 1)
+
+
+def sample_timesteps(batch: int, low: int, high: int, device: torch.device, kind: str = "uniform") -> Tensor:
+    """Integer timesteps in [low, high) per sample (see `map_timesteps`); SD's recipe: uniform over [0, T)."""
+    if kind == "uniform":
+        return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
+    return map_timesteps(torch.rand(batch), low, high, kind).to(device)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-γ loss weights `[B]` (Hang et al. 2023; kohya's `--min_snr_gamma`): min(SNR, γ) / SNR for epsilon
+    models, min(SNR, γ) / (SNR + 1) for v-prediction (whose loss already carries a factor SNR + 1)."""
+    alpha = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = alpha / (1 - alpha)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return (snr.clamp(max=gamma) / denominator).float()
 
 
 @torch.no_grad()

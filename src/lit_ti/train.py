@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_ti.callbacks import GracefulStop
+from lit_ti.callbacks import EarlyStop, GracefulStop
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
 from lit_ti.errors import UserError, report_user_errors
@@ -194,6 +194,7 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, start: float) 
             for k, v in sorted(trainer.callback_metrics.items())
             if k.startswith("eval/")
         )
+        + "".join(f"\n[lit_ti] {c.reason}" for c in callbacks if isinstance(c, EarlyStop) and c.reason)
         + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
         + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
     )

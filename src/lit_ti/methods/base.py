@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lit_ti import losses
-from lit_ti.errors import UserError, check_number
+from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
 from lit_ti.models import Backbone, compiled, weight_dtype
 from lit_ti.modules.text_conditioning import Conditioning
@@ -41,6 +41,9 @@ class DiffusionMethod(L.LightningModule):
         first step pays the compilation, see docs/benchmarks.md).
     min_timestep / max_timestep: train on timesteps in [min, max) only (kohya's `--min_timestep` /
         `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
+    timestep_sampling: the density of training timesteps within that range: `uniform`, `logit_normal` or
+        `cosine_map` (`lit_ti.losses.map_timesteps`).
+    min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (v-prediction: /(SNR + 1)); null = off.
     """
 
     checkpointed: tuple[str, ...] = ()  # submodule prefixes saved in Lightning checkpoints
@@ -59,6 +62,8 @@ class DiffusionMethod(L.LightningModule):
         compile_unet: bool = False,
         min_timestep: int = 0,
         max_timestep: int | None = None,
+        timestep_sampling: str = "uniform",
+        min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
@@ -70,6 +75,10 @@ class DiffusionMethod(L.LightningModule):
             raise UserError(
                 f"method.min_timestep={min_timestep}, method.max_timestep={max_timestep}: need 0 <= min < max"
             )
+        check_choice("method.timestep_sampling", timestep_sampling, losses.TIMESTEP_SAMPLING)
+        check_number("method.min_snr_gamma", min_snr_gamma, 0, 1e6, low_open=True, optional=True, hint="kohya: 5")
+        self.timestep_sampling = timestep_sampling
+        self.min_snr_gamma = min_snr_gamma
         self.backbone_spec = backbone
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -223,12 +232,17 @@ class DiffusionMethod(L.LightningModule):
         low, high = self.timestep_range
         if seeds is None:
             noise = torch.randn_like(latents)
-            return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device)
+            kind = self.timestep_sampling
+            return noise, losses.sample_timesteps(latents.shape[0], low, high, latents.device, kind)
         noise, timesteps = [], []
         for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
             g = torch.Generator().manual_seed(seed)
             noise.append(torch.randn(latents.shape[1:], generator=g))
-            timesteps.append(int(torch.randint(low, high, (), generator=g)))
+            if self.timestep_sampling == "uniform":  # the draw every earlier run made
+                timesteps.append(int(torch.randint(low, high, (), generator=g)))
+            else:
+                u = torch.rand(1, generator=g)
+                timesteps.append(int(losses.map_timesteps(u, low, high, self.timestep_sampling)[0]))
         noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
         return noise, torch.tensor(timesteps, device=latents.device)
 
@@ -285,7 +299,8 @@ class DiffusionMethod(L.LightningModule):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.predict(noisy, timesteps, batch)
         target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_mse(pred, target, batch.get("weight"))
+        snr = None if self.min_snr_gamma is None else losses.min_snr_weights(scheduler, timesteps, self.min_snr_gamma)
+        loss = losses.diffusion_mse(pred, target, batch.get("weight"), snr)
         return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
