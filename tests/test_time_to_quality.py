@@ -18,6 +18,7 @@ from lit_ti.errors import UserError
 from lit_ti.methods import TextualInversion
 from lit_ti.models import TinyBackbone
 from lit_ti.modules.vector_init import cross_vectors, rescale, start_vectors, vocabulary_norm
+from tests.conftest import compose
 
 NAME = "zz-thing"
 
@@ -156,3 +157,12 @@ def test_learning_guard_warns_on_a_zero_rate_and_not_on_a_normal_run(concept_dir
     stalled = run_guard(concept_dir, lr=0.0)
     assert len(stalled) == 2 and "method.optimizer.lr" in stalled[0]  # at steps 2 and 4
     assert run_guard(concept_dir, lr=0.05) == []
+
+
+# ----------------------------------------------------------------- configs
+def test_toy_ti_stops_when_learned_and_real_runs_are_left_alone():
+    toy = compose()
+    assert toy.callbacks.early_stop._target_ == "lit_ti.callbacks.EarlyStop" and toy.trainer.max_steps == 600
+    real = compose("model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz")
+    assert real.callbacks.get("early_stop") is None, "early stopping was chosen on the toy world only"
+    assert real.callbacks.learning_guard._target_ == "lit_ti.callbacks.LearningGuard"  # a warning, everywhere
