@@ -166,3 +166,10 @@ def test_toy_ti_stops_when_learned_and_real_runs_are_left_alone():
     real = compose("model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz")
     assert real.callbacks.get("early_stop") is None, "early stopping was chosen on the toy world only"
     assert real.callbacks.learning_guard._target_ == "lit_ti.callbacks.LearningGuard"  # a warning, everywhere
+
+
+def test_early_stop_errors_name_its_own_keys():
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.draws=0"):
+        EarlyStop(draws=0)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.ratio"):
+        EarlyStop(ratio=2)

@@ -42,6 +42,8 @@ class EarlyStop(ValidationLoss):
         min_steps: never stop before this step.
     """
 
+    key = "callbacks.early_stop"
+
     def __init__(
         self,
         dir: str | None = None,
