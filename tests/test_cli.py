@@ -185,7 +185,7 @@ def start_training(run_dir, *args: str, timeout: float = 180) -> subprocess.Pope
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum):
     # the toy evaluation stays on: an interrupted run must skip it (it takes minutes) and still say how to run it
-    args = ["trainer.max_steps=100000"]
+    args = ["trainer.max_steps=100000", "callbacks.early_stop=null"]  # a run that never ends on its own
     proc = start_training(tmp_path, *args)
     csv = tmp_path / "textual_inversion_loss.csv"
     sent = time.monotonic()

@@ -81,6 +81,7 @@ COMPOSITIONS = [
     [],
     ["debug=smoke"],
     ["hparams_search=optuna"],
+    ["callbacks=[default,early_stop]"],
     ["method=dreamartist"],
     ["method=hypernetwork"],
     ["model=tiny", "model.size=small"],

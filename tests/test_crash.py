@@ -86,6 +86,9 @@ def newest_checkpoint(out: Path) -> Path | None:
     return last if last.is_file() else (steps[-1] if steps else None)
 
 
+NO_STOP = "callbacks.early_stop=null"  # the toy run stops when learned; these runs must not end on their own
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     zygote = Zygote()
     out, rng, kills, torn = tmp_path / "run", random.Random(0), 0, 0
@@ -94,7 +97,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         for i in range(KILLS):  # a run that never ends on its own, killed after 0.2-4 s (startup included)
             ckpt = newest_checkpoint(out)
             resume = [f"ckpt_path={ckpt}"] if ckpt else []
-            pid = zygote.start(out, tmp_path / f"run{i}.log", "trainer.max_steps=100000", *resume)
+            pid = zygote.start(out, tmp_path / f"run{i}.log", "trainer.max_steps=100000", NO_STOP, *resume)
             time.sleep(rng.uniform(0.2, 4.0))
             subprocess.run(["kill", "-KILL", str(pid)], check=False)
             kills += zygote.wait(pid) == -9
@@ -106,11 +109,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         # resume once more to a few steps past the last checkpoint, and train the same steps without a break
         steps = torch.load(last, weights_only=True)["global_step"] + 4
         assert (
-            zygote.wait(zygote.start(out, tmp_path / "final.log", f"trainer.max_steps={steps}", f"ckpt_path={last}"))
+            zygote.wait(
+                zygote.start(out, tmp_path / "final.log", f"trainer.max_steps={steps}", NO_STOP, f"ckpt_path={last}")
+            )
             == 0
         )
         reference = tmp_path / "reference"
-        assert zygote.wait(zygote.start(reference, tmp_path / "reference.log", f"trainer.max_steps={steps}")) == 0
+        assert (
+            zygote.wait(zygote.start(reference, tmp_path / "reference.log", f"trainer.max_steps={steps}", NO_STOP)) == 0
+        )
     finally:
         zygote.close()
 

@@ -61,6 +61,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.max_steps=100000",
+        "callbacks.early_stop=null",
         "callbacks.toy_eval=null",
         "callbacks.preview=null",
     )

@@ -17,35 +17,77 @@ def diffusion_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, t
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def diffusion_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Mean squared error in fp32, optionally weighted per element (A1111's alpha-channel weighting).
+def diffusion_mse(
+    pred: Tensor, target: Tensor, weight: Tensor | None = None, sample_weight: Tensor | None = None
+) -> Tensor:
+    """Mean squared error in fp32, optionally weighted per element (A1111's alpha-channel weighting) and per
+    sample (min-SNR-γ).
 
-    pred, target: [B, C, h, w] (any float dtype); weight broadcastable to them, or None.
+    pred, target: [B, C, h, w] (any float dtype); weight broadcastable to them, or None; sample_weight [B] or None.
     """
     err = (pred.float() - target.float()) ** 2
     if weight is not None:
         err = err * weight
+    if sample_weight is not None:
+        err = err * sample_weight.float().view(-1, *([1] * (err.dim() - 1)))
     return err.mean()
 
 
-def sample_timesteps(batch: int, low: int, high: int, device: torch.device) -> Tensor:
-    """Uniform integer timesteps in [low, high) per sample; SD's recipe uses [0, T)."""
-    return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "cosine_map")
 
 
-def draw_noise(latents: Tensor, seeds: Tensor | None, low: int, high: int) -> tuple[Tensor, Tensor]:
-    """Noise like `latents` `[B, 4, h, w]` and timesteps `[B]` in [low, high).
+def map_timesteps(u: Tensor, low: int, high: int, kind: str) -> Tensor:
+    """Integer timesteps in [low, high) from uniform draws `u` in [0, 1) `[B]`, by the density `kind`:
+
+    * `uniform`: SD's recipe.
+    * `logit_normal`: sigmoid of a standard normal (SD3's default, Esser et al. 2024): most draws mid-schedule,
+      few at either end.
+    * `cosine_map`: SD3's "cosmap", t = 1 − 1 / (tan(πu/2) + 1), also mid-heavy but with longer tails.
+    """
+    u = u.double().clamp(1e-6, 1 - 1e-6)
+    if kind == "logit_normal":
+        x = torch.sigmoid(torch.special.ndtri(u))
+    elif kind == "cosine_map":
+        x = 1 - 1 / (torch.tan(u * torch.pi / 2) + 1)
+    else:
+        x = u
+    return (low + (x * (high - low)).floor().long()).clamp(low, high - 1)
+
+
+def sample_timesteps(batch: int, low: int, high: int, device: torch.device, kind: str = "uniform") -> Tensor:
+    """Integer timesteps in [low, high) per sample (see `map_timesteps`); SD's recipe: uniform over [0, T)."""
+    if kind == "uniform":
+        return torch.randint(low, high, (batch,), device=device, dtype=torch.long)
+    return map_timesteps(torch.rand(batch), low, high, kind).to(device)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-γ loss weights `[B]` (Hang et al. 2023; kohya's `--min_snr_gamma`): min(SNR, γ) / SNR for epsilon
+    models, min(SNR, γ) / (SNR + 1) for v-prediction (whose loss already carries a factor SNR + 1)."""
+    alpha = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = alpha / (1 - alpha)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return (snr.clamp(max=gamma) / denominator).float()
+
+
+def draw_noise(
+    latents: Tensor, seeds: Tensor | None, low: int, high: int, kind: str = "uniform"
+) -> tuple[Tensor, Tensor]:
+    """Noise like `latents` `[B, 4, h, w]` and timesteps `[B]` in [low, high) with density `kind`.
 
     Drawn per sample from `seeds` (a CPU tensor `[B]`) when given, so they do not depend on the process or batch
     a sample lands in (DDP with N ranks equals one process with N× the batch); else from the global RNG.
     """
     if seeds is None:
-        return torch.randn_like(latents), sample_timesteps(latents.shape[0], low, high, latents.device)
+        return torch.randn_like(latents), sample_timesteps(latents.shape[0], low, high, latents.device, kind)
     noise, timesteps = [], []
     for seed in seeds.tolist():  # a CPU tensor from the DataLoader: no device sync
         g = torch.Generator().manual_seed(seed)
         noise.append(torch.randn(latents.shape[1:], generator=g))
-        timesteps.append(int(torch.randint(low, high, (), generator=g)))
+        if kind == "uniform":  # the draw every earlier run made
+            timesteps.append(int(torch.randint(low, high, (), generator=g)))
+        else:
+            timesteps.append(int(map_timesteps(torch.rand(1, generator=g), low, high, kind)[0]))
     noise = torch.stack(noise).to(latents.device, latents.dtype, non_blocking=True)
     return noise, torch.tensor(timesteps, device=latents.device)
 

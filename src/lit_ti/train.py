@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_ti.callbacks import GracefulStop, RunResults
+from lit_ti.callbacks import EarlyStop, GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.callbacks.results import run_params
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
@@ -203,6 +203,7 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, results: RunRe
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")
         + "".join(f"\n[lit_ti] {line}" for line in results.lines())
         + (f"\n[lit_ti] results: {results.path}" if results.path.is_file() else "")
+        + "".join(f"\n[lit_ti] {c.reason}" for c in callbacks if isinstance(c, EarlyStop) and c.reason)
         + f"\n[lit_ti] outputs: {out}  ({', '.join(files) or 'no embedding files'})"
         + f"\n[lit_ti] watch it: tensorboard --logdir {out}"
     )

@@ -30,13 +30,15 @@ class ValidationLoss(L.Callback):
         seed: the seed of the fixed noise and timesteps.
     """
 
+    key = "callbacks.val_loss"  # the config entry named in error messages (subclasses have their own)
+
     def __init__(self, dir: str | None = None, draws: int = 8, every_n_steps: int | None = None, seed: int = 0):
         if dir is not None and not Path(dir).expanduser().is_dir():
-            raise UserError(f"callbacks.val_loss.dir: {dir} is not a folder of held-out images; fix it, or null")
+            raise UserError(f"{self.key}.dir: {dir} is not a folder of held-out images; fix it, or null")
         self.dir = dir
-        self.draws = check_number("callbacks.val_loss.draws", draws, 1, 1024, integer=True)
-        self.every_n_steps = check_period("callbacks.val_loss.every_n_steps", every_n_steps, low=1, optional=True)
-        self.seed = check_seed("callbacks.val_loss.seed", seed)
+        self.draws = check_number(f"{self.key}.draws", draws, 1, 1024, integer=True)
+        self.every_n_steps = check_period(f"{self.key}.every_n_steps", every_n_steps, low=1, optional=True)
+        self.seed = check_seed(f"{self.key}.seed", seed)
         self.images: tuple[list[torch.Tensor], list[str]] | None = None  # latents [4, h, w] each, prompts
         self.last_step: int | None = None
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lit_ti import losses
 from lit_ti.data import ConceptDataModule
-from lit_ti.errors import UserError, check_number
+from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.methods import resume
 from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
@@ -50,6 +50,9 @@ class DiffusionMethod(L.LightningModule, ABC):
         first step pays the compilation, see docs/benchmarks.md).
     min_timestep / max_timestep: train on timesteps in [min, max) only (kohya's `--min_timestep` /
         `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
+    timestep_sampling: the density of training timesteps within that range: `uniform`, `logit_normal` or
+        `cosine_map` (`lit_ti.losses.map_timesteps`).
+    min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (v-prediction: /(SNR + 1)); null = off.
     """
 
     needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
@@ -69,6 +72,8 @@ class DiffusionMethod(L.LightningModule, ABC):
         compile_unet: bool = False,
         min_timestep: int = 0,
         max_timestep: int | None = None,
+        timestep_sampling: str = "uniform",
+        min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
@@ -81,6 +86,10 @@ class DiffusionMethod(L.LightningModule, ABC):
                 f"method.min_timestep={min_timestep}, method.max_timestep={max_timestep}: need 0 <= min < max"
             )
         self.name = paths.check_name(name, "name", self.stem_suffixes)
+        check_choice("method.timestep_sampling", timestep_sampling, losses.TIMESTEP_SAMPLING)
+        check_number("method.min_snr_gamma", min_snr_gamma, 0, 1e6, low_open=True, optional=True, hint="kohya: 5")
+        self.timestep_sampling = timestep_sampling
+        self.min_snr_gamma = min_snr_gamma
         self.backbone_spec = backbone
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -261,8 +270,10 @@ class DiffusionMethod(L.LightningModule, ABC):
     # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
-        them (`losses.draw_noise`)."""
-        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), *self.timestep_range)
+        them, with the method's timestep density (`losses.draw_noise`)."""
+        return losses.draw_noise(
+            batch["latents"], batch.get("noise_seed"), *self.timestep_range, self.timestep_sampling
+        )
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
@@ -317,7 +328,8 @@ class DiffusionMethod(L.LightningModule, ABC):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.predict(noisy, timesteps, batch)
         target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_mse(pred, target, batch.get("weight"))
+        snr = None if self.min_snr_gamma is None else losses.min_snr_weights(scheduler, timesteps, self.min_snr_gamma)
+        loss = losses.diffusion_mse(pred, target, batch.get("weight"), snr)
         return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
 
     def step_loss(self, out: dict) -> Tensor:

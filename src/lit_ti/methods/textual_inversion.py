@@ -6,19 +6,21 @@ AdamW without weight decay, LR schedule strings).
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_ti import io
 from lit_ti.data import ConceptDataModule
 from lit_ti.data.templates import check_names
-from lit_ti.errors import UserError, check_number, quote
+from lit_ti.errors import UserError, check_choice, check_number, quote
 from lit_ti.io.embeddings import from_file, shape_of, to_file
 from lit_ti.io.formats import EMBEDDING, exportable
 from lit_ti.methods.base import DiffusionMethod
 from lit_ti.models import Backbone
 from lit_ti.modules.embedding_bank import MAX_VECTORS, EmbeddingBank
-from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name, init_vectors
+from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_name
+from lit_ti.modules.vector_init import INIT_MODES, rescale, start_vectors, vocabulary_norm
 
 FORMATS = exportable(EMBEDDING)  # pt, safetensors, bin
 
@@ -47,6 +49,10 @@ class TextualInversion(DiffusionMethod):
     num_vectors: vectors per token (1-75); each costs one of the prompt's 75 tokens.
     init_text: text whose token embeddings initialise the vectors (spread over them, A1111 style).
     init_file: an existing embedding file (.pt/.safetensors/.bin) to continue from; overrides both above.
+    init_mode: how init_text becomes vectors: `copy` (A1111: its token embeddings), `cross` (the text encoder's
+        output for it, Cross Initialization) or `median_norm` (the copy at the vocabulary's median norm).
+    keep_norm: after every step, rescale each vector to the vocabulary's median norm (OneTrainer's
+        `preserve_embedding_norm`): only the direction is learned.
     """
 
     checkpointed = ("bank",)
@@ -59,6 +65,8 @@ class TextualInversion(DiffusionMethod):
         num_vectors: int = 1,
         init_text: str = "*",
         init_file: str | None = None,
+        init_mode: str = "copy",
+        keep_norm: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
@@ -66,6 +74,9 @@ class TextualInversion(DiffusionMethod):
         self.num_vectors = check_vectors("method.num_vectors", num_vectors)
         self.init_text = init_text
         self.init_file = init_file
+        self.init_mode = check_choice("method.init_mode", init_mode, INIT_MODES)
+        self.keep_norm = keep_norm
+        self.norms: dict[str, float] = {}  # the vocabulary's median norm per text encoder (keep_norm)
         self.bank = EmbeddingBank()
         self.prompt_encoder: PromptEncoder | None = None
         self.warned_png = False
@@ -94,11 +105,14 @@ class TextualInversion(DiffusionMethod):
                     f"encoders need width {want}; it was trained for another model family"
                 )
             return check_file_vectors(key, init_file, vectors)
-        return {enc: init_vectors(tok, te, init_text, num_vectors) for enc, (tok, te) in encoders.items()}
+        return {
+            enc: start_vectors(self.init_mode, tok, te, init_text, num_vectors) for enc, (tok, te) in encoders.items()
+        }
 
     def build_trainables(self, backbone: Backbone) -> None:
         check_name(backbone.tokenizer, self.name, "name")
         self.bank.add(self.name, self.initial_vectors(backbone, self.init_text, self.num_vectors, self.init_file))
+        self.norms = {enc: vocabulary_norm(te) for enc, (_, te) in backbone.text_encoders.items()}
         self.prompt_encoder = PromptEncoder(backbone, self.bank, self.clip_skip)
 
     def param_groups(self) -> list[dict]:
@@ -123,6 +137,13 @@ class TextualInversion(DiffusionMethod):
             datamodule.setup("fit")
             check_names(datamodule.template, datamodule.templates)
         super().on_fit_start()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.keep_norm:
+            with torch.no_grad():
+                for key, v in self.bank.vectors.items():
+                    v.copy_(rescale(v, self.norms[key.rsplit("__", 1)[0]]))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

@@ -1,0 +1,175 @@
+"""Time to quality: initialisations, norm keeping, timestep densities, min-SNR-γ, early stopping and the
+not-learning guard (each checked against its definition, on the tiny backbone where a model is needed)."""
+
+import math
+import warnings
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lit_ti import losses
+from lit_ti.callbacks import EarlyStop, LearningGuard
+from lit_ti.callbacks.early_stop import plateau
+from lit_ti.data import ConceptDataModule
+from lit_ti.errors import UserError
+from lit_ti.methods import TextualInversion
+from lit_ti.models import TinyBackbone
+from lit_ti.modules.vector_init import cross_vectors, rescale, start_vectors, vocabulary_norm
+from tests.conftest import compose
+
+NAME = "zz-thing"
+
+
+def fit(concept_dir, max_steps: int, lr: float = 0.05, callbacks=(), **method_kw) -> tuple:
+    L.seed_everything(0, verbose=False)
+    optimizer = partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    method = TextualInversion(
+        TinyBackbone(), name=NAME, num_vectors=2, init_text="square thing", optimizer=optimizer, **method_kw
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(method, datamodule=ConceptDataModule(dir=str(concept_dir), name=NAME, template="subject"))
+    return method, trainer
+
+
+# ----------------------------------------------------------------- initialisation and norms
+def test_cross_init_equals_the_text_encoders_output_for_the_init_text(backbone):
+    tok, te = backbone.tokenizer, backbone.text_encoder
+    ids = tok("square thing", add_special_tokens=False).input_ids
+    states = te(torch.tensor([[tok.bos_token_id, *ids, tok.eos_token_id]])).last_hidden_state[0]
+    got = cross_vectors(tok, te, "square thing", 2 * len(ids))
+    want = states[1 : 1 + len(ids)].repeat_interleave(2, dim=0)  # spread over the vectors as A1111 does
+    torch.testing.assert_close(got, want.detach())
+    copy = start_vectors("copy", tok, te, "square thing", 2)
+    assert not torch.allclose(got[:2], copy), "cross init must differ from the token copy"
+
+
+def test_median_norm_start_has_the_vocabularys_median_norm(backbone):
+    tok, te = backbone.tokenizer, backbone.text_encoder
+    median = vocabulary_norm(te)
+    assert median == pytest.approx(float(te.get_input_embeddings().weight.norm(dim=-1).median()))
+    vectors = start_vectors("median_norm", tok, te, "square thing", 3)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.full((3,), median))
+    assert torch.equal(rescale(torch.zeros(2, 4), 1.0), torch.zeros(2, 4))  # nothing divides by zero
+
+
+def test_unknown_init_mode_is_refused():
+    with pytest.raises(UserError, match="method.init_mode"):
+        TextualInversion(TinyBackbone(), name=NAME, init_mode="magic")
+
+
+def test_keep_norm_holds_the_vocabulary_norm_after_every_step(concept_dir):
+    kept, _ = fit(concept_dir, max_steps=2, lr=0.5, keep_norm=True)
+    free, _ = fit(concept_dir, max_steps=2, lr=0.5)
+    target = vocabulary_norm(kept.backbone.text_encoder)
+    norms = kept.bank.get(NAME)["text_encoder"].detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, target))
+    free_norms = free.bank.get(NAME)["text_encoder"].detach().norm(dim=-1)
+    assert (free_norms - target).abs().max() > 0.05, "a large rate must move a free vector off that norm"
+
+
+# ----------------------------------------------------------------- timesteps and min-SNR-γ
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_formula(prediction):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    t = torch.tensor([0, 10, 200, 500, 999])
+    a = scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    want = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + (prediction == "v_prediction"))
+    torch.testing.assert_close(losses.min_snr_weights(scheduler, t, 5.0), want.float())
+    weights = losses.min_snr_weights(scheduler, t, 5.0)
+    assert weights[0] < 0.1 and weights[-1] == pytest.approx(
+        1.0 if prediction == "epsilon" else float(snr[-1] / (snr[-1] + 1))
+    )
+
+
+def test_sample_weight_scales_each_samples_loss():
+    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    assert float(losses.diffusion_mse(pred, target, sample_weight=torch.tensor([1.0, 0.0]))) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", losses.TIMESTEP_SAMPLING)
+def test_timestep_densities_stay_in_range_and_have_their_shape(kind):
+    u = (torch.arange(10_000) + 0.5) / 10_000  # the quantiles of a uniform draw
+    t = losses.map_timesteps(u, 200, 1000, kind)
+    assert int(t.min()) >= 200 and int(t.max()) <= 999
+    middle = float(((t >= 400) & (t < 800)).float().mean())
+    if kind == "uniform":
+        assert middle == pytest.approx(0.5, abs=0.01)
+    else:  # mid-heavy: more than uniform's half lands in the middle half of the range
+        assert middle > 0.55
+    if kind == "logit_normal":  # the median of sigmoid(N(0, 1)) is the middle of the range
+        assert float(t.median()) == pytest.approx(600, abs=2)
+
+
+def test_unknown_timestep_sampling_is_refused():
+    with pytest.raises(UserError, match="method.timestep_sampling"):
+        TextualInversion(TinyBackbone(), name=NAME, timestep_sampling="beta")
+
+
+def test_options_train_end_to_end(concept_dir):
+    method, trainer = fit(
+        concept_dir, max_steps=3, init_mode="cross", timestep_sampling="logit_normal", min_snr_gamma=1.0
+    )
+    assert trainer.global_step == 3 and method.bank.get(NAME)["text_encoder"].isfinite().all()
+
+
+# ----------------------------------------------------------------- early stopping
+def test_plateau_fires_on_a_flat_noisy_loss_and_not_on_a_falling_one():
+    g = torch.Generator().manual_seed(0)
+    decay = [0.02 + 0.01 * math.exp(-i / 5) for i in range(40)]
+    noisy_plateau = [v + 1e-5 * float(torch.randn((), generator=g)) for v in decay]
+    assert plateau(noisy_plateau, window=6, ratio=0.15)
+    line = [0.03 - 1e-4 * i + 1e-6 * float(torch.randn((), generator=g)) for i in range(40)]
+    assert not plateau(line, window=6, ratio=0.15), "a loss still falling steadily must not stop"
+    assert not plateau(noisy_plateau[:8], window=6, ratio=0.15), "too few measurements to judge"
+    steep = [0.02 + 0.01 * math.exp(-i / 30) for i in range(20)]
+    assert not plateau(steep, window=6, ratio=0.15)
+
+
+def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir):
+    stop = EarlyStop(every_n_steps=1, window=3, ratio=0.5, min_steps=0, draws=1)
+    _, trainer = fit(concept_dir, max_steps=40, lr=0.0, callbacks=[stop])  # lr 0: val/loss is flat from the start
+    assert trainer.global_step == 6, "a constant loss is a plateau as soon as the window is full twice"
+    assert stop.reason and "early stop at step 6" in stop.reason
+
+
+# ----------------------------------------------------------------- not learning
+def run_guard(concept_dir, lr: float) -> list[str]:
+    guard = LearningGuard(every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(concept_dir, max_steps=4, lr=lr, callbacks=[guard])
+    return [str(w.message) for w in caught if "not learning" in str(w.message)]
+
+
+def test_learning_guard_warns_on_a_zero_rate_and_not_on_a_normal_run(concept_dir):
+    stalled = run_guard(concept_dir, lr=0.0)
+    assert len(stalled) == 2 and "method.optimizer.lr" in stalled[0]  # at steps 2 and 4
+    assert run_guard(concept_dir, lr=0.05) == []
+
+
+# ----------------------------------------------------------------- configs
+def test_toy_ti_stops_when_learned_and_real_runs_are_left_alone():
+    toy = compose()
+    assert toy.callbacks.early_stop._target_ == "lit_ti.callbacks.EarlyStop" and toy.trainer.max_steps == 600
+    real = compose("model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz")
+    assert real.callbacks.get("early_stop") is None, "early stopping was chosen on the toy world only"
+    assert real.callbacks.learning_guard._target_ == "lit_ti.callbacks.LearningGuard"  # a warning, everywhere
+
+
+def test_early_stop_errors_name_its_own_keys():
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.draws=0"):
+        EarlyStop(draws=0)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.ratio"):
+        EarlyStop(ratio=2)
