@@ -7,11 +7,14 @@ over a recent window, and tqdm's ETA for the whole run; after a few steps it pri
 estimated total time.
 """
 
+import sys
 import time
 from datetime import datetime, timedelta
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+from lit_ti.callbacks.early_stop import EarlyStop
 
 
 def _duration(seconds: float) -> str:
@@ -38,12 +41,20 @@ class StepProgress(TQDMProgressBar):
         self._loss = None  # running average on the loss's device: no host sync per step
         self._start: tuple[float, int] = (0.0, 0)
         self._estimated = False
+        self._warm: tuple[float, int] | None = None
 
     def init_train_tqdm(self) -> Tqdm:
-        bar = super().init_train_tqdm()
-        bar.smoothing = self.smoothing
-        bar.bar_format = self.BAR
-        return bar
+        # built with lit_ti's format: tqdm draws at construction, so a bar re-formatted afterwards leaves a
+        # stray `Training: | | 0/?` line on the console
+        return Tqdm(
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=self.smoothing,
+            bar_format=self.BAR,
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -51,6 +62,7 @@ class StepProgress(TQDMProgressBar):
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.initial = bar.n = trainer.global_step  # a resumed run continues the count
         self._start = (time.monotonic(), trainer.global_step)
+        self._warm: tuple[float, int] | None = None
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # one bar for the run: nothing to reset per epoch
@@ -74,15 +86,23 @@ class StepProgress(TQDMProgressBar):
         self._estimate(trainer, step)
 
     def _estimate(self, trainer, step: int) -> None:
-        start, first = self._start
-        done = step - first
-        if self._estimated or not self.estimate_after or done < self.estimate_after or trainer.max_steps <= 0:
+        if self._estimated or not self.estimate_after or trainer.max_steps <= 0:
+            return
+        done = step - self._start[1]
+        if self._warm is None:
+            if done >= self.estimate_after // 2:  # the first steps carry the warm-up: the rate is measured after
+                self._warm = (time.monotonic(), step)
+            return
+        warm_time, warm_step = self._warm
+        if done < self.estimate_after or step == warm_step:
             return
         self._estimated = True
-        rate = done / max(time.monotonic() - start, 1e-9)
+        rate = (step - warm_step) / max(time.monotonic() - warm_time, 1e-9)
         left = (trainer.max_steps - step) / rate
         finish = (datetime.now() + timedelta(seconds=left)).strftime("%H:%M")
         message = (
             f"[lit_ti] {trainer.max_steps} steps at {rate:.2f} it/s: about {_duration(left)} to go (done near {finish})"
         )
+        if any(isinstance(c, EarlyStop) for c in trainer.callbacks):
+            message += "; early stopping (callbacks.early_stop) may end it sooner"
         self.train_progress_bar.write(message)
