@@ -1,17 +1,22 @@
 import hashlib
 import os
 import stat
+import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# ---------------------------------------------------------------- paths, test lanes, the tiny backbone, data, configs
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
@@ -117,6 +122,151 @@ def compose(*overrides: str, hydra: bool = False, config: str = "train"):
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
         return hydra_compose(config, overrides=list(overrides), return_hydra_config=hydra)
+
+
+# ---------------------------------------------------------------- `python train.py` as a user runs it
+class TrainCommand:
+    """`python train.py ARGS` in a subprocess from the project root, with Hydra's short errors (what a user sees)."""
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {**os.environ, "HYDRA_FULL_ERROR": "0"}
+
+    def train(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self._env(),
+        )
+
+    def train_ok(self, run_dir, *args: str) -> subprocess.CompletedProcess:
+        """A run into `run_dir` that must succeed."""
+        run = self.train(*args, f"hydra.run.dir={run_dir}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+
+    def start(self, run_dir, *args: str, timeout: float = 180) -> subprocess.Popen:
+        """`python train.py` in the background, returned once it has logged 3 steps (loss CSV rows)."""
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *args, "callbacks.loss_csv.every_n_steps=1", f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self._env(),
+        )
+        csv = run_dir / "textual_inversion_loss.csv"
+        deadline = time.monotonic() + timeout
+        while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return proc
+
+
+@pytest.fixture(scope="session")
+def cli() -> TrainCommand:
+    """`cli.train(*args)`, `cli.train_ok(run_dir, *args)`, `cli.start(run_dir, *args)` (see TrainCommand)."""
+    return TrainCommand()
+
+
+# ---------------------------------------------------------------- short in-process fits on the tiny backbone
+NAME = "zz-thing"  # the concept every short fit trains (its files are named after it)
+FIT_METHOD = dict(
+    name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0)
+)
+
+
+def _fit(
+    tmp_path,
+    concept_dir,
+    max_steps=6,
+    ckpt_path=None,
+    precision="32-true",
+    accumulate=1,
+    every=3,
+    accelerator="cpu",
+    extra_callbacks=(),
+    trainer_kw=None,
+    method_cls=None,
+    dm_kw=None,
+    base_kw=FIT_METHOD,
+    **method_kw,
+):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_ti.callbacks import ExportEmbeddings, LossCSV, PreviewImages
+    from lit_ti.data import ConceptDataModule
+    from lit_ti.methods import TextualInversion
+    from lit_ti.models import TinyBackbone
+
+    L.seed_everything(0, verbose=False)
+    method = (method_cls or TextualInversion)(TinyBackbone(), **{**base_kw, **method_kw})
+    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
+    callbacks = [
+        ExportEmbeddings(str(tmp_path), every_n_steps=every),
+        PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
+        LossCSV(str(tmp_path)),
+        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
+        *extra_callbacks,
+    ]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,
+        accumulate_grad_batches=accumulate,
+        logger=TensorBoardLogger(str(tmp_path), name="tb", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **(trainer_kw or {}),
+    )
+    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    return method, trainer
+
+
+@pytest.fixture(scope="session")
+def fit():
+    """`fit(folder, concept_dir, max_steps=6, ...) -> (method, trainer)`: a seeded fit of `NAME` (textual
+    inversion with FIT_METHOD unless `method_cls`/`base_kw` say otherwise) writing the run's files into `folder`
+    every `every` steps."""
+    return _fit
+
+
+# ---------------------------------------------------------------- generation and the webui's file check
+@pytest.fixture
+def generate(tmp_path):
+    """`generate(*overrides)`: the images `python generate.py` writes (4 steps, seed 5), each call into a fresh
+    `tmp_path/out<n>`."""
+
+    def run(*overrides: str) -> list[Image.Image]:
+        import lit_ti.generate
+
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        paths = lit_ti.generate.run(compose(f"out_dir={out}", "steps=4", "seed=5", *overrides, config="generate"))
+        assert all(p.parent == out for p in paths)
+        return [Image.open(p) for p in paths]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def pixels():
+    """`pixels(images)`: the images as one int16 array [n, h, w, 3], so that they can be subtracted."""
+    return lambda images: np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
+
+
+@pytest.fixture(scope="session")
+def webui_accepts():
+    """`webui_accepts(path)`: True if the A1111 webui's pre-load check would let the file through."""
+    from tests.webui_check import webui_accepts
+
+    return webui_accepts
 
 
 # ---------------------------------------------------------------- the trust harness

@@ -20,7 +20,6 @@ from PIL import Image
 
 from lit_ti.io import save_embedding
 from tests.conftest import compose, make_concept_dir
-from tests.test_cli import train as train_cli
 
 TOY_BASE = Path(__file__).resolve().parents[1] / "src" / "lit_ti" / "assets" / "toy_base"
 FAST = ["trainer.max_steps=1", "callbacks.toy_eval=null", "callbacks.preview=null", "callbacks.model_checkpoint=null"]
@@ -299,8 +298,8 @@ def test_bad_input(tmp_path, capsys, build, overrides, expect):
         ),  # no such option
     ],
 )
-def test_unknown_config_keys_on_the_command_line(tmp_path, override, message):
-    result = train_cli(override, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}")
+def test_unknown_config_keys_on_the_command_line(tmp_path, override, message, cli):
+    result = cli.train(override, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr[-2000:]
 

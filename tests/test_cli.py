@@ -1,10 +1,7 @@
 """`python train.py ...` as a user runs it."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,30 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ti import io
-from tests.conftest import ROOT
 
 
-def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def train_ok(run_dir, *args: str) -> subprocess.CompletedProcess:
-    """A run into `run_dir` that must succeed."""
-    run = train(*args, f"hydra.run.dir={run_dir}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def test_default_run_writes_every_output(tmp_path):
-    run = train("trainer.max_steps=30", "callbacks.toy_eval.samples=4", f"hydra.run.dir={tmp_path}")
+def test_default_run_writes_every_output(tmp_path, cli):
+    run = cli.train("trainer.max_steps=30", "callbacks.toy_eval.samples=4", f"hydra.run.dir={tmp_path}")
     assert run.returncode == 0, run.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
     assert {"toy-concept.pt", "toy-concept.safetensors", "textual_inversion_loss.csv"} <= files
@@ -55,9 +32,9 @@ def test_default_run_writes_every_output(tmp_path):
     assert f"eval/recovery = {record['metrics']['eval/recovery']:.4f}" in out
 
 
-def test_dreamartist_character_run(tmp_path):
+def test_dreamartist_character_run(tmp_path, cli):
     # reconstruction is off in the toy world's DreamArtist settings; on here to see its loss logged
-    train_ok(
+    cli.train_ok(
         tmp_path,
         "experiment=dreamartist_character",
         "method.reconstruction=true",
@@ -80,8 +57,8 @@ def test_dreamartist_character_run(tmp_path):
     assert "final/eval/accuracy_positive_only" in tags
 
 
-def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
-    run = train_ok(
+def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path, cli):
+    run = cli.train_ok(
         tmp_path, "experiment=hypernetwork_style", "trainer.max_steps=30", "callbacks.toy_style_eval.samples=2"
     )
     import torch
@@ -110,14 +87,14 @@ def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path):
         pytest.param("data.template=style_filewords data.dir=__digits__", "[filewords]", marks=pytest.mark.slow),
     ],
 )
-def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message):
+def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message, cli):
     if "__digits__" in override:
         from PIL import Image
 
         for i in range(2):
             Image.new("RGB", (16, 16)).save(tmp_path / f"{i:04d}.png")
         override = override.replace("__digits__", str(tmp_path))
-    run = train(*override.split(), f"hydra.run.dir={tmp_path / 'run'}")
+    run = cli.train(*override.split(), f"hydra.run.dir={tmp_path / 'run'}")
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
@@ -125,32 +102,34 @@ def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message
     assert not list(tmp_path.glob("run/*.pt"))
 
 
-def test_a_run_that_exits_2_leaves_no_file_behind(tmp_path):
+def test_a_run_that_exits_2_leaves_no_file_behind(tmp_path, cli):
     # the mistake is found after Hydra wrote .hydra/ and train.log and TensorBoard its first event file
-    run = train("model=tiny", "data.template=none", "callbacks.toy_eval=null", f"hydra.run.dir={tmp_path / 'a/run'}")
+    run = cli.train(
+        "model=tiny", "data.template=none", "callbacks.toy_eval=null", f"hydra.run.dir={tmp_path / 'a/run'}"
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "a").exists(), sorted(tmp_path.rglob("*"))
 
 
 @pytest.mark.slow
-def test_a_run_that_exits_2_in_a_users_folder_removes_only_its_own_files(tmp_path):
+def test_a_run_that_exits_2_in_a_users_folder_removes_only_its_own_files(tmp_path, cli):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "old.tmp").write_text("mine too")
-    run = train("model=tiny", "name=../../x", f"hydra.run.dir={tmp_path}")
+    run = cli.train("model=tiny", "name=../../x", f"hydra.run.dir={tmp_path}")
     assert run.returncode == 2 and "error: name='../../x'" in run.stderr, run.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "old.tmp"]
 
 
-def test_cfg_job_prints_the_config():
-    run = train(
+def test_cfg_job_prints_the_config(cli):
+    run = cli.train(
         "experiment=ti_style", "model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "--cfg", "job"
     )
     assert run.returncode == 0, run.stderr
     assert "template: style" in run.stdout and "_target_: lit_ti.methods.TextualInversion" in run.stdout
 
 
-def test_multirun_sweeps(tmp_path):
-    run = train(
+def test_multirun_sweeps(tmp_path, cli):
+    run = cli.train(
         "-m",
         "trainer.max_steps=2",
         "method.optimizer.lr=0.01,0.02",
@@ -165,28 +144,11 @@ def test_multirun_sweeps(tmp_path):
     ]
 
 
-def start_training(run_dir, *args: str, timeout: float = 180) -> subprocess.Popen:
-    """`python train.py` in the background, returned once it has logged 3 steps (loss CSV rows)."""
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *args, "callbacks.loss_csv.every_n_steps=1", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
-    csv = run_dir / "textual_inversion_loss.csv"
-    deadline = time.monotonic() + timeout
-    while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return proc
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum):
+def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum, cli):
     # the toy evaluation stays on: an interrupted run must skip it (it takes minutes) and still say how to run it
     args = ["trainer.max_steps=100000", "callbacks.early_stop=null"]  # a run that never ends on its own
-    proc = start_training(tmp_path, *args)
+    proc = cli.start(tmp_path, *args)
     csv = tmp_path / "textual_inversion_loss.csv"
     sent = time.monotonic()
     proc.send_signal(signum)
@@ -205,7 +167,7 @@ def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_pat
     assert resume.split("] ", 1)[1] in (tmp_path / "train.log").read_text()  # the log keeps what the console said
 
     printed = resume.split("python train.py ", 1)[1].split()
-    done = train(*[a if a != args[0] else f"trainer.max_steps={step + 2}" for a in printed])
+    done = cli.train(*[a if a != args[0] else f"trainer.max_steps={step + 2}" for a in printed])
     assert done.returncode == 0, done.stderr[-3000:]  # in the same folder, as printed
     rows = csv.read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, step + 3))

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from lit_ti.data.sampler import EpochSampler
-from tests.test_cli import start_training, train_ok
 
 
 def test_ranks_together_take_the_single_process_batch():
@@ -26,7 +25,7 @@ def test_shards_resume_at_the_global_position():
     assert resumed == [f[2:] for f in full]
 
 
-def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
+def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path, cli):
     common = (
         "trainer.max_steps=5",
         "callbacks.loss_csv.every_n_steps=1",
@@ -35,8 +34,8 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
         "callbacks.preview=null",
         "callbacks.toy_eval=null",
     )
-    train_ok(tmp_path / "ddp", *common, "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=2")
-    train_ok(tmp_path / "one", *common, "trainer=cpu", "data.batch_size=4")
+    cli.train_ok(tmp_path / "ddp", *common, "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=2")
+    cli.train_ok(tmp_path / "one", *common, "trainer=cpu", "data.batch_size=4")
 
     def vectors(run: str) -> torch.Tensor:
         return load_file(tmp_path / run / "toy-concept.safetensors")["emb_params"]
@@ -54,9 +53,9 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, cli):
     """A preemption signal that reaches only rank 0 still ends both ranks, with one checkpoint, no hang."""
-    proc = start_training(
+    proc = cli.start(
         tmp_path,
         "trainer=ddp",
         "trainer.accelerator=cpu",

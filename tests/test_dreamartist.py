@@ -12,7 +12,7 @@ from lit_ti.errors import UserError
 from lit_ti.methods import DreamArtist
 from lit_ti.modules.ema import BankEMA
 from lit_ti.modules.embedding_bank import EmbeddingBank
-from tests.test_fit import NAME, fit
+from tests.conftest import NAME
 
 NEG = f"{NAME}-neg"
 DA = dict(method_cls=DreamArtist, num_vectors=2, neg_num_vectors=3, neg_init_text="ugly blurry")
@@ -136,7 +136,7 @@ class Pinned(DreamArtist):
         return noise, (batch["index"] * 211 + 100) % 1000
 
 
-def test_accumulation_equals_one_big_batch(tmp_path, concept_dir):
+def test_accumulation_equals_one_big_batch(tmp_path, concept_dir, fit):
     common = dict(
         DA,
         method_cls=Pinned,
@@ -158,7 +158,7 @@ def test_accumulation_equals_one_big_batch(tmp_path, concept_dir):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_fit_writes_pairs_logs_norms_and_keeps_lr_weight(tmp_path, concept_dir):
+def test_fit_writes_pairs_logs_norms_and_keeps_lr_weight(tmp_path, concept_dir, fit):
     method, trainer = fit(
         tmp_path,
         concept_dir,
@@ -199,7 +199,7 @@ def test_fit_writes_pairs_logs_norms_and_keeps_lr_weight(tmp_path, concept_dir):
     assert {"train/loss", "train/loss_reconstruction", f"train/emb_norm/{NAME}", f"train/emb_norm/{NEG}"} <= tags
 
 
-def test_embedding_gradients_are_clipped_per_embedding(tmp_path, concept_dir):
+def test_embedding_gradients_are_clipped_per_embedding(tmp_path, concept_dir, fit):
     seen = {}
 
     class Probe(DreamArtist):
@@ -211,7 +211,7 @@ def test_embedding_gradients_are_clipped_per_embedding(tmp_path, concept_dir):
     assert seen[NAME] == pytest.approx(1e-3, rel=1e-3) and seen[NEG] == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_resume_restores_ema(tmp_path, concept_dir):
+def test_resume_restores_ema(tmp_path, concept_dir, fit):
     kw = dict(DA, ema_decay=0.9, neg_ema_decay=0.9, ema_reset_every=3, neg_ema_reset_every=5)
     straight, _ = fit(tmp_path / "a", concept_dir, max_steps=8, every=4, **kw)
     fit(tmp_path / "b", concept_dir, max_steps=4, every=4, **kw)
@@ -225,7 +225,7 @@ def test_resume_restores_ema(tmp_path, concept_dir):
 
 
 @torch.no_grad()
-def test_pair_loads_into_diffusers_and_conditions_as_trained(tmp_path, concept_dir):
+def test_pair_loads_into_diffusers_and_conditions_as_trained(tmp_path, concept_dir, fit):
     method, _ = fit(tmp_path, concept_dir, max_steps=2, every=0, **DA)
     from lit_ti.models import TinyBackbone
 

@@ -5,66 +5,16 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ti import io
-from lit_ti.callbacks import ExportEmbeddings, LossCSV, PreviewImages
 from lit_ti.data import ConceptDataModule
 from lit_ti.methods import TextualInversion
 from lit_ti.models import TinyBackbone
-
-NAME = "zz-thing"
-METHOD = dict(
-    name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0)
-)
+from tests.conftest import FIT_METHOD, NAME
 
 
-def fit(
-    tmp_path,
-    concept_dir,
-    max_steps=6,
-    ckpt_path=None,
-    precision="32-true",
-    accumulate=1,
-    every=3,
-    accelerator="cpu",
-    extra_callbacks=(),
-    trainer_kw=None,
-    method_cls=TextualInversion,
-    dm_kw=None,
-    base_kw=METHOD,
-    **method_kw,
-):
-    L.seed_everything(0, verbose=False)
-    method = method_cls(TinyBackbone(), **{**base_kw, **method_kw})
-    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
-    callbacks = [
-        ExportEmbeddings(str(tmp_path), every_n_steps=every),
-        PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
-        LossCSV(str(tmp_path)),
-        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
-        *extra_callbacks,
-    ]
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=max_steps,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
-        logger=TensorBoardLogger(str(tmp_path), name="tb", version=""),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **(trainer_kw or {}),
-    )
-    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
-    return method, trainer
-
-
-def test_fit_trains_only_the_bank_and_writes_every_output(tmp_path, concept_dir):
+def test_fit_trains_only_the_bank_and_writes_every_output(tmp_path, concept_dir, fit):
     method, trainer = fit(tmp_path, concept_dir, max_steps=6)
     assert trainer.global_step == 6
 
@@ -92,7 +42,7 @@ def test_fit_trains_only_the_bank_and_writes_every_output(tmp_path, concept_dir)
     assert shown[-1].width >= 256 and shown[-1].height > shown[-1].width // 2
 
 
-def test_checkpoint_holds_only_what_trains(tmp_path, concept_dir):
+def test_checkpoint_holds_only_what_trains(tmp_path, concept_dir, fit):
     fit(tmp_path, concept_dir, max_steps=3)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert list(ckpt["state_dict"]) == ["bank.vectors.text_encoder__0"]
@@ -100,7 +50,7 @@ def test_checkpoint_holds_only_what_trains(tmp_path, concept_dir):
     assert ckpt["optimizer_states"][0]["state"][0]["exp_avg"].shape == (2, 32)
 
 
-def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir):
+def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir, fit):
     straight, _ = fit(tmp_path / "a", concept_dir, max_steps=8, every=4)
     fit(tmp_path / "b", concept_dir, max_steps=4, every=4)
     ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
@@ -115,7 +65,7 @@ def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir
                 seen["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
     L.seed_everything(0, verbose=False)
-    resumed = TextualInversion(TinyBackbone(), **METHOD)
+    resumed = TextualInversion(TinyBackbone(), **FIT_METHOD)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=8,
@@ -131,14 +81,14 @@ def test_resume_continues_at_the_step_with_optimizer_state(tmp_path, concept_dir
     assert torch.allclose(a, b, atol=1e-6), "interrupted + resumed run differs from the straight run"
 
 
-def test_lr_schedule_string_sets_rates_and_ends_training(tmp_path, concept_dir):
+def test_lr_schedule_string_sets_rates_and_ends_training(tmp_path, concept_dir, fit):
     _, trainer = fit(tmp_path, concept_dir, max_steps=10, lr_schedule="0.02:2, 0.001:4", every=0)
     assert trainer.global_step == 4  # the schedule ends before max_steps, as in A1111
     rows = [r.split(",") for r in (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()[1:]]
     assert [float(r[4]) for r in rows] == pytest.approx([0.02, 0.02, 0.001, 0.001])  # rate used by each step
 
 
-def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
+def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir, fit):
     method, trainer = fit(tmp_path, concept_dir, max_steps=2, precision="bf16-mixed", accumulate=2, every=0)
     assert method.unet.dtype == torch.bfloat16 and method.text_encoder.dtype == torch.bfloat16
     assert method.bank.vectors["text_encoder__0"].dtype == torch.float32
@@ -147,7 +97,7 @@ def test_bf16_mixed_and_accumulation_on_cpu(tmp_path, concept_dir):
     assert len(rows) == 3 and all(float(r.split(",")[3]) > 0 for r in rows[1:])
 
 
-def test_gradient_clipping_goes_through_the_trainer(tmp_path, concept_dir):
+def test_gradient_clipping_goes_through_the_trainer(tmp_path, concept_dir, fit):
     """AdamW normalises step sizes, so use plain SGD to see the clipped gradient norm in the update."""
     sgd = partial(torch.optim.SGD, lr=1.0)
     free, _ = fit(tmp_path / "free", concept_dir, max_steps=1, every=0, optimizer=sgd)
@@ -178,7 +128,7 @@ def test_v_prediction_backbone_trains(tmp_path, concept_dir):
 
 
 @torch.no_grad()
-def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, concept_dir):
+def test_written_file_loads_into_diffusers_and_changes_the_image(tmp_path, concept_dir, fit):
     method, _ = fit(tmp_path, concept_dir, max_steps=6, every=0)
     pipe = TinyBackbone().load().pipeline()  # the same backbone, fresh
     prompt = f"a photo of {NAME}"
@@ -213,7 +163,7 @@ class Poisoned(TextualInversion):
         return loss
 
 
-def test_nan_steps_are_skipped_and_never_written(tmp_path, concept_dir):
+def test_nan_steps_are_skipped_and_never_written(tmp_path, concept_dir, fit):
     from lit_ti.callbacks import NanGuard
 
     method, trainer = fit(
@@ -227,7 +177,7 @@ def test_nan_steps_are_skipped_and_never_written(tmp_path, concept_dir):
     assert not torch.equal(method.bank.get(NAME)["text_encoder"].detach(), start)  # the good steps trained
 
 
-def test_only_nan_steps_stop_training_with_the_initial_vectors(tmp_path, concept_dir):
+def test_only_nan_steps_stop_training_with_the_initial_vectors(tmp_path, concept_dir, fit):
     from lit_ti.callbacks import NanGuard
 
     class AlwaysBad(Poisoned):
@@ -247,7 +197,7 @@ def test_timestep_range_bounds_every_draw():
     """min/max_timestep hold for both noise paths: per-sample seeds (the datamodule's) and the global RNG."""
     from lit_ti.errors import UserError
 
-    method = TextualInversion(TinyBackbone(), **METHOD, min_timestep=700, max_timestep=710)
+    method = TextualInversion(TinyBackbone(), **FIT_METHOD, min_timestep=700, max_timestep=710)
     method.configure_model()
     latents = torch.zeros(64, 4, 8, 8)
     for batch in ({"latents": latents, "noise_seed": torch.arange(64)}, {"latents": latents}):
@@ -256,7 +206,7 @@ def test_timestep_range_bounds_every_draw():
         assert int(timesteps.min()) >= 700 and int(timesteps.max()) < 710
         assert len(set(timesteps.tolist())) > 5  # still drawn, not pinned to one value
     with pytest.raises(UserError, match="min_timestep=500, method.max_timestep=400"):
-        TextualInversion(TinyBackbone(), **METHOD, min_timestep=500, max_timestep=400)
-    too_far = TextualInversion(TinyBackbone(), **METHOD, max_timestep=5000)
+        TextualInversion(TinyBackbone(), **FIT_METHOD, min_timestep=500, max_timestep=400)
+    too_far = TextualInversion(TinyBackbone(), **FIT_METHOD, max_timestep=5000)
     with pytest.raises(UserError, match="max_timestep=5000: the scheduler has 1000 timesteps"):
         too_far.configure_model()

@@ -15,20 +15,6 @@ from tests.conftest import CONFIGS
 TOY = CONFIGS.parent / "src" / "lit_ti" / "assets" / "toy_base"
 
 
-def generate(tmp_path, capsys, *overrides: str) -> list[Image.Image]:
-    from hydra import compose, initialize_config_dir
-
-    import lit_ti.train  # noqa: F401  (resolvers)
-    from lit_ti.generate import run
-
-    out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("generate", overrides=[f"out_dir={out}", "steps=4", "seed=5", *overrides])
-    paths = run(cfg)
-    assert all(p.parent == out for p in paths)
-    return [Image.open(p) for p in paths]
-
-
 @pytest.fixture(scope="module")
 def trained_files(tmp_path_factory):
     """A random embedding pair and hypernetwork at the toy base's widths (what generation needs)."""
@@ -49,29 +35,21 @@ def trained_files(tmp_path_factory):
     return folder
 
 
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
-
-
-def test_embeddings_pair_and_hypernetwork_change_the_images(tmp_path, capsys, trained_files):
-    plain = generate(tmp_path, capsys, "prompt='a zz-star'", "batch_size=2")
+def test_embeddings_pair_and_hypernetwork_change_the_images(tmp_path, capsys, trained_files, generate, pixels):
+    plain = generate("prompt='a zz-star'", "batch_size=2")
     with_pair = generate(
-        tmp_path,
-        capsys,
         "prompt='a zz-star'",
         "negative_prompt=zz-star-neg",
         f"embeddings_dir={trained_files / 'emb'}",
         "batch_size=2",
     )
     styled = generate(
-        tmp_path,
-        capsys,
         "prompt='a zz-star'",
         f"hypernetwork={trained_files / 'style.pt'}",
         "hypernetwork_strength=0.8",
         "batch_size=2",
     )
-    again = generate(tmp_path, capsys, "prompt='a zz-star'", "batch_size=2")
+    again = generate("prompt='a zz-star'", "batch_size=2")
     assert np.array_equal(pixels(plain), pixels(again))  # same seed, same images
     assert np.abs(pixels(with_pair) - pixels(plain)).mean() > 1  # the embeddings changed them
     assert np.abs(pixels(styled) - pixels(plain)).mean() > 1  # the hypernetwork changed them
@@ -101,7 +79,7 @@ def test_command_line_and_its_mistakes(tmp_path, trained_files):
     assert len(errors) == 1 and "embeddings_dir" in errors[0]
 
 
-def test_embedding_from_another_model_warns_and_wrong_width_is_skipped(tmp_path, capsys, trained_files):
+def test_embedding_from_another_model_warns_and_wrong_width_is_skipped(tmp_path, trained_files, generate):
     import shutil
 
     folder = tmp_path / "emb"
@@ -112,7 +90,7 @@ def test_embedding_from_another_model_warns_and_wrong_width_is_skipped(tmp_path,
     )
     io.save_embedding(folder / "zz-wide.pt", torch.zeros(1, width + 1))
     with pytest.warns(UserWarning, match="zz-") as caught:
-        generate(tmp_path, capsys, "prompt='a zz-other zz-wide'", f"embeddings_dir={folder}", "steps=1")
+        generate("prompt='a zz-other zz-wide'", f"embeddings_dir={folder}", "steps=1")
     messages = [str(w.message) for w in caught]
     assert any("'zz-other' was trained on deadbeef" in m for m in messages)
     assert any("skipped 'zz-wide'" in m and f"widths [{width}]" in m for m in messages)

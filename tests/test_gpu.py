@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lit_ti import io
-from tests.test_fit import NAME, fit
+from tests.conftest import NAME
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
-def test_fit_on_gpu(tmp_path, concept_dir, precision):
+def test_fit_on_gpu(tmp_path, concept_dir, precision, fit):
     seen = {}
 
     class Probe(L.Callback):

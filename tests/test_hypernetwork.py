@@ -13,7 +13,6 @@ from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.methods import HypernetworkMethod
 from lit_ti.modules.hypernetwork import Hypernetwork, HypernetworkProcessor, attach, detach
-from tests.test_fit import fit
 
 A1111_META = {
     "layer_structure",
@@ -188,10 +187,12 @@ def test_self_attention_switch(backbone):
         detach(unet, saved)
 
 
-fit_hn = partial(fit, method_cls=HypernetworkMethod, base_kw={"name": "zz-thing"})
+@pytest.fixture
+def fit_hn(fit):
+    return partial(fit, method_cls=HypernetworkMethod, base_kw={"name": "zz-thing"})
 
 
-def test_fit_trains_only_the_hypernetwork_and_writes_a1111_files(tmp_path, concept_dir):
+def test_fit_trains_only_the_hypernetwork_and_writes_a1111_files(tmp_path, concept_dir, fit_hn):
     method, trainer = fit_hn(tmp_path, concept_dir, max_steps=4, every=2, optimizer=partial(torch.optim.AdamW, lr=1e-3))
     assert trainer.global_step == 4
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -243,7 +244,7 @@ def test_style_is_judged_on_captions_that_do_not_ask_for_it():
 
 
 @torch.no_grad()
-def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir):
+def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir, fit_hn):
     from lit_ti.methods.hypernetwork import attach_file
     from lit_ti.models import TinyBackbone
 
@@ -265,7 +266,7 @@ def test_trained_file_attaches_to_a_diffusers_pipeline(tmp_path, concept_dir):
     assert torch.equal(generate(), plain)
 
 
-def test_resume_and_bf16_accumulation(tmp_path, concept_dir):
+def test_resume_and_bf16_accumulation(tmp_path, concept_dir, fit_hn):
     lr = partial(torch.optim.AdamW, lr=1e-3)
     # resumed at an epoch boundary (4 images, batch 1): mid-epoch resume restarts the epoch's shuffle
     straight, _ = fit_hn(tmp_path / "a", concept_dir, max_steps=8, every=4, optimizer=lr)

@@ -1,4 +1,3 @@
-import collections
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,61 +9,6 @@ from safetensors.torch import load_file, save_file
 from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.io.pickles import save_pt
-
-# --- the webui's safe-unpickler rules (reference/a1111.md §1.6), re-stated here to check our files -------
-WEBUI_ALLOWED = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-    *{("torch", f"{t}Storage") for t in ("Float", "Half", "Int", "Long", "Double", "Byte", "BFloat16")},
-    ("torch", "float32"),
-    ("torch.nn.modules.container", "ParameterDict"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("_codecs", "encode"),
-    ("__builtin__", "set"),
-}
-# the strictest version of its zip entry check (modules/safe.py before `byteorder` was allowed)
-WEBUI_ZIP_ENTRY = r"^([^/]+)/((data/\d+)|version|(data\.pkl))$"
-
-
-class _WebuiUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in WEBUI_ALLOWED:
-            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
-        if name == "ParameterDict":  # the webui returns the real class; a class that does nothing stands in
-            return type(name, (), {"__setstate__": lambda self, state: None})
-        return collections.OrderedDict if name == "OrderedDict" else (lambda *a, **k: None)
-
-    def persistent_load(self, saved_id):
-        assert saved_id[0] == "storage"
-
-
-def webui_accepts(path: Path) -> bool:
-    """True if the A1111 webui's pre-load check would let this file through."""
-    import re
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            if any(not re.match(WEBUI_ZIP_ENTRY, n) for n in names):
-                return False
-            pkl = [n for n in names if n.endswith("data.pkl")]
-            if len(pkl) != 1:
-                return False
-            data = z.read(pkl[0])
-        import io as _io
-
-        _WebuiUnpickler(_io.BytesIO(data)).load()
-        return True
-    with open(path, "rb") as f:
-        unpickler = _WebuiUnpickler(f)
-        for _ in range(5):  # magic, protocol, sys info, the object, storage keys
-            unpickler.load()
-    return True
 
 
 # --- our files ---------------------------------------------------------------------------------------------
@@ -107,7 +51,7 @@ def test_a1111_pt_layout(tmp_path):
     assert (meta.step, meta.sd_checkpoint, meta.sd_checkpoint_name) == (500, "0123456789", "m")
 
 
-def test_pt_and_bin_pass_the_webui_safe_unpickler(tmp_path):
+def test_pt_and_bin_pass_the_webui_safe_unpickler(tmp_path, webui_accepts):
     for suffix in (".pt", ".bin"):
         assert webui_accepts(io.save_embedding(tmp_path / f"x{suffix}", torch.randn(2, 8)))
     assert webui_accepts(
@@ -115,7 +59,7 @@ def test_pt_and_bin_pass_the_webui_safe_unpickler(tmp_path):
     )
 
 
-def test_webui_check_rejects_what_torch_writes_by_default(tmp_path):
+def test_webui_check_rejects_what_torch_writes_by_default(tmp_path, webui_accepts):
     """Why we rewrite torch's zip: the entries current torch adds fail the webui's check."""
     torch.save({"string_to_param": {"*": torch.randn(2, 8)}}, tmp_path / "zip.pt")
     assert not webui_accepts(tmp_path / "zip.pt")
@@ -238,7 +182,7 @@ def _pt_files(tmp_path) -> list[Path]:
     ]
 
 
-def test_pt_files_load_in_a1111_and_comfyui_mmap(tmp_path):
+def test_pt_files_load_in_a1111_and_comfyui_mmap(tmp_path, webui_accepts):
     """A1111: the entry-name check and the global allowlist. ComfyUI `--mmap-torch-files`: torch.load(mmap=True,
     weights_only=True), which needs the zip layout; its entries are 64-byte aligned like torch's own."""
     for path in _pt_files(tmp_path):
@@ -267,7 +211,7 @@ def test_hypernetwork_pt_reads_the_way_comfyui_reads_it(tmp_path):
     assert sd["layer_structure"] == [1.0, 2.0, 1.0] and sd["activation_func"] == "linear"
 
 
-def test_original_ti_parameterdict_files_load_without_running_the_class(tmp_path, monkeypatch):
+def test_original_ti_parameterdict_files_load_without_running_the_class(tmp_path, monkeypatch, webui_accepts):
     """Original TI (and old A1111) saved `string_to_param` as an nn.ParameterDict; A1111 allows that global.
     It loads as a plain stand-in: nn.ParameterDict's own code is never called."""
     vectors = torch.randn(3, 8)

@@ -7,17 +7,16 @@ import nbformat
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT
-from tests.test_cli import train_ok
 
 
-def test_explore_embedding_notebook_runs_from_its_folder_on_the_newest_run(tmp_path, monkeypatch):
+def test_explore_embedding_notebook_runs_from_its_folder_on_the_newest_run(tmp_path, monkeypatch, cli):
     # a project as a user has it: outputs/ with an older run and the newest one, the notebook in notebooks/
     older = tmp_path / "outputs" / "old-concept" / "2020-01-01_00-00-00-textual_inversion" / ".hydra"
     older.mkdir(parents=True)
     (older / "config.yaml").write_text("name: old-concept\n")
     os.utime(older / "config.yaml", (0, 0))
     newest = tmp_path / "outputs" / "toy-concept" / "newest"
-    train_ok(newest, "trainer.max_steps=20", "callbacks.preview.every_n_steps=10", "callbacks.toy_eval=null")
+    cli.train_ok(newest, "trainer.max_steps=20", "callbacks.preview.every_n_steps=10", "callbacks.toy_eval=null")
     (tmp_path / "notebooks").mkdir()
     shutil.copy(ROOT / "notebooks" / "explore_embedding.ipynb", tmp_path / "notebooks")
     nb = nbformat.read(tmp_path / "notebooks" / "explore_embedding.ipynb", as_version=4)

@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.io.png_embeddings import KEY, lcg
-from tests.test_fit import NAME, fit
+from tests.conftest import NAME
 
 
 def test_lcg_matches_the_webui_self_test():
@@ -86,7 +86,7 @@ def test_plain_images_and_lossy_damage_are_user_errors(tmp_path):
         io.load_embedding(tmp_path / "plain.png")
 
 
-def test_previews_during_training_carry_the_embedding(tmp_path, concept_dir):
+def test_previews_during_training_carry_the_embedding(tmp_path, concept_dir, fit):
     fit(tmp_path, concept_dir, max_steps=3, every=3)
     png = io.load_embedding(tmp_path / "image_embeddings" / f"{NAME}-3.png")
     pt = io.load_embedding(tmp_path / "embeddings" / f"{NAME}-3.pt")

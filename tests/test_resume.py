@@ -11,7 +11,7 @@ import torch
 from lit_ti import io
 from lit_ti.callbacks import GracefulStop
 from lit_ti.methods import DreamArtist, HypernetworkMethod
-from tests.test_fit import NAME, fit
+from tests.conftest import NAME
 
 DA = dict(
     method_cls=DreamArtist,
@@ -58,7 +58,7 @@ def trained_state(method) -> dict[str, torch.Tensor]:
     ],
     ids=["ti", "ti-accumulate", "ti-limited-epochs", "dreamartist-ema", "hypernetwork"],
 )
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, concept_dir, kw, accumulate, stop_at, signum):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, concept_dir, kw, accumulate, stop_at, signum, fit):
     steps = 10
     common = dict(max_steps=steps, every=100, accumulate=accumulate, dm_kw=DATA, **kw)
     straight, _ = fit(tmp_path / "straight", concept_dir, **common)

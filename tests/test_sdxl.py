@@ -9,7 +9,6 @@ from lit_ti import io
 from lit_ti.models import TinyBackbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder, init_vectors
-from tests.test_cli import train_ok
 
 
 def a1111_sdxl_width(data) -> int | None:
@@ -24,9 +23,7 @@ def a1111_sdxl_width(data) -> int | None:
     return data["clip_l"].shape[1] + data["clip_g"].shape[1]
 
 
-def test_sdxl_files_at_real_widths_pass_a1111s_check(tmp_path):
-    from tests.test_io import webui_accepts
-
+def test_sdxl_files_at_real_widths_pass_a1111s_check(tmp_path, webui_accepts):
     vectors = {"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)}
     for suffix in (".pt", ".safetensors"):
         path = io.save_embedding(tmp_path / f"xl{suffix}", vectors, step=5, sd_checkpoint="0123456789")
@@ -38,8 +35,8 @@ def test_sdxl_files_at_real_widths_pass_a1111s_check(tmp_path):
 SMOKE = ("model=tiny", "model.size=sdxl_tiny", "trainer.max_steps=3")
 
 
-def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
-    train_ok(
+def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path, cli, webui_accepts):
+    cli.train_ok(
         tmp_path,
         *SMOKE,
         "callbacks.toy_eval=null",
@@ -63,8 +60,6 @@ def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
     for key in widths:  # both parts trained
         assert (tensors[key] - start[key]).abs().max() > 1e-4, key
     assert io.read_embedding(tmp_path / "toy-concept.safetensors")[0].vectors.keys() == widths.keys()
-    from tests.test_io import webui_accepts
-
     assert a1111_sdxl_width(pt) == a1111_sdxl_width(tensors) == 32 + 48  # this model's two widths
     assert webui_accepts(tmp_path / "toy-concept.pt")
 
@@ -87,24 +82,25 @@ def test_sdxl_ti_trains_both_encoders_and_loads_into_diffusers(tmp_path):
     assert torch.allclose(pooled, ours.pooled, atol=1e-5)
 
 
-def test_sdxl_dreamartist_writes_two_sdxl_pairs(tmp_path):
-    train_ok(tmp_path, *SMOKE, "experiment=dreamartist_character", "callbacks.preview=null", "callbacks.toy_eval=null")
+def test_sdxl_dreamartist_writes_two_sdxl_pairs(tmp_path, cli):
+    cli.train_ok(
+        tmp_path, *SMOKE, "experiment=dreamartist_character", "callbacks.preview=null", "callbacks.toy_eval=null"
+    )
     for stem, n in (("toy-concept", 3), ("toy-concept-neg", 6)):
         tensors = load_file(tmp_path / f"{stem}.safetensors")
         assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (n, 32), "clip_g": (n, 48)}
 
 
-def test_sdxl_hypernetwork_sits_at_the_sdxl_context_width(tmp_path):
-    train_ok(
+def test_sdxl_hypernetwork_sits_at_the_sdxl_context_width(tmp_path, cli):
+    cli.train_ok(
         tmp_path, *SMOKE, "experiment=hypernetwork_style", "callbacks.preview=null", "callbacks.toy_style_eval=null"
     )
     raw = torch.load(tmp_path / "toy-night.pt", weights_only=True)
     assert 32 + 48 in raw  # the concatenated CLIP-L + bigG context (2048 on real SDXL)
 
 
-def test_sdxl_diffusers_folder_and_generate_with_an_sdxl_embedding(tmp_path, capsys):
+def test_sdxl_diffusers_folder_and_generate_with_an_sdxl_embedding(tmp_path, capsys, generate, pixels):
     from lit_ti.models import DiffusersFolder
-    from tests.test_generate import generate, pixels
 
     bb = TinyBackbone(size="sdxl_tiny").load()
     bb.pipeline().save_pretrained(tmp_path / "sdxl")
@@ -117,8 +113,8 @@ def test_sdxl_diffusers_folder_and_generate_with_an_sdxl_embedding(tmp_path, cap
     io.save_embedding(tmp_path / "emb" / "zz-thing.safetensors", sdxl)
     io.save_embedding(tmp_path / "emb" / "zz-old.pt", torch.randn(1, 32, generator=g))  # an SD1 file: skipped
     model = ["model=diffusers", f"model.path={tmp_path / 'sdxl'}", "size=64"]
-    plain = generate(tmp_path, capsys, *model, "prompt='a zz-thing'")
+    plain = generate(*model, "prompt='a zz-thing'")
     with pytest.warns(UserWarning, match="zz-old.*do not fit"):
-        used = generate(tmp_path, capsys, *model, "prompt='a zz-thing, zz-old'", f"embeddings_dir={tmp_path / 'emb'}")
+        used = generate(*model, "prompt='a zz-thing, zz-old'", f"embeddings_dir={tmp_path / 'emb'}")
     assert "concepts used: zz-thing" in capsys.readouterr().out
     assert np.abs(pixels(plain) - pixels(used)).max() > 0

@@ -15,7 +15,6 @@ from lit_ti.models import SingleFile, TinyBackbone
 from lit_ti.models.single_file import shipped_config
 from tests.conftest import make_concept_dir
 from tests.ldm_layout import write_single_file
-from tests.test_cli import train
 
 PUBLISHED = {  # parameter counts of the real models
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
@@ -67,9 +66,9 @@ def test_single_file_loads_every_weight_offline(single_file, monkeypatch):
 
 
 @pytest.mark.parametrize("single_file", ["tiny"], indirect=True)  # SDXL training is tested in test_sdxl
-def test_training_on_a_single_file_records_its_hash(single_file, tmp_path):
+def test_training_on_a_single_file_records_its_hash(single_file, tmp_path, cli):
     original, path, config = single_file
-    run = train(
+    run = cli.train(
         "model=single_file",
         f"model.path={path}",
         f"model.config={config}",

@@ -7,14 +7,13 @@ import pytest
 import yaml
 
 from tests.conftest import compose
-from tests.test_cli import train
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra is not installed")
 
 
-def test_optuna_sweep_runs_four_trials_and_keeps_its_study(tmp_path):
+def test_optuna_sweep_runs_four_trials_and_keeps_its_study(tmp_path, cli):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    run = train(
+    run = cli.train(
         "-m",
         "hparams_search=toy_optuna",
         "hydra.sweeper.n_trials=4",
@@ -36,8 +35,8 @@ def test_optuna_sweep_runs_four_trials_and_keeps_its_study(tmp_path):
     assert len({round(v, 6) for v in values}) > 1  # the parameters changed the objective
 
 
-def test_a_run_through_the_submitit_launcher(tmp_path):
-    run = train(
+def test_a_run_through_the_submitit_launcher(tmp_path, cli):
+    run = cli.train(
         "-m",
         "cluster=local",
         "method.optimizer.lr=0.02",  # one job (grids are tested in test_cli): the launcher path is the point
@@ -62,8 +61,10 @@ def test_slurm_config_runs_one_ddp_task_per_gpu():
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
 
 
-def test_a_two_job_sweep_writes_its_summary_and_hparams_with_metrics(tmp_path):
-    run = train("-m", "seed=0,1", "trainer.max_steps=4", "callbacks.toy_eval.samples=2", f"hydra.sweep.dir={tmp_path}")
+def test_a_two_job_sweep_writes_its_summary_and_hparams_with_metrics(tmp_path, cli):
+    run = cli.train(
+        "-m", "seed=0,1", "trainer.max_steps=4", "callbacks.toy_eval.samples=2", f"hydra.sweep.dir={tmp_path}"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     with open(tmp_path / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
