@@ -83,8 +83,16 @@ def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path, cli):
         ("name=cat", "name='cat' is already a token"),
         # the same one-line mechanism as above; the messages themselves are checked in-process (test_bad_input)
         pytest.param("method.lr_schedule='0.1:abc'", "method.lr_schedule", marks=pytest.mark.slow),
-        pytest.param("model=diffusers model.path=/no/such/model", "model.path", marks=pytest.mark.slow),
-        pytest.param("data.template=style_filewords data.dir=__digits__", "[filewords]", marks=pytest.mark.slow),
+        pytest.param(
+            "model=diffusers model.path=/no/such/model data=concept data.dir=__digits__ name=zz-thing",
+            "model.path",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "data=concept data.template=style_filewords data.dir=__digits__ name=zz-thing",
+            "[filewords]",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_user_mistakes_get_one_line_and_no_traceback(tmp_path, override, message, cli):
