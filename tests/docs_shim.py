@@ -43,11 +43,11 @@ def newest_run(match: re.Match) -> str:
     return str(runs[-1])
 
 
-def next_run_dir(kind: str) -> str:
+def next_run_dir(kind: str, under: str = "${name}") -> str:
     counter = Path(".docs_runs")
     n = int(counter.read_text()) + 1 if counter.exists() else 0
     counter.write_text(str(n))
-    return f"outputs/${{name}}/{kind}{n}"
+    return f"outputs/{under}/{kind}{n}"
 
 
 def rewrite(script: str, args: list[str]) -> list[str]:
@@ -83,13 +83,13 @@ def rewrite(script: str, args: list[str]) -> list[str]:
             out.append("hydra.sweeper.n_trials=2")
         out.append(f"hydra.sweep.dir={next_run_dir('multirun')}" if sweep else f"hydra.run.dir={next_run_dir('run')}")
     elif script == "generate.py":
-        out += ["steps=2", "n_iter=1", "batch_size=1", f"hydra.run.dir={next_run_dir('generate')}"]
+        out += ["steps=2", "n_iter=1", "batch_size=1", f"hydra.run.dir={next_run_dir('generate', 'generate')}"]
     return out
 
 
 def benchmark(script: str, args: list[str]) -> list[str]:
     """Benchmark scripts: two steps, one repeat, a few small images in a fresh work folder."""
-    cut = {"--steps": "2", "--repeats": "1", "--work": next_run_dir("bench").replace("${name}", "bench")}
+    cut = {"--steps": "2", "--repeats": "1", "--work": next_run_dir("bench", "bench")}
     args = [cut.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
     return [*args, "--counts", "3", "--size", "64"] if script.endswith("latent_cache.py") else args
 
