@@ -74,6 +74,8 @@ def check_outputs(out: Path) -> None:
             list(EventFileLoader(str(path)).Load())  # a torn last record is dropped, not an error
         elif path.suffix == ".yaml":
             yaml.safe_load(path.read_text())
+        elif path.suffix == ".json":  # metrics.json: written atomically, so whole whenever present
+            assert "status" in json.loads(path.read_text()), path
         elif path.name != "log":
             pytest.fail(f"unexpected output {path}")
 
