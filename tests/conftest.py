@@ -40,6 +40,8 @@ QUICK_SKIPS = {
     "test_generate",
     "test_speed_switches",
     "test_precision",
+    "test_resume",  # every method interrupted and resumed
+    "test_bad_input",  # a hundred inputs, some through `python train.py`
 }
 
 
