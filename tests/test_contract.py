@@ -12,7 +12,7 @@ from lit_ti.callbacks import ExportEmbeddings, PreviewImages, ToyEvaluation
 from lit_ti.data import ConceptDataModule
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.checkpoint_io import TRAINED
-from lit_ti.methods import DiffusionMethod, DreamArtist, HypernetworkMethod, TextualInversion
+from lit_ti.methods import DiffusionMethod, DreamArtist, HypernetworkMethod, PivotalTuning, TextualInversion
 from lit_ti.models import Backbone, TinyBackbone
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder
@@ -64,12 +64,12 @@ class TextShift(DiffusionMethod):
 
 def test_the_contract_is_what_the_docs_list():
     assert DiffusionMethod.__abstractmethods__ == CONTRACT
-    for method in (TextualInversion, DreamArtist, HypernetworkMethod, TextShift):
+    for method in (TextualInversion, DreamArtist, HypernetworkMethod, PivotalTuning, TextShift):
         assert not method.__abstractmethods__, method
 
 
 def test_resume_accepts_what_every_shipped_method_checkpoints():
-    for method in (TextualInversion, DreamArtist, HypernetworkMethod):
+    for method in (TextualInversion, DreamArtist, HypernetworkMethod, PivotalTuning):
         assert set(method.checkpointed) <= set(TRAINED), method
 
 
@@ -108,8 +108,8 @@ def test_a_fourth_method_works_with_the_export_and_preview_callbacks(tmp_path, c
 
 @pytest.mark.parametrize(
     ("method_cls", "kw"),
-    [(TextualInversion, {}), (DreamArtist, {"reconstruction": True}), (HypernetworkMethod, {})],
-    ids=["ti", "dreamartist", "hypernetwork"],
+    [(TextualInversion, {}), (DreamArtist, {"reconstruction": True}), (HypernetworkMethod, {}), (PivotalTuning, {})],
+    ids=["ti", "dreamartist", "hypernetwork", "pivotal"],
 )
 def test_every_loss_is_logged_synced_across_ranks(tmp_path, concept_dir, monkeypatch, method_cls, kw):
     """Per-rank losses differ under DDP: every `train/loss*` value is averaged over the ranks (`sync_dist`)."""

@@ -10,7 +10,7 @@ import torch
 
 from lit_ti import io
 from lit_ti.callbacks import GracefulStop
-from lit_ti.methods import DreamArtist, HypernetworkMethod
+from lit_ti.methods import DreamArtist, HypernetworkMethod, PivotalTuning
 from tests.conftest import NAME
 
 DA = dict(
@@ -28,6 +28,7 @@ HN = dict(
     optimizer=partial(torch.optim.AdamW, lr=1e-3),
     dropout_structure=[0, 0.3, 0],
 )
+PV = dict(method_cls=PivotalTuning, ti_steps=4, lora_lr=1e-2, dropout=0.1, embedding_lr_after=0.5)
 # every source of randomness on: flips, tag shuffling, a fresh latent sample per visit
 DATA = dict(flip_p=0.5, latent_sampling="random", shuffle_tags=True, template="subject_filewords")
 
@@ -55,8 +56,9 @@ def trained_state(method) -> dict[str, torch.Tensor]:
         ({"trainer_kw": {"limit_train_batches": 3}}, 1, 5, signal.SIGINT),  # epochs cut to 3 batches
         (DA, 1, 5, signal.SIGTERM),  # with EMA (reset every 3) on both embeddings
         (HN, 1, 7, signal.SIGINT),  # hypernetwork with dropout
+        (PV, 2, 3, signal.SIGTERM),  # pivotal: stopped in the embedding phase, resumed across the switch
     ],
-    ids=["ti", "ti-accumulate", "ti-limited-epochs", "dreamartist-ema", "hypernetwork"],
+    ids=["ti", "ti-accumulate", "ti-limited-epochs", "dreamartist-ema", "hypernetwork", "pivotal"],
 )
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, concept_dir, kw, accumulate, stop_at, signum, fit):
     steps = 10

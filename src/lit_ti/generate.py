@@ -4,7 +4,7 @@ Embeddings come from `embeddings_dir` (every file `io.formats` lists as an embed
 `.bin`, `.ckpt` or an A1111 image) and `embeddings`; a concept is used wherever its name appears in the prompt or the negative prompt, so several
 concepts share a prompt and a DreamArtist pair works as `prompt="... <name> ..." negative_prompt="<name>-neg"`.
 A PNG is decoded only when its name (its text chunk's, else its file stem) is in a prompt. Files that act inside
-the UNet with a strength (a hypernetwork) are the `ADAPTERS` table's rows. Every setting is
+the UNet with a strength (a hypernetwork, a LoRA with its bundled embedding) are the `ADAPTERS` table's rows. Every setting is
 checked before the model loads, and a run whose latents turn NaN/Inf stops with one line instead of writing
 black images.
 Prompts are encoded exactly as in training (`PromptEncoder`: multi-vector names, clip skip, SDXL's two encoders) and
@@ -41,12 +41,24 @@ from lit_ti.modules.text_conditioning import PromptEncoder
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's
 
 
-def apply_hypernetwork(unet, path: Path, strength: float) -> Callable[[], None]:
+def apply_hypernetwork(backbone, path: Path, strength: float) -> Callable[[], None]:
     from lit_ti.methods.hypernetwork import attach_file
     from lit_ti.modules.hypernetwork import detach
 
-    _, original = attach_file(unet, path, strength)
-    return lambda: detach(unet, original)
+    _, original = attach_file(backbone.unet, path, strength)
+    return lambda: detach(backbone.unet, original)
+
+
+def apply_lora(backbone, path: Path, strength: float) -> Callable[[], None]:
+    """A kohya/A1111 LoRA (lit_ti's `<name>-lora.safetensors`) on the UNet and text encoders; its bundled
+    embedding reaches the prompt through `embedding_files`."""
+    from lit_ti.modules import lora
+
+    models = {"unet": backbone.unet, **{enc: te for enc, (_, te) in backbone.text_encoders.items()}}
+    try:
+        return lora.attach_file(models, io.read_lora(path), backbone.is_sdxl, strength)
+    except ValueError as e:
+        raise UserError(f"lora: {path}: {e}; it was trained for another model family") from None
 
 
 @dataclass(frozen=True)
@@ -56,10 +68,13 @@ class Adapter:
     kind: str  # its `io.formats` kind
     strength_key: str  # the config key of its multiplier
     a1111_name: str  # its key in A1111's `parameters` text (`<name>` and `<name> strength`)
-    apply: Callable[..., Callable[[], None]]  # (unet, path, strength) -> undo
+    apply: Callable[..., Callable[[], None]]  # (backbone, path, strength) -> undo
 
 
-ADAPTERS = {"hypernetwork": Adapter(formats.HYPERNETWORK, "hypernetwork_strength", "Hypernet", apply_hypernetwork)}
+ADAPTERS = {
+    "hypernetwork": Adapter(formats.HYPERNETWORK, "hypernetwork_strength", "Hypernet", apply_hypernetwork),
+    "lora": Adapter(formats.LORA, "lora_strength", "Lora", apply_lora),
+}
 
 
 def embedding_files(directory: str | None, files: list[str]) -> list[Path]:
@@ -144,7 +159,7 @@ WHOLE = {  # key: (lowest, highest); A1111's UI ranges, widened
     "clip_skip": (1, 12),
     "seed": (-1, 2**32 - 1),
 }
-NUMBER = {"cfg_scale": (0.0, 100.0), "hypernetwork_strength": (-10.0, 10.0)}
+NUMBER = {"cfg_scale": (0.0, 100.0), **{a.strength_key: (-10.0, 10.0) for a in ADAPTERS.values()}}
 PRECISIONS = ("32", "bf16", "16")
 
 
@@ -207,6 +222,7 @@ def run(cfg: DictConfig) -> list[Path]:
         module.to(device)
     size = cfg.size or backbone.resolution
     files = embedding_files(cfg.embeddings_dir, list(cfg.embeddings))
+    files += [Path(cfg.lora).expanduser()] if cfg.lora else []  # its bundled embedding (A1111's bundle_emb)
     bank = load_concepts(files, f"{cfg.prompt}\n{cfg.negative_prompt}", backbone).to(device)
     encoder = PromptEncoder(backbone, bank, cfg.clip_skip)
 
@@ -225,7 +241,7 @@ def run(cfg: DictConfig) -> list[Path]:
     out, images, written, undo = Path(cfg.out_dir), [], [], []
     try:
         for key, path in applied.items():
-            undo.append(ADAPTERS[key].apply(backbone.unet, path, cfg[ADAPTERS[key].strength_key]))
+            undo.append(ADAPTERS[key].apply(backbone, path, cfg[ADAPTERS[key].strength_key]))
         for it in range(cfg.n_iter):
             seeds = [seed + it * cfg.batch_size + i for i in range(cfg.batch_size)]
             batch = pipe(

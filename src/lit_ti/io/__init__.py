@@ -1,4 +1,4 @@
-"""Embedding and hypernetwork files: pure functions, no Lightning or Hydra."""
+"""Embedding, hypernetwork and LoRA files: pure functions, no Lightning or Hydra."""
 
 from lit_ti.io.embeddings import (
     EmbeddingFile,
@@ -8,13 +8,17 @@ from lit_ti.io.embeddings import (
     save_image_embedding,
 )
 from lit_ti.io.hypernetworks import load_hypernetwork, save_hypernetwork
+from lit_ti.io.loras import read_lora, save_diffusers_lora, save_lora
 
 __all__ = [
     "EmbeddingFile",
     "load_embedding",
     "load_hypernetwork",
     "read_embedding",
+    "read_lora",
+    "save_diffusers_lora",
     "save_embedding",
     "save_hypernetwork",
     "save_image_embedding",
+    "save_lora",
 ]

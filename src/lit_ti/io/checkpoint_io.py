@@ -23,7 +23,7 @@ from lit_ti.errors import UserError
 from lit_ti.io.atomic import atomic_path
 
 MAX_PICKLE = 64 * 2**20  # a lit_ti checkpoint's pickle is kilobytes; tensors live beside it in the zip
-TRAINED = ("bank", "ema", "hypernetwork")  # the only modules lit_ti checkpoints hold (methods' `checkpointed`)
+TRAINED = ("bank", "ema", "hypernetwork", "lora")  # the only modules lit_ti checkpoints hold (methods' `checkpointed`)
 FIX = "use a checkpoints/last.ckpt written by lit_ti, or start a fresh run without ckpt_path"
 
 

@@ -9,7 +9,8 @@ Written (chosen by the file suffix):
   `{"clip_l": [n, 768], "clip_g": [n, 1280]}`; name/step/checkpoint go in the safetensors metadata.
 * `.bin`: diffusers' `{token: [n, d]}` (written the same way, so the webui loads it too).
 
-Read: all of the above, the original-TI/A1111 `.pt` (also with `string_to_param` as an `nn.ParameterDict`),
+Read: all of the above, the embeddings bundled in a LoRA `.safetensors` (A1111's `bundle_emb.<name>.*`, see
+`io/loras.py`; a LoRA without one is `NotAnEmbedding`, which folder scans skip), the original-TI/A1111 `.pt` (also with `string_to_param` as an `nn.ParameterDict`),
 diffusers `learned_embeds.*` files with one or more tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`.
 Pickles are opened with `weights_only=True`, so a file that would run code is refused; every file is
 checked against the caps of `io.limits` before anything is allocated, and non-finite vectors are refused.
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from lit_ti.errors import UserError
-from lit_ti.io import formats
+from lit_ti.io import formats, loras
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.limits import check_safetensors
 from lit_ti.io.pickles import load_pickle, save_pt
@@ -166,13 +167,19 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
     meta: dict = {}
     try:
         if container == formats.SAFETENSORS:
-            try:
-                check_safetensors(path, "embedding")
+            try:  # a LoRA (its bundled embedding) may be larger than any embedding file
+                lora = loras.is_lora(check_safetensors(path, "lora"))
+                if not lora:
+                    check_safetensors(path, "embedding")
             except ValueError as e:
                 raise UserError(f"{path}: refused: {e}") from None
-            data = load_file(path, device="cpu")
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
+                if lora:  # only the bundle is read, not the LoRA's weights
+                    bundle = {k: f.get_tensor(k) for k in f.keys() if k.startswith(f"{loras.BUNDLE}.")}  # noqa: SIM118 (a safe_open handle)
+            if lora:
+                return _bundled(path, bundle, meta)
+            data = load_file(path, device="cpu")
         elif container == formats.PICKLE:
             data = load_pickle(path, "embedding")
         else:  # formats.IMAGE
@@ -189,6 +196,18 @@ def read_embedding(path: str | Path) -> list[EmbeddingFile]:
             f"{path}: cannot be read as an embedding ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     return _identify(path, data, meta)
+
+
+def _bundled(path: Path, data: dict[str, Tensor], meta: dict) -> list[EmbeddingFile]:
+    """The embeddings bundled in a LoRA file (A1111's `bundle_emb.<name>.*`, named by `<name>`)."""
+    found = loras.bundled_embeddings(data)
+    if not found:
+        raise NotAnEmbedding(f"{path}: a LoRA without a bundled embedding")
+    entries = []
+    for name, vectors in found.items():
+        data = {"string_to_param": {"*": vectors}} if isinstance(vectors, Tensor) else vectors
+        entries += [replace(e, name=name) for e in _identify(path, data, meta)]
+    return entries
 
 
 def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:

@@ -5,7 +5,7 @@ Everything that lists extensions asks this table: the embedding and hypernetwork
 single-file model loader, the export formats a method offers, `generate.py`'s folder scan, and the run
 folder's "finished run" check. The
 layout *inside* a container (A1111's dict, kohya's `emb_params`, diffusers' `{token: tensor}`) belongs to the
-kind's own module (`io/embeddings.py`, `io/hypernetworks.py`).
+kind's own module (`io/embeddings.py`, `io/hypernetworks.py`, `io/loras.py`).
 """
 
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ from pathlib import Path
 from lit_ti.errors import UserError
 
 EMBEDDING, HYPERNETWORK, MODEL = "embedding", "hypernetwork", "model"  # MODEL: a single-file SD checkpoint
+LORA = "lora"  # kohya/A1111 LoRA (pivotal tuning's bundle, the embedding inside) and diffusers' LoRA layout
 PICKLE, SAFETENSORS, IMAGE = "pickle", "safetensors", "image"  # containers: io.pickles, safetensors, PNG chunks
 
 
@@ -37,7 +38,8 @@ def _format(suffix: str, container: str, reads: tuple[str, ...], writes: tuple[s
 BOTH = (EMBEDDING, HYPERNETWORK)
 FORMATS = (
     _format(".pt", PICKLE, (*BOTH, MODEL), BOTH),  # A1111's layouts (what the webui and ComfyUI load)
-    _format(".safetensors", SAFETENSORS, (*BOTH, MODEL), BOTH),  # kohya embeddings; lit_ti's hypernetworks
+    # kohya embeddings; lit_ti's hypernetworks; LoRAs (io/loras.py tells its layouts apart by their keys)
+    _format(".safetensors", SAFETENSORS, (*BOTH, MODEL, LORA), (*BOTH, LORA)),
     _format(".bin", PICKLE, BOTH, (EMBEDDING,)),  # diffusers' learned_embeds.bin
     _format(".ckpt", PICKLE, (*BOTH, MODEL)),  # original textual inversion's embeddings; SD checkpoints
     _format(".pth", PICKLE, (MODEL,)),

@@ -2,7 +2,8 @@
 allocated or decompressed (files come from strangers; a 5 MB zip can declare 6 GB).
 
 Sizes, from real files: an embedding is KBs (75 SDXL vectors in float32 are 0.6 MB); the largest A1111
-hypernetworks (`1, 4, 4, 1` at all five widths) hold a few hundred MB of float32; an SD checkpoint is 2–7 GB.
+hypernetworks (`1, 4, 4, 1` at all five widths) hold a few hundred MB of float32; LoRAs up to ~2 GB; an SD
+checkpoint is 2–7 GB.
 Each cap is ~100x (embeddings) or ~3x (hypernetworks) the largest real file, so no real file is refused.
 Independently of the caps, tensors may not claim more than `EXPANSION` times the bytes the file really has
 (a tensor's data is in the file; fp16 -> fp32 doubles it, uint8 -> fp32 quadruples it), so a small file
@@ -25,6 +26,8 @@ class Limits:
 LIMITS = {
     "embedding": Limits(file_bytes=256 * MiB, tensor_bytes=256 * MiB, pickle_bytes=16 * MiB),
     "hypernetwork": Limits(file_bytes=1 * GiB, tensor_bytes=2 * GiB, pickle_bytes=64 * MiB),
+    # the largest real LoRAs (SDXL, rank 256, every linear layer) are ~1.7 GB in fp16
+    "lora": Limits(file_bytes=4 * GiB, tensor_bytes=8 * GiB, pickle_bytes=64 * MiB),
     "checkpoint": Limits(file_bytes=64 * GiB, tensor_bytes=128 * GiB, pickle_bytes=512 * MiB),
 }
 EXPANSION = 4  # tensor bytes (as float32) per byte of file, at most

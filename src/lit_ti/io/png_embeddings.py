@@ -167,7 +167,8 @@ def _text_chunk(im: Image.Image) -> dict | None:
 
 
 class NotAnEmbedding(UserError):
-    """An image that holds no embedding (a plain picture among embeddings is skipped, as A1111 does)."""
+    """A file that holds no embedding: a plain picture or a LoRA without a bundled one (folder scans skip them,
+    as A1111 does)."""
 
 
 def _open(path: str | Path) -> Image.Image:

@@ -11,6 +11,7 @@ in `checkpointed` (kilobytes for TI, not the frozen model).
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -154,6 +155,12 @@ class DiffusionMethod(L.LightningModule, ABC):
     def concept_bank(self) -> EmbeddingBank | None:
         """The trained prompt tokens, which concept measures (`callbacks.toy_eval`) snapshot and swap for their
         initial values; None when the method trains no token (its measures are of another kind)."""
+
+    def base_model(self) -> AbstractContextManager:
+        """A context in which the backbone acts as it did before training: what the trained tensors change
+        inside the UNet or text encoders (pivotal tuning's LoRA) is switched off, so evaluations can score
+        the base model's captions. Methods whose tensors act only through the prompt keep the default."""
+        return nullcontext()
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:

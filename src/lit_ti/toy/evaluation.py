@@ -8,6 +8,13 @@
 * **accuracy**: the share of samples generated with the learned token that the toy classifier reads as the
   concept (`accuracy_oracle`: the same for the oracle caption, the ceiling the base model allows).
   DreamArtist samples put `a <name>-neg` in the negative prompt, as it is meant to be used.
+* **editability**: the share of samples for "a {small|large} <name> on a {white|black|gray} background" (the
+  six prompts equally) that obey the rest of the prompt: the object's size and the background as asked
+  (`editability_concept`: and the classifier reads the concept; `_oracle`: the same with the true words).
+  A method that learns the concept but ignores the prompt (pivotal tuning's known failure) scores low here.
+
+Oracle and initial measures run on the base model (`DiffusionMethod.base_model`: pivotal tuning's LoRA off),
+so they are the same ceiling and floor for every method.
 """
 
 import random
@@ -27,10 +34,15 @@ from lit_ti.methods.dreamartist import check_cfg
 from lit_ti.models import DiffusersFolder
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
-from lit_ti.toy.world import concept_parts, random_scene, render
+from lit_ti.toy.style import background, object_extent
+from lit_ti.toy.world import BACKGROUNDS, SIZES, concept_parts, random_scene, render
 
 EVAL_SEED = 12345  # held-out images: never the training renders (those use seeds 0..)
 MAX_SAMPLES = 4096  # generated images per measure (32 take about a minute on a CPU)
+# object extent (`toy.style.object_extent`) between small renders (0.27-0.39) and large ones (0.46-0.63)
+SIZE_SPLIT = 0.425
+# background level (mean of the border's median colour in [-1, 1]): black -0.81, gray 0.00, white 0.87
+BACKGROUND_SPLITS = ((-0.4, "black"), (0.43, "gray"), (float("inf"), "white"))
 
 
 def check_samples(key: str, samples, low: int = 0) -> int:
@@ -87,20 +99,28 @@ def evaluate(
         return DiffusionMethod.predict(method, noisy, t, batch)
 
     learned = loss(prompt)
-    with swapped(method.concept_bank, init_vectors):
-        initial = loss(prompt)
-    oracle = loss(f"a {colour} {shape}", conditional)
-    other = next(c for c in ("green_circle", "red_square") if c != concept).replace("_", " ")
-    unrelated = loss(f"a {other}", conditional)
+    with method.base_model():
+        with swapped(method.concept_bank, init_vectors):
+            initial = loss(prompt)
+        oracle = loss(f"a {colour} {shape}", conditional)
+        other = next(c for c in ("green_circle", "red_square") if c != concept).replace("_", " ")
+        unrelated = loss(f"a {other}", conditional)
     recovery = (initial - learned) / (initial - oracle) if initial != oracle else float("nan")
 
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
-    oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
+    edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
+    with method.base_model():
+        oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
+        edit_oracle, edit_concept_oracle = editability(method, f"{colour} {shape}", concept, samples, guidance)
     results = {
         "recovery": recovery,
         "accuracy": accuracy,
         "accuracy_oracle": oracle_accuracy,
+        "editability": edit,
+        "editability_concept": edit_concept,
+        "editability_oracle": edit_oracle,
+        "editability_concept_oracle": edit_concept_oracle,
         "loss_init": initial,
         "loss_learned": learned,
         "loss_oracle": oracle,
@@ -130,6 +150,40 @@ def sample_accuracy(
         images = method.sample(prompt, negative, n, steps=20, guidance_scale=guidance, seed=start, scheduler=scheduler)
         hits += sum(read == concept for read in judge.read(images * 2 - 1))
     return hits / samples
+
+
+def obeys(images: Tensor, size: str, background_name: str) -> Tensor:
+    """`[B]` bool: the images `[B, 3, H, W]` in [-1, 1] show an object of `size` on `background_name`."""
+    large = object_extent(images) > SIZE_SPLIT
+    level = background(images).mean(dim=(1, 2, 3))
+    seen = [next(name for split, name in BACKGROUND_SPLITS if float(v) < split) for v in level]
+    return (large == (size == "large")) & torch.tensor([b == background_name for b in seen])
+
+
+@torch.no_grad()
+def editability(
+    method, words: str, concept: str, samples: int, guidance: float = 5.0, negative: str = ""
+) -> tuple[float, float]:
+    """Shares of samples for "a {size} <words> on a {background} background" (every size x background, about
+    `samples` images in all) that obey size and background, and that also show `concept`."""
+    if not samples:
+        return float("nan"), float("nan")
+    scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
+    judge = toy_classifier.load().to(method.device)
+    cases = [(size, bg) for size in SIZES for bg in BACKGROUNDS]
+    per = -(-samples // len(cases))
+    obeyed = both = 0
+    for i, (size, bg) in enumerate(cases):
+        prompt = f"a {size} {words} on a {bg} background"
+        images = method.sample(
+            prompt, negative, per, steps=20, guidance_scale=guidance, seed=1000 * i, scheduler=scheduler
+        )
+        images = images.to(method.device) * 2 - 1
+        ok = obeys(images.cpu(), size, bg)
+        read = torch.tensor([r == concept for r in judge.read(images)])
+        obeyed += int(ok.sum())
+        both += int((ok & read).sum())
+    return obeyed / (per * len(cases)), both / (per * len(cases))
 
 
 def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*", cfg_scale: str = "3.0") -> dict:

@@ -41,6 +41,22 @@ def object_centre(images: Tensor) -> Tensor:
     return torch.stack([cx, cy], dim=1)
 
 
+def object_extent(images: Tensor) -> Tensor:
+    """`[B, 3, H, W]` in [-1, 1] -> `[B]` the object's larger side (2nd to 98th percentile of its pixels'
+    coordinates, so stray pixels do not count) as a share of the image side; 0 when there is no object."""
+    x = images.float()
+    mask = (x - background(x)).abs().sum(1) > OBJECT_DISTANCE  # [B, H, W]
+    h, w = mask.shape[-2:]
+    out = torch.zeros(len(x))
+    for i, m in enumerate(mask):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(xs):
+            q = torch.tensor([0.02, 0.98])
+            sides = [(torch.quantile(c.float(), q) / n).diff() + 1 / n for c, n in ((xs, w), (ys, h))]
+            out[i] = max(float(side) for side in sides)
+    return out
+
+
 def in_style(images: Tensor, style: str = "topleft") -> Tensor:
     """`[B]` bool: the images show `style` (`topleft` or `night`)."""
     if style == "night":

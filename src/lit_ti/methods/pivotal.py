@@ -1,0 +1,176 @@
+"""Pivotal tuning: a textual-inversion embedding first, then a small LoRA on the frozen model trained around it
+(the embedding frozen, or at a lower rate), shipped as one bundle.
+
+The embedding can only point at what the frozen model can already draw; the LoRA (peft, on the UNet's
+attention projections, optionally the text encoders') moves the model towards the concept once the embedding
+has found the nearest thing it can express. Everything about the embedding (bank, prompts, PNG embeddings,
+toy evaluation) is textual inversion's; this class adds the adapters, the two phases and the LoRA files.
+"""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_ti import io
+from lit_ti.errors import check_number
+from lit_ti.io import paths
+from lit_ti.io.loras import kohya_name
+from lit_ti.methods.textual_inversion import TextualInversion
+from lit_ti.models import Backbone
+from lit_ti.modules import lora
+
+LORA_SUFFIX = "-lora.safetensors"  # kohya/A1111 layout, the embedding bundled (A1111's models/Lora)
+DIFFUSERS_SUFFIX = "-lora-diffusers.safetensors"  # `pipe.load_lora_weights(folder, weight_name=...)`
+MAX_RANK = 1024
+
+
+class PivotalTuning(TextualInversion):
+    """Args (besides textual inversion's; `optimizer.lr` is the embedding's rate):
+
+    rank / alpha / dropout: the LoRA's rank r, its alpha (the update is scaled by alpha / r) and peft's
+        dropout on the adapter's input.
+    text_encoder_lora: also adapt the text encoders' attention (q/k/v/out_proj), not only the UNet's
+        (to_q/to_k/to_v/to_out.0).
+    ti_steps: optimizer steps that train the embedding alone before the LoRA starts; a fraction in (0, 1) is
+        a share of the run's steps.
+    lora_lr: the LoRA's learning rate (an LR schedule scales it in proportion with the embedding's).
+    embedding_lr_after: the embedding's rate once the LoRA trains, as a share of its rate before: 0 = frozen
+        (pivotal tuning's usual choice), 1 = unchanged.
+    """
+
+    checkpointed = ("bank", "lora")
+    periodic_dirname = "loras"
+    stem_suffixes = (f"{paths.STEP}{DIFFUSERS_SUFFIX}",)
+
+    def __init__(
+        self,
+        backbone,
+        name: str,
+        rank: int = 4,
+        alpha: float = 4.0,
+        dropout: float = 0.0,
+        text_encoder_lora: bool = False,
+        ti_steps: float = 0.5,
+        lora_lr: float = 1e-4,
+        embedding_lr_after: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(backbone, name, **kwargs)
+        self.rank = check_number("method.rank", rank, 1, MAX_RANK, integer=True, hint="kohya's network_dim; 4-32")
+        self.alpha = check_number("method.alpha", alpha, 0, 1e6, low_open=True, hint="kohya's network_alpha")
+        self.dropout = check_number("method.dropout", dropout, 0, 0.9)
+        self.text_encoder_lora = bool(text_encoder_lora)
+        if isinstance(ti_steps, float) and not ti_steps.is_integer():
+            check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps")
+        else:
+            ti_steps = check_number("method.ti_steps", ti_steps, 0, 10**9, integer=True, hint="or a share in (0, 1)")
+        self.ti_steps = ti_steps
+        self.lora_lr = check_number("method.lora_lr", lora_lr, 0, 1, low_open=True)
+        self.embedding_lr_after = check_number("method.embedding_lr_after", embedding_lr_after, 0, 1, hint="0 = frozen")
+        self.switch_step = 0  # the first optimizer step (0-based) that trains the LoRA, set with the optimizer
+        self.adapted: dict[str, dict] = {}  # {model: {module path: peft LoraLayer}}
+        self.configs: dict = {}  # {model: peft LoraConfig}
+        self.lora = nn.ModuleDict()  # {kohya module name: {"down", "up"}}: what checkpoints hold of the LoRA
+
+    def build_trainables(self, backbone: Backbone) -> None:
+        super().build_trainables(backbone)  # the bank and the prompt encoder, before any adapter exists
+        targets = {"unet": (backbone.unet, lora.UNET_TARGETS)}
+        if self.text_encoder_lora:
+            targets |= {enc: (te, lora.TEXT_TARGETS) for enc, (_, te) in backbone.text_encoders.items()}
+        for model, (module, names) in targets.items():
+            self.configs[model] = lora.lora_config(self.rank, self.alpha, self.dropout, names)
+            self.adapted[model] = lora.attach(module, self.configs[model])
+        sdxl = backbone.is_sdxl
+        for model, found in self.adapted.items():
+            for path, layer in found.items():
+                adapter = {"down": layer.lora_A[lora.ADAPTER], "up": layer.lora_B[lora.ADAPTER]}
+                self.lora[kohya_name(model, lora.file_path(model, path), sdxl)] = nn.ModuleDict(adapter)
+
+    def param_groups(self) -> list[dict]:
+        return [*super().param_groups(), {"params": list(self.lora.parameters()), "lr": self.lora_lr}]
+
+    def identity(self) -> dict:
+        lora_shape = {"rank": self.rank, "alpha": self.alpha, "text_encoder_lora": self.text_encoder_lora}
+        return {**super().identity(), "lora": lora_shape}
+
+    def train(self, mode: bool = True) -> "PivotalTuning":
+        super().train(mode)  # puts the frozen backbone, adapters included, in eval mode
+        for found in self.adapted.values():
+            for layer in found.values():
+                layer.lora_dropout[lora.ADAPTER].train(mode)  # the adapters' dropout follows training
+        return self
+
+    @contextmanager
+    def base_model(self):
+        for model in self.adapted:
+            lora.set_strength(self.backbone_module(model), 0.0)
+        try:
+            yield
+        finally:
+            for model in self.adapted:
+                lora.set_strength(self.backbone_module(model), 1.0)
+
+    def backbone_module(self, model: str) -> nn.Module:
+        return getattr(self.backbone, model)
+
+    # ----------------------------------------------------------------- the two phases
+    def configure_optimizers(self):
+        if isinstance(self.ti_steps, float):
+            self.switch_step = round(self.ti_steps * int(self.trainer.estimated_stepping_batches))
+        else:
+            self.switch_step = self.ti_steps
+        return super().configure_optimizers()
+
+    def lora_trains(self) -> bool:
+        """Whether the optimizer step being taken trains the LoRA (global_step counts the steps done)."""
+        return self.global_step >= self.switch_step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        # a group without gradients gets no optimizer update at all (no Adam momentum, no weight decay)
+        if not self.lora_trains():
+            frozen = self.lora.parameters()
+        elif self.embedding_lr_after == 0:
+            frozen = self.bank.parameters()
+        else:
+            return
+        for p in frozen:
+            p.grad = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        scale = self.embedding_lr_after if self.lora_trains() and 0 < self.embedding_lr_after < 1 else 1.0
+        embedding = self.trainer.optimizers[0].param_groups[0]  # param_groups(): the embedding's group first
+        lr = embedding["lr"]
+        embedding["lr"] = lr * scale  # for this step only: the LR scheduler keeps its own count
+        try:
+            super().optimizer_step(*args, **kwargs)
+        finally:
+            embedding["lr"] = lr
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.log_now:
+            norm = torch.stack([p.detach().norm() for p in self.lora.parameters()]).norm()
+            self.log("train/lora_norm", norm, batch_size=1)
+
+    # ----------------------------------------------------------------- files
+    def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
+        """The embedding as textual inversion writes it (`<name><tag>.<fmt>`, for ComfyUI and A1111's embeddings
+        folder), `<name><tag>-lora.safetensors` (kohya/A1111, the embedding bundled as `<name><tag>`) and
+        `<name><tag>-lora-diffusers.safetensors` (diffusers' `load_lora_weights`)."""
+        written = super().export(directory, step, tag, formats)
+        meta = {
+            "name": f"{self.name}{tag}",
+            "step": step,
+            "sd_checkpoint": self.backbone.checkpoint_hash,
+            "sd_checkpoint_name": self.backbone.name,
+        }
+        stem = Path(directory) / f"{self.name}{tag}"
+        kohya = lora.to_kohya(self.adapted, self.backbone.is_sdxl)
+        written.append(io.save_lora(f"{stem}{LORA_SUFFIX}", kohya, embeddings=self.concepts(tag), metadata=meta))
+        layers = lora.to_diffusers(self.adapted)
+        configs = {model: config.to_dict() for model, config in self.configs.items()}
+        written.append(io.save_diffusers_lora(f"{stem}{DIFFUSERS_SUFFIX}", layers, configs, metadata=meta))
+        return written
