@@ -73,6 +73,13 @@ def test_resume_accepts_what_every_shipped_method_checkpoints():
         assert set(method.checkpointed) <= set(TRAINED), method
 
 
+def test_the_run_folder_knows_every_shipped_method_folder():
+    from lit_ti.run_folder import MADE, WRITTEN
+
+    for method in (TextualInversion, DreamArtist, HypernetworkMethod, PivotalTuning):
+        assert method.periodic_dirname in set(MADE) & set(WRITTEN), method
+
+
 @pytest.mark.parametrize("missing", sorted(CONTRACT))
 def test_a_method_missing_a_contract_member_fails_at_construction(missing):
     members = {k: v for k, v in vars(TextShift).items() if k != missing}

@@ -9,6 +9,7 @@ from lit_ti import io
 from lit_ti.errors import UserError
 from lit_ti.generate import embedding_files
 from lit_ti.io import formats
+from lit_ti.io.loras import LoraModule
 from lit_ti.modules.hypernetwork import Hypernetwork
 
 # every suffix the table names, in both cases, plus neighbours a reader might start to accept one day
@@ -67,6 +68,27 @@ def test_hypernetwork_reader_accepts_exactly_the_table(tmp_path):
     assert read == set(formats.readable(formats.HYPERNETWORK))
 
 
+def test_lora_reader_accepts_exactly_the_table(tmp_path):
+    read = set()
+    for i, suffix in enumerate(CANDIDATES):
+        path = tmp_path / f"lora{i}{suffix}"
+        path.write_bytes(b"not really a LoRA")
+        if accepts(io.read_lora, path):
+            read.add(suffix.lower())
+    assert read == set(formats.readable(formats.LORA))
+
+
+@pytest.mark.parametrize("fmt", formats.exportable(formats.LORA))
+def test_every_lora_format_written_reads_back(tmp_path, fmt):
+    module = LoraModule(torch.randn(2, 32), torch.randn(16, 2), torch.tensor(2.0))
+    path = io.save_lora(
+        tmp_path / f"zz-thing-lora.{fmt}", {"lora_unet_a_to_q": module}, {"zz-thing": torch.randn(1, 32)}
+    )
+    back = io.read_lora(path)
+    assert torch.equal(back.modules["lora_unet_a_to_q"].up, module.up)
+    assert torch.equal(back.embeddings["zz-thing"], io.load_embedding(path)["zz-thing"])  # the bundle, for both
+
+
 @pytest.mark.parametrize("fmt", formats.exportable(formats.EMBEDDING))
 def test_every_embedding_format_written_reads_back(tmp_path, fmt):
     vectors = torch.randn(2, 32)
@@ -94,4 +116,6 @@ def test_writers_refuse_what_the_table_does_not_write(tmp_path):
         io.save_embedding(tmp_path / "zz.ckpt", torch.randn(1, 32))
     with pytest.raises(ValueError, match="unknown hypernetwork format"):
         io.save_hypernetwork(tmp_path / "style.bin", Hypernetwork([32]))
+    with pytest.raises(ValueError, match="unknown LoRA format"):
+        io.save_lora(tmp_path / "style.pt", {})
     assert not list(tmp_path.iterdir())

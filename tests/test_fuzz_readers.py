@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ["pt", "bin", "safetensors", "png", "hn_pt", "hn_safetensors"]
+KINDS = ["pt", "bin", "safetensors", "png", "hn_pt", "hn_safetensors", "lora", "lora_bundle"]
 PEAK_RSS = 1.5e9
 
 
@@ -24,6 +24,7 @@ def _seeds(folder: Path) -> dict[str, tuple[Path, bytes, object]]:
     from PIL import Image
 
     from lit_ti import io
+    from lit_ti.io.loras import LoraModule
     from lit_ti.modules.hypernetwork import Hypernetwork
 
     vectors = torch.randn(2, 16)
@@ -37,6 +38,10 @@ def _seeds(folder: Path) -> dict[str, tuple[Path, bytes, object]]:
     for suffix in ("pt", "safetensors"):
         path = io.save_hypernetwork(folder / f"seedhn.{suffix}", hn, step=3)
         out[f"hn_{suffix}"] = (folder / f"fuzzhn.{suffix}", path.read_bytes(), io.load_hypernetwork)
+    module = LoraModule(torch.randn(2, 16), torch.randn(24, 2), torch.tensor(2.0))
+    path = io.save_lora(folder / "seed-lora.safetensors", {"lora_unet_a_to_q": module}, {"seed": vectors})
+    out["lora"] = (folder / "fuzz-lora.safetensors", path.read_bytes(), io.read_lora)
+    out["lora_bundle"] = (folder / "fuzz-bundle.safetensors", path.read_bytes(), io.read_embedding)  # generate's scan
     return out
 
 
