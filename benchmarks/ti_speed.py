@@ -2,6 +2,7 @@
 
     python benchmarks/ti_speed.py --backbone tiny                  # TI vs naive, batch 1 and 4 (CPU: < 1 min)
     python benchmarks/ti_speed.py --backbone small --methods ti da da_rec hn
+    python benchmarks/ti_speed.py --backbone small --methods ti pv pv_lora --no-baseline --batch 4
     python benchmarks/ti_speed.py --backbone tiny --methods ti ti_compiled     # method.compile_unet=true
     python benchmarks/ti_speed.py --backbone sd15 --batch 1 8 32 --precision bf16-mixed   # on a GPU
 
@@ -32,7 +33,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_ti.data import ConceptDataModule
-from lit_ti.methods import DreamArtist, HypernetworkMethod, TextualInversion
+from lit_ti.methods import DreamArtist, HypernetworkMethod, PivotalTuning, TextualInversion
 from lit_ti.models import TinyBackbone
 
 DATA = Path(str(resources.files("lit_ti").joinpath("assets", "toy_concepts", "purple_star")))
@@ -43,6 +44,10 @@ METHODS = {
     "da": lambda bb, **kw: DreamArtist(bb, **TI, **kw),
     "da_rec": lambda bb, **kw: DreamArtist(bb, **TI, reconstruction=True, **kw),
     "hn": lambda bb, **kw: HypernetworkMethod(bb, name="bench-concept", **kw),
+    # pivotal tuning, rank 4 on the UNet's attention: its embedding phase (the LoRA attached, not trained) and
+    # its LoRA phase (the embedding frozen)
+    "pv": lambda bb, **kw: PivotalTuning(bb, **TI, ti_steps=10**6, **kw),
+    "pv_lora": lambda bb, **kw: PivotalTuning(bb, **TI, ti_steps=0, **kw),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 

@@ -230,3 +230,56 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
     assert "Lora: zz-star-lora, Lora strength: 1.0" in on[0].info["parameters"]
     only_embedding = generate(*common, f"embeddings=[{tmp_path / 'run' / 'zz-star.pt'}]")
     assert not (pixels(only_embedding) - pixels(off)).any()  # bundle and separate file: the same concept
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("rank", 0, "method.rank"),
+        ("alpha", 0, "method.alpha"),
+        ("dropout", 1.5, "method.dropout"),
+        ("ti_steps", -1, "method.ti_steps"),
+        ("ti_steps", 1.5, "method.ti_steps"),
+        ("lora_lr", 0, "method.lora_lr"),
+        ("embedding_lr_after", 2, "method.embedding_lr_after"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_key(key, value, message):
+    with pytest.raises(UserError, match=message):
+        PivotalTuning(TinyBackbone(), name=NAME, **{key: value})
+
+
+def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path):
+    from lit_ti.generate import apply_lora
+
+    method = PivotalTuning(TinyBackbone(), name=NAME)
+    method.configure_model()
+    method.export(tmp_path, step=1, formats=["pt"])
+    other = TinyBackbone(size="sd2_tiny").load()  # same module names, other widths
+    before = [n for n, _ in other.unet.named_modules()]
+    with pytest.raises(UserError, match="another model family"):
+        apply_lora(other, tmp_path / f"{NAME}-lora.safetensors", 1.0)
+    assert [n for n, _ in other.unet.named_modules()] == before  # nothing was left attached
+
+
+def test_generate_puts_the_lora_on_as_trained_and_takes_it_off_again(tmp_path):
+    from lit_ti.generate import apply_lora
+
+    method = PivotalTuning(TinyBackbone(), name=NAME, text_encoder_lora=True)
+    method.configure_model()
+    randomise(method)
+    method.export(tmp_path, step=1, formats=["pt"])
+    bb = TinyBackbone().load()
+    before = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    undo = apply_lora(bb, tmp_path / f"{NAME}-lora.safetensors", 1.0)
+    assert len(lora.layers(bb.unet)) + len(lora.layers(bb.text_encoder)) == len(method.lora)
+    g = torch.Generator().manual_seed(0)
+    noisy, t, states = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
+    ids = torch.randint(0, 1000, (1, 77), generator=g)
+    with torch.no_grad():  # the file on a fresh model acts as the live adapters (UNet and text encoder)
+        assert torch.allclose(bb.unet(noisy, t, states).sample, method.unet(noisy, t, states).sample, atol=1e-5)
+        assert torch.allclose(bb.text_encoder(ids)[0], method.text_encoder(ids)[0], atol=1e-5)
+    undo()
+    assert not lora.layers(bb.unet) and not lora.layers(bb.text_encoder)
+    after = bb.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

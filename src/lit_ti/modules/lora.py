@@ -81,6 +81,13 @@ def attach_file(models: dict[str, nn.Module], lora: LoraFile, sdxl: bool, streng
     unknown = sorted(set(lora.modules) - set(by_name))
     if unknown:
         raise ValueError(f"{len(unknown)} LoRA module(s) match no linear layer of this model, e.g. {unknown[0]}")
+    for name, m in lora.modules.items():
+        layer = by_name[name][2]
+        if (m.down.shape[1], m.up.shape[0]) != (layer.in_features, layer.out_features):
+            raise ValueError(
+                f"{name} maps {m.down.shape[1]} -> {m.up.shape[0]} features, this model's layer "
+                f"{layer.in_features} -> {layer.out_features}"
+            )
     attached = []
     try:
         for model, root in models.items():
