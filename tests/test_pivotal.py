@@ -194,10 +194,11 @@ def randomise_layers(found) -> None:
 
 
 def test_diffusers_loads_the_lora_and_embedding_as_trained(tmp_path):
-    method = PivotalTuning(TinyBackbone(), name=NAME, num_vectors=2, rank=2, alpha=3.0)
+    method = PivotalTuning(TinyBackbone(), name=NAME, num_vectors=2, rank=2, alpha=3.0, text_encoder_lora=True)
     method.configure_model()
     randomise(method)
     method.export(tmp_path, step=1, formats=["safetensors"])
+    ids = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(1))
     pipe = TinyBackbone().load().pipeline()
     g = torch.Generator().manual_seed(0)
     noisy, t, states = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
@@ -206,8 +207,10 @@ def test_diffusers_loads_the_lora_and_embedding_as_trained(tmp_path):
         pipe.load_lora_weights(tmp_path, weight_name=f"{NAME}-lora-diffusers.safetensors")
         loaded = pipe.unet(noisy, t, states).sample
         live = method.unet(noisy, t, states).sample
+        text, text_live = pipe.text_encoder(ids)[0], method.text_encoder(ids)[0]
     assert (loaded - base).abs().max() > 1e-3  # the LoRA changes the output
     assert torch.allclose(loaded, live, atol=1e-5)  # exactly as lit_ti's live model does (alpha included)
+    assert torch.allclose(text, text_live, atol=1e-5)  # the text encoder's adapters too
     pipe.load_textual_inversion(str(tmp_path / f"{NAME}.safetensors"), token=NAME)  # next to the LoRA
     ids = pipe.tokenizer.convert_tokens_to_ids([NAME, f"{NAME}_1"])  # diffusers' tokens for 2 vectors
     rows = pipe.text_encoder.get_input_embeddings().weight[ids].detach()
