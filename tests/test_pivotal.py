@@ -38,11 +38,12 @@ def randomise(method: PivotalTuning, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.parametrize("after", [0.0, 0.5])
-def test_the_embedding_trains_first_then_the_lora(tmp_path, concept_dir, fit, after):
+@pytest.mark.parametrize(("after", "ti_steps"), [(0.0, 2), (0.5, 0.5)], ids=["frozen-after-2", "half-rate-after-half"])
+def test_the_embedding_trains_first_then_the_lora(tmp_path, concept_dir, fit, after, ti_steps):
     snaps = Snapshots()
+    kw = {**PIVOTAL, "ti_steps": ti_steps}  # 2 steps, or half of the run's 4
     method, _ = fit(
-        tmp_path, concept_dir, max_steps=4, every=100, extra_callbacks=[snaps], embedding_lr_after=after, **PIVOTAL
+        tmp_path, concept_dir, max_steps=4, every=100, extra_callbacks=[snaps], embedding_lr_after=after, **kw
     )
     assert all(float(up.abs().max()) == 0 for up in snaps.up[:2])  # steps 1-2: the LoRA is untouched
     assert not torch.equal(snaps.bank[0], snaps.bank[1])  # while the embedding trains
