@@ -14,8 +14,19 @@ from PIL import Image
 from lit_ti.methods import TextualInversion
 from lit_ti.models import DiffusersFolder
 from lit_ti.toy import classifier, pretrain
-from lit_ti.toy.evaluation import evaluate
-from lit_ti.toy.world import HELD_OUT, SHAPES, Scene, concept_parts, random_scene, render, seen_concepts, write_concept
+from lit_ti.toy.evaluation import evaluate, obeys
+from lit_ti.toy.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    Scene,
+    concept_parts,
+    random_scene,
+    render,
+    seen_concepts,
+    write_concept,
+)
 from lit_ti.train import _asset
 from tests.conftest import compose
 
@@ -99,6 +110,19 @@ def test_evaluator_is_honest(concept):
     assert r["loss_oracle"] < r["loss_init"]
     assert r["loss_oracle"] < r["loss_unrelated"]
     assert r["recovery"] == pytest.approx(0.0, abs=1e-6)  # nothing learned yet
+
+
+def test_editability_reads_the_size_and_background_of_every_render():
+    """The measure behind `eval/editability`: renders obey their own caption, and never the other size or a
+    background they are not on."""
+    rng = random.Random(7)
+    scenes = [random_scene(rng, f"{c}_{s}") for c in COLOURS for s in SHAPES for _ in range(4)]
+    images = classifier.to_tensor([render(s) for s in scenes])
+    for i, scene in enumerate(scenes):
+        x = images[i : i + 1]
+        assert obeys(x, scene.size, scene.background).item(), scene
+        assert not obeys(x, "small" if scene.size == "large" else "large", scene.background).item(), scene
+        assert not any(obeys(x, scene.size, bg).item() for bg in BACKGROUNDS if bg != scene.background), scene
 
 
 def test_toy_data_trains_on_the_latents_the_base_model_knows():
