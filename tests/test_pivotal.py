@@ -245,11 +245,12 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
         ("ti_steps", 1.5, "method.ti_steps"),
         ("lora_lr", 0, "method.lora_lr"),
         ("embedding_lr_after", 2, "method.embedding_lr_after"),
+        ("name", "my.cat", "without '.'"),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(key, value, message):
     with pytest.raises(UserError, match=message):
-        PivotalTuning(TinyBackbone(), name=NAME, **{key: value})
+        PivotalTuning(TinyBackbone(), **{"name": NAME, key: value})
 
 
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path):

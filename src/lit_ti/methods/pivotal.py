@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_ti import io
-from lit_ti.errors import check_number
+from lit_ti.errors import UserError, check_number
 from lit_ti.io import paths
 from lit_ti.io.loras import kohya_name
 from lit_ti.methods.textual_inversion import TextualInversion
@@ -58,6 +58,10 @@ class PivotalTuning(TextualInversion):
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
+        if "." in self.name:  # the webui reads `bundle_emb.<name>.<part>` by splitting at dots
+            raise UserError(
+                f"name={self.name!r}: the LoRA bundles the embedding under this name, and A1111 cuts it at '.'; pick a name without '.'"
+            )
         self.rank = check_number("method.rank", rank, 1, MAX_RANK, integer=True, hint="kohya's network_dim; 4-32")
         self.alpha = check_number("method.alpha", alpha, 0, 1e6, low_open=True, hint="kohya's network_alpha")
         self.dropout = check_number("method.dropout", dropout, 0, 0.9)
@@ -104,16 +108,14 @@ class PivotalTuning(TextualInversion):
 
     @contextmanager
     def base_model(self):
-        for model in self.adapted:
-            lora.set_strength(self.backbone_module(model), 0.0)
+        roots = [getattr(self.backbone, model) for model in self.adapted]  # the UNet, the text encoders
+        for root in roots:
+            lora.set_strength(root, 0.0)
         try:
             yield
         finally:
-            for model in self.adapted:
-                lora.set_strength(self.backbone_module(model), 1.0)
-
-    def backbone_module(self, model: str) -> nn.Module:
-        return getattr(self.backbone, model)
+            for root in roots:
+                lora.set_strength(root, 1.0)  # training's (and the exports') strength
 
     # ----------------------------------------------------------------- the two phases
     def configure_optimizers(self):
