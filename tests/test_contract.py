@@ -74,10 +74,11 @@ def test_resume_accepts_what_every_shipped_method_checkpoints():
 
 
 def test_the_run_folder_knows_every_shipped_method_folder():
-    from lit_ti.run_folder import MADE, WRITTEN
+    from lit_ti.run_folder import MADE, METHOD_FOLDERS, WRITTEN
 
     for method in (TextualInversion, DreamArtist, HypernetworkMethod, PivotalTuning):
-        assert method.periodic_dirname in set(MADE) & set(WRITTEN), method
+        assert method.periodic_dirname in METHOD_FOLDERS, method
+    assert set(METHOD_FOLDERS) <= set(MADE) & set(WRITTEN)
 
 
 @pytest.mark.parametrize("missing", sorted(CONTRACT))

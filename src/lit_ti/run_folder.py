@@ -26,25 +26,9 @@ from lit_ti.io.paths import write_failed
 # When this process began, as far as the run folder can tell: lit_ti.train is imported by train.py before
 # Hydra makes the run folder. A little slack for filesystems' coarse clocks.
 STARTED = time.time() - 0.05
-MADE = (
-    "tensorboard",
-    "checkpoints",
-    "embeddings",
-    "hypernetworks",
-    "loras",
-    "previews",
-    "image_embeddings",
-    "lightning_logs",
-)
-WRITTEN = (
-    "",
-    "embeddings",
-    "hypernetworks",
-    "loras",
-    "previews",
-    "image_embeddings",
-    "checkpoints",
-)  # temp files only here
+METHOD_FOLDERS = ("embeddings", "hypernetworks", "loras")  # the methods' `periodic_dirname`s (a test checks)
+MADE = ("tensorboard", "checkpoints", *METHOD_FOLDERS, "previews", "image_embeddings", "lightning_logs")
+WRITTEN = ("", *METHOD_FOLDERS, "previews", "image_embeddings", "checkpoints")  # temp files only here
 
 
 def _new(path: Path) -> bool:
