@@ -10,7 +10,8 @@ in `checkpointed` (kilobytes for TI, not the frozen model).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -196,6 +197,14 @@ class DiffusionMethod(L.LightningModule, ABC):
         return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
 
     # ----------------------------------------------------------------- previews and evaluations
+    @contextmanager
+    def as_exported(self) -> Iterator[None]:
+        """While inside, the trained modules hold what `export` would write now, so that a measure taken
+        inside (`val/loss`, early stopping, the toy evaluation) scores the files and not a state no file holds.
+        Here the live state is what is written; a method that exports something else (DreamArtist's EMA)
+        swaps it in."""
+        yield
+
     @torch.no_grad()
     def sample(
         self,
