@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lit_ti import losses
-from lit_ti.callbacks import EarlyStop, LearningGuard, ValidationLoss
+from lit_ti import io, losses
+from lit_ti.callbacks import EarlyStop, ExportEmbeddings, LearningGuard, ValidationLoss
 from lit_ti.callbacks.early_stop import plateau
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError
@@ -25,12 +25,10 @@ from tests.conftest import compose
 NAME = "zz-thing"
 
 
-def fit(concept_dir, max_steps: int, lr: float = 0.05, callbacks=(), method_cls=TextualInversion, **method_kw):
+def fit(concept_dir, max_steps: int, lr: float = 0.05, callbacks=(), method_cls=TextualInversion, optimizer=None, **kw):
     L.seed_everything(0, verbose=False)
-    optimizer = partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    method = method_cls(
-        TinyBackbone(), name=NAME, num_vectors=2, init_text="square thing", optimizer=optimizer, **method_kw
-    )
+    optimizer = partial(optimizer or torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    method = method_cls(TinyBackbone(), name=NAME, num_vectors=2, init_text="square thing", optimizer=optimizer, **kw)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -176,6 +174,22 @@ def test_measures_score_the_vectors_the_files_hold(concept_dir, method_cls, kw):
         assert any(not torch.allclose(live[k], v) for k, v in written.items())
         with swapped(bank, {k: 2 * v for k, v in written.items()}):  # vectors no file holds change nothing
             assert ValidationLoss(draws=2).measure(trainer, method) == pytest.approx(measured, rel=1e-6)
+
+
+def test_schedule_free_adamw_trains_and_writes_its_average(concept_dir, tmp_path):
+    schedulefree = pytest.importorskip("schedulefree")
+    export = ExportEmbeddings(str(tmp_path), every_n_steps=2)  # a copy mid-run: the steps after it must go on
+    method, trainer = fit(
+        concept_dir, max_steps=4, lr=0.1, optimizer=schedulefree.AdamWScheduleFree, callbacks=[export]
+    )
+    (opt,) = trainer.optimizers
+    assert trainer.global_step == 4 and opt.param_groups[0]["train_mode"], "training mode must be given back"
+    y = method.bank.get(NAME)["text_encoder"].detach().clone()
+    opt.eval()  # x, the average the optimizer returns
+    x = method.bank.get(NAME)["text_encoder"].detach().clone()
+    written = io.read_embedding(tmp_path / f"{NAME}.safetensors")[0].vectors
+    torch.testing.assert_close(written, x)
+    assert not torch.allclose(x, y), "the training iterate y is not what the files should hold"
 
 
 # ----------------------------------------------------------------- not learning

@@ -199,11 +199,12 @@ class DreamArtist(TextualInversion):
         """The EMA averages while inside, unless the files named `<name>` hold the live pair
         (`export_vectors: live`). Between two resets (every `ema_reset_every` steps) the live vectors and the
         averages differ, so a run stopped early is measured and judged on what it writes."""
-        if self.export_vectors == "live":
-            yield
-            return
-        with swapped(self.bank, self.ema.shadows()):
-            yield
+        with super().as_exported():
+            if self.export_vectors == "live":
+                yield
+            else:
+                with swapped(self.bank, self.ema.shadows()):
+                    yield
 
     def concepts(self, tag: str = "") -> dict[str, Tensor]:
         """`{file stem: [n, d]}`: `<name><tag>` and `<name><tag>-neg`, so periodic copies stay usable pairs."""
