@@ -10,25 +10,25 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lit_ti import losses
-from lit_ti.callbacks import EarlyStop, LearningGuard
+from lit_ti import io, losses
+from lit_ti.callbacks import EarlyStop, ExportEmbeddings, LearningGuard, ValidationLoss
 from lit_ti.callbacks.early_stop import plateau
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError
-from lit_ti.methods import TextualInversion
+from lit_ti.io.embeddings import from_file
+from lit_ti.methods import DreamArtist, TextualInversion
 from lit_ti.models import TinyBackbone
+from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.vector_init import cross_vectors, rescale, start_vectors, vocabulary_norm
 from tests.conftest import compose
 
 NAME = "zz-thing"
 
 
-def fit(concept_dir, max_steps: int, lr: float = 0.05, callbacks=(), **method_kw) -> tuple:
+def fit(concept_dir, max_steps: int, lr: float = 0.05, callbacks=(), method_cls=TextualInversion, optimizer=None, **kw):
     L.seed_everything(0, verbose=False)
-    optimizer = partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    method = TextualInversion(
-        TinyBackbone(), name=NAME, num_vectors=2, init_text="square thing", optimizer=optimizer, **method_kw
-    )
+    optimizer = partial(optimizer or torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    method = method_cls(TinyBackbone(), name=NAME, num_vectors=2, init_text="square thing", optimizer=optimizer, **kw)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -137,11 +137,59 @@ def test_plateau_fires_on_a_flat_noisy_loss_and_not_on_a_falling_one():
     assert not plateau(steep, window=6, ratio=0.15)
 
 
-def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir):
+@pytest.mark.parametrize("method_cls", [TextualInversion, DreamArtist])
+def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir, method_cls):
     stop = EarlyStop(every_n_steps=1, window=3, ratio=0.5, min_steps=0, draws=1)
-    _, trainer = fit(concept_dir, max_steps=40, lr=0.0, callbacks=[stop])  # lr 0: val/loss is flat from the start
+    # lr 0: val/loss is flat from the start
+    _, trainer = fit(concept_dir, max_steps=40, lr=0.0, callbacks=[stop], method_cls=method_cls)
     assert trainer.global_step == 6, "a constant loss is a plateau as soon as the window is full twice"
     assert stop.reason and "early stop at step 6" in stop.reason
+
+
+EXPORTS = [(TextualInversion, {}), *((DreamArtist, {"export_vectors": e}) for e in ("ema", "live", "both"))]
+
+
+@pytest.mark.parametrize(("method_cls", "kw"), EXPORTS, ids=["ti", "da-ema", "da-live", "da-both"])
+def test_measures_score_the_vectors_the_files_hold(concept_dir, method_cls, kw):
+    """val/loss (and so early stopping) and the toy evaluation run inside `as_exported`: whatever a method
+    writes, they must see it, and leave the live vectors as they were."""
+    ema = dict(ema_decay=0.5, ema_reset_every=0, neg_ema_decay=0.5, neg_ema_reset_every=0)  # live != average
+    method, trainer = fit(concept_dir, max_steps=3, lr=0.5, method_cls=method_cls, **kw, **(ema if kw else {}))
+    bank, files = method.bank, method.concepts()
+    live = {k: v.detach().clone() for k, v in bank.vectors.items()}
+    written = {
+        bank.key(name, enc): v
+        for name in bank.names
+        for enc, v in from_file(files[name], {"text_encoder": live[bank.key(name, "text_encoder")].shape[1]}).items()
+    }
+    with method.as_exported():
+        for key, v in written.items():
+            torch.testing.assert_close(bank.vectors[key].detach(), v)
+    for key, v in live.items():
+        assert torch.equal(bank.vectors[key].detach(), v), "as_exported must give the live vectors back"
+    measured = ValidationLoss(draws=2).measure(trainer, method)
+    with swapped(bank, written):
+        assert ValidationLoss(draws=2).measure(trainer, method) == pytest.approx(measured, rel=1e-6)
+    if kw.get("export_vectors", "live") != "live":  # the EMA pair: the files are not the live vectors
+        assert any(not torch.allclose(live[k], v) for k, v in written.items())
+        with swapped(bank, {k: 2 * v for k, v in written.items()}):  # vectors no file holds change nothing
+            assert ValidationLoss(draws=2).measure(trainer, method) == pytest.approx(measured, rel=1e-6)
+
+
+def test_schedule_free_adamw_trains_and_writes_its_average(concept_dir, tmp_path):
+    schedulefree = pytest.importorskip("schedulefree")
+    export = ExportEmbeddings(str(tmp_path), every_n_steps=2)  # a copy mid-run: the steps after it must go on
+    method, trainer = fit(
+        concept_dir, max_steps=4, lr=0.1, optimizer=schedulefree.AdamWScheduleFree, callbacks=[export]
+    )
+    (opt,) = trainer.optimizers
+    assert trainer.global_step == 4 and opt.param_groups[0]["train_mode"], "training mode must be given back"
+    y = method.bank.get(NAME)["text_encoder"].detach().clone()
+    opt.eval()  # x, the average the optimizer returns
+    x = method.bank.get(NAME)["text_encoder"].detach().clone()
+    written = io.read_embedding(tmp_path / f"{NAME}.safetensors")[0].vectors
+    torch.testing.assert_close(written, x)
+    assert not torch.allclose(x, y), "the training iterate y is not what the files should hold"
 
 
 # ----------------------------------------------------------------- not learning

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lit_ti.errors import UserError, check_period
 from lit_ti.io.paths import WriteFailed
+from lit_ti.optimizers import evaluation_weights
 
 
 class ExportEmbeddings(L.Callback):
@@ -42,13 +43,15 @@ class ExportEmbeddings(L.Callback):
             self.last_step = step
             folder = self.dirpath / pl_module.periodic_dirname
             try:
-                pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
+                with evaluation_weights(trainer.optimizers):
+                    pl_module.export(folder, step, tag=f"-{step}", formats=self.formats)
             except WriteFailed as e:
                 rank_zero_warn(f"{e}. Training goes on; the periodic copy of step {step} is missing")
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)
+        with evaluation_weights(trainer.optimizers):
+            self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)
         self.wrote_final = True
 
     @rank_zero_only
@@ -61,4 +64,5 @@ class ExportEmbeddings(L.Callback):
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and pl_module.backbone is not None:
-            self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)
+            with evaluation_weights(trainer.optimizers):
+                self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)

@@ -25,6 +25,7 @@ from lit_ti.callbacks.preview_grid import labelled_grid
 from lit_ti.errors import UserError, check_choice, check_number, check_period, check_seed
 from lit_ti.io.atomic import atomic_path
 from lit_ti.io.paths import WriteFailed
+from lit_ti.optimizers import evaluation_weights
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -95,7 +96,8 @@ class PreviewImages(L.Callback):
     def render_or_warn(self, trainer, pl_module, step: int) -> None:
         """A preview the system refuses to write (disk full, read-only) is not worth stopping the training."""
         try:
-            self.render(trainer, pl_module, step)
+            with evaluation_weights(trainer.optimizers):  # a schedule-free optimizer's average, as exported
+                self.render(trainer, pl_module, step)
         except WriteFailed as e:
             rank_zero_warn(f"{e}. Training goes on without the preview of step {step}")
 

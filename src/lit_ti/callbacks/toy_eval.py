@@ -55,7 +55,8 @@ class ToyEvaluation(L.Callback):
             )
             return
         init = {k: v.to(pl_module.device) for k, v in self.init.items()}
-        self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        with pl_module.as_exported():  # judge the files the run wrote (DreamArtist: the EMA pair)
+            self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
         # results, not points on a curve: RunResults logs them with the run's settings (final/eval/*)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

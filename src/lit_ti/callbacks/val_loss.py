@@ -63,12 +63,18 @@ class ValidationLoss(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            total = sum(
-                losses.denoising_loss(
-                    pl_module.predict, scheduler, latents[i][None].to(pl_module.device), p, self.draws, self.seed + i
+            with pl_module.as_exported():  # what the files written now hold (DreamArtist: the EMA pair)
+                total = sum(
+                    losses.denoising_loss(
+                        pl_module.predict,
+                        scheduler,
+                        latents[i][None].to(pl_module.device),
+                        p,
+                        self.draws,
+                        self.seed + i,
+                    )
+                    for i, p in enumerate(prompts)
                 )
-                for i, p in enumerate(prompts)
-            )
         finally:
             pl_module.train(was_training)
         value = total / len(prompts)

@@ -10,8 +10,8 @@ in `checkpointed` (kilobytes for TI, not the frozen model).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_ti import losses
+from lit_ti import losses, optimizers
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
@@ -203,6 +203,15 @@ class DiffusionMethod(L.LightningModule, ABC):
         return type(state)((k, v) for k, v in state.items() if k.split(".", 1)[0] in self.checkpointed)
 
     # ----------------------------------------------------------------- previews and evaluations
+    @contextmanager
+    def as_exported(self) -> Iterator[None]:
+        """While inside, the trained modules hold what `export` would write now, so that a measure taken
+        inside (`val/loss`, early stopping, the toy evaluation) scores the files and not a state no file holds.
+        Here the live state is what is written (a schedule-free optimizer's average, `lit_ti.optimizers`); a
+        method that exports something else (DreamArtist's EMA) swaps it in."""
+        with optimizers.evaluation_weights(self.trainer.optimizers if self._trainer is not None else ()):
+            yield
+
     @torch.no_grad()
     def sample(
         self,
@@ -365,6 +374,9 @@ class DiffusionMethod(L.LightningModule, ABC):
             self.untrained.step_skipped(self.trainer.global_step + 1)
             for p in self.trainable():
                 p.grad = None
+
+    def on_train_start(self) -> None:
+        optimizers.start_training(self.trainer.optimizers)  # after a resume restored their state
 
     def on_train_end(self) -> None:
         self.untrained.summary()

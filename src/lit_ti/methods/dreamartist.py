@@ -13,6 +13,8 @@ reconstruction term always carries gradient (a test proves it).
 """
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from lit_ti.io.paths import STEP
 from lit_ti.methods.textual_inversion import TextualInversion, check_vectors
 from lit_ti.models import Backbone
 from lit_ti.modules.ema import BankEMA
+from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.text_conditioning import PromptEncoder, check_name
 
 EXPORTS = ("ema", "live", "both")
@@ -191,6 +194,18 @@ class DreamArtist(TextualInversion):
         self.ema.update(self.bank, self.trainer.global_step)
 
     # ----------------------------------------------------------------- export
+    @contextmanager
+    def as_exported(self) -> Iterator[None]:
+        """The EMA averages while inside, unless the files named `<name>` hold the live pair
+        (`export_vectors: live`). Between two resets (every `ema_reset_every` steps) the live vectors and the
+        averages differ, so a run stopped early is measured and judged on what it writes."""
+        with super().as_exported():
+            if self.export_vectors == "live":
+                yield
+            else:
+                with swapped(self.bank, self.ema.shadows()):
+                    yield
+
     def concepts(self, tag: str = "") -> dict[str, Tensor]:
         """`{file stem: [n, d]}`: `<name><tag>` and `<name><tag>-neg`, so periodic copies stay usable pairs."""
         averaged = lambda n: self.ema.averaged(self.bank, n)  # noqa: E731

@@ -46,6 +46,10 @@ class BankEMA(nn.Module):
                 if every and step % every == 0:
                     live.copy_(shadow)
 
+    def shadows(self) -> dict[str, torch.Tensor]:
+        """`{bank key: [n, d]}`: every average, keyed as the bank's vectors (for `swapped`)."""
+        return {key: getattr(self, key) for keys in self.keys.values() for key in keys}
+
     def averaged(self, bank: EmbeddingBank, name: str) -> dict[str, torch.Tensor]:
         """`{encoder: [n, d]}`: the shadow where the concept has one, else the live vectors."""
         live = bank.get(name)

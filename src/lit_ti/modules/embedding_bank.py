@@ -8,6 +8,8 @@ Vectors are keyed by encoder (`text_encoder`; SDXL adds `text_encoder_2`), so on
 `clip_l` and a `clip_g` part, and several concepts (DreamArtist's positive and negative) share one bank.
 """
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -59,3 +61,18 @@ class EmbeddingBank(nn.Module):
             offsets[name] = start
             start += self.num_vectors(name)
         return offsets
+
+
+@contextmanager
+def swapped(bank: EmbeddingBank, vectors: dict[str, Tensor]):
+    """Temporarily give the bank other vectors (`{bank key: [n, d]}`, e.g. the initial ones or an average)."""
+    saved = {k: v.detach().clone() for k, v in bank.vectors.items()}
+    with torch.no_grad():
+        for k, v in vectors.items():
+            bank.vectors[k].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                bank.vectors[k].copy_(v)

@@ -18,7 +18,6 @@ so they are the same ceiling and floor for every method.
 """
 
 import random
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from lit_ti.losses import denoising_loss
 from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
 from lit_ti.methods.dreamartist import check_cfg
 from lit_ti.models import DiffusersFolder
+from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.style import background, object_extent
@@ -63,21 +63,6 @@ def check_concept(key: str, concept) -> str:
 def heldout_pixels(concept: str, n: int = 16) -> Tensor:
     rng = random.Random(f"eval-{concept}-{EVAL_SEED}")
     return toy_classifier.to_tensor([render(random_scene(rng, concept)) for _ in range(n)])
-
-
-@contextmanager
-def swapped(bank, vectors: dict[str, Tensor]):
-    """Temporarily give the bank other vectors (e.g. the initial ones)."""
-    saved = {k: v.detach().clone() for k, v in bank.vectors.items()}
-    with torch.no_grad():
-        for k, v in vectors.items():
-            bank.vectors[k].copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                bank.vectors[k].copy_(v)
 
 
 @torch.no_grad()
