@@ -220,7 +220,7 @@ def run(cfg: DictConfig) -> list[Path]:
         return {"prompt_embeds": pos.states, "negative_prompt_embeds": neg.states, **pooled}
 
     applied = {key: Path(cfg[key]).expanduser() for key in ADAPTERS if cfg[key]}
-    pipe = backbone.pipeline(SAMPLERS[cfg.sampler].from_config(backbone.scheduler.config))
+    pipe = backbone.pipeline(backbone.sampler(SAMPLERS[cfg.sampler]))
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**32)
     out, images, written, undo = Path(cfg.out_dir), [], [], []
     try:

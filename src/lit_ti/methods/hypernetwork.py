@@ -84,6 +84,8 @@ class HypernetworkMethod(DiffusionMethod):
         self.cond_cache: dict[str, Conditioning] = {}  # prompt -> its unbatched conditioning
 
     def build_trainables(self, backbone: Backbone) -> None:
+        if backbone.is_sd3:  # its joint attention has no cross-attention processors to wrap
+            raise UserError("method=hypernetwork: not available for SD3 models yet; train an embedding there")
         if self.init_file:
             self.hypernetwork, _ = io.load_hypernetwork(self.init_file)
         else:
