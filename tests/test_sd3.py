@@ -30,10 +30,11 @@ def random_concept(backbone, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def diffusers_with_tokens(backbone, vectors: dict[str, torch.Tensor]):
-    """The backbone's diffusers SD3 pipeline with the concept added as diffusers users do it by hand: a token
-    per vector (`name`, `name_1`, ...) in each encoder's tokenizer, and its embedding row set to the vector."""
-    pipe = backbone.pipeline()
+def diffusers_with_tokens(spec, vectors: dict[str, torch.Tensor]):
+    """A diffusers SD3 pipeline of a fresh copy of the model with the concept added as diffusers users do it by
+    hand: a token per vector (`name`, `name_1`, ...) in each encoder's tokenizer, its embedding row set to the
+    vector. Returns the pipeline and how the name is spelled in its prompts."""
+    pipe = spec.load().pipeline()
     n = next(iter(vectors.values())).shape[0]
     tokens = [NAME] + [f"{NAME}_{i}" for i in range(1, n)]
     for key, v in vectors.items():
@@ -53,7 +54,7 @@ PROMPTS = [f"a photo of {NAME} in a room", f"{NAME}, painting by an artist", "a 
 def test_sd3_conditioning_equals_diffusers_encode_prompt(sd3, sd3_no_t5, t5, clip_skip):
     backbone = sd3 if t5 else sd3_no_t5
     vectors = random_concept(backbone, n=2)
-    pipe, spelled = diffusers_with_tokens(backbone, vectors)
+    pipe, spelled = diffusers_with_tokens(TinySD3(t5=t5), vectors)
     bank = EmbeddingBank()
     bank.add(NAME, vectors)
     with torch.no_grad():
@@ -77,3 +78,114 @@ def test_sd3_conditioning_equals_diffusers_encode_prompt(sd3, sd3_no_t5, t5, cli
         moved = PromptEncoder(backbone, other, clip_skip=clip_skip)(PROMPTS[:1]).states[0] - ours.states[0]
     assert moved[:77, :32].abs().max() > 1e-3 and moved[:77, 32:80].abs().max() > 1e-3
     assert (moved[77:].abs().max() > 1e-3) == t5
+
+
+# ---------------------------------------------------------------- the flow-matching objective
+def test_flow_objective_is_sd3s_rectified_flow():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    from lit_ti.objectives import FlowMatching
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    objective = FlowMatching(scheduler)
+    # timestep t is the (T-1-t)-th of the scheduler's descending table: higher t, noisier latents
+    torch.testing.assert_close(objective.sigmas, scheduler.sigmas[:1000].flip(0))
+    t = torch.tensor([0, 250, 500, 999])
+    torch.testing.assert_close(objective.model_time(t), scheduler.timesteps.flip(0)[t])
+    x0, noise = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
+    sigma = objective.sigmas[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(objective.noisy(x0, noise, t), (1 - sigma) * x0 + sigma * noise)
+    torch.testing.assert_close(objective.target(x0, noise, t), noise - x0)
+    noisy = objective.noisy(x0, noise, t)  # the exact velocity gives back the clean latents
+    torch.testing.assert_close(objective.x0(noisy, objective.target(x0, noise, t), t), x0, atol=1e-5, rtol=0)
+    assert objective.weights(t) is None
+    for kind in ("sigma_sqrt", "cosmap"):
+        want = compute_loss_weighting_for_sd3(kind, objective.sigmas[t])
+        torch.testing.assert_close(FlowMatching(scheduler, kind).weights(t), want.float())
+
+
+def test_shared_step_is_the_flow_matching_loss(fit, tmp_path, concept_dir):
+    """The method's step on SD3 is the rectified-flow MSE of diffusers' SD3 training, computed here by hand."""
+    method, _ = fit(tmp_path, concept_dir, max_steps=1, backbone=TinySD3(), flow_weighting="cosmap")
+    batch = next(iter(method.trainer.datamodule.train_dataloader()))
+    with torch.no_grad():
+        out = method.shared_step(batch)
+        x0 = batch["latents"]
+        noise, t = method.draw_noise(batch)
+        sigma = method.objective.sigmas[t].view(-1, 1, 1, 1)
+        cond = method.encode_prompts(batch["prompt"])
+        pred = method.backbone.unet(
+            hidden_states=(1 - sigma) * x0 + sigma * noise,
+            timestep=method.objective.sigmas[t] * 1000,
+            encoder_hidden_states=cond.states,
+            pooled_projections=cond.pooled,
+        ).sample
+        weight = 2 / (torch.pi * (1 - 2 * sigma.flatten() + 2 * sigma.flatten() ** 2))
+        want = (((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+    assert x0.shape[1] == 16
+    torch.testing.assert_close(out["loss"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kw", "key"),
+    [
+        ("sd3", {"min_snr_gamma": 5.0}, "method.min_snr_gamma"),
+        ("sd1", {"flow_weighting": "cosmap"}, "method.flow_weighting"),
+        ("sd1", {"encoders": ["t5"]}, "method.encoders"),
+        ("sdxl", {"encoders": ["clip_l"]}, "method.encoders"),
+        ("sd3-no-t5", {"encoders": ["clip_l", "t5"]}, "method.encoders"),
+    ],
+)
+def test_settings_for_another_model_family_are_refused_in_one_line(backbone, kw, key):
+    from lit_ti.errors import UserError
+    from lit_ti.methods import TextualInversion
+    from lit_ti.models import TinyBackbone
+
+    spec = {
+        "sd3": TinySD3(),
+        "sd3-no-t5": TinySD3(t5=False),
+        "sd1": TinyBackbone(),
+        "sdxl": TinyBackbone(size="sdxl_tiny"),
+    }[backbone]
+    method = TextualInversion(spec, name=NAME, **kw)
+    with pytest.raises(UserError, match=key):
+        method.configure_model()
+
+
+def test_t5_vectors_train_and_every_file_holds_each_part(fit, tmp_path, concept_dir):
+    from safetensors.torch import load_file
+
+    from lit_ti import io
+
+    method, _ = fit(
+        tmp_path, concept_dir, max_steps=3, backbone=TinySD3(), encoders=["clip_l", "clip_g", "t5"], every=3
+    )
+    start = TinySD3().load()
+    widths = {"clip_l": 32, "clip_g": 48, "t5xxl": 96}
+    tensors = load_file(tmp_path / f"{FIT}.safetensors")
+    pt = torch.load(tmp_path / f"{FIT}.pt", weights_only=True)
+    assert type(pt) is dict and set(pt) == set(tensors) == {"clip_l", "clip_g", "t5xxl", "t5"}
+    assert torch.equal(tensors["t5"], tensors["t5xxl"])  # OneTrainer's key, the same vectors
+    initial = {
+        key: start.text_encoders[enc][1].get_input_embeddings().weight[:1].detach()
+        for key, enc in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3"))
+    }
+    for key, width in widths.items():
+        assert tensors[key].shape == (2, width) and torch.equal(pt[key], tensors[key])
+        assert tensors[key].isfinite().all() and initial[key].shape[1] == width
+    moved = {k: (tensors[k] - v).abs().max() for k, v in method_start_vectors(method).items()}
+    assert all(m > 1e-4 for m in moved.values()), moved  # every part trained, T5's too
+    back = io.read_embedding(tmp_path / f"{FIT}.safetensors")[0].vectors
+    assert set(back) == set(widths) and all(torch.equal(back[k], tensors[k]) for k in widths)
+
+
+FIT = "zz-thing"  # the concept the `fit` fixture trains
+
+
+def method_start_vectors(method) -> dict[str, torch.Tensor]:
+    """The vectors a fit of `method` started from (its init text, through the same initialisation)."""
+    from lit_ti.io.embeddings import to_file
+
+    fresh = type(method)(TinySD3(), name=FIT, num_vectors=2, init_text="square thing", encoders=method.encoders)
+    return to_file(fresh.initial_vectors(TinySD3().load(), fresh.init_text, fresh.num_vectors))

@@ -168,6 +168,13 @@ class Conditioning(NamedTuple):
         return Conditioning(self.states.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
 
 
+def token_embedding(text_encoder) -> torch.nn.Module:
+    """The token-embedding layer the encoder's forward calls. T5's stack holds its own module tied to
+    `get_input_embeddings()` (the same weight, another module), so a hook on the latter would never run."""
+    stack = getattr(text_encoder, "encoder", None)
+    return getattr(stack, "embed_tokens", None) or text_encoder.get_input_embeddings()
+
+
 def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, hidden_states: bool):
     """The encoder's output with `table[slots]` written over the token embeddings."""
 
@@ -177,7 +184,7 @@ def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, h
 
     handle = None
     if table is not None and bool((slots >= 0).any()):
-        handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
+        handle = token_embedding(text_encoder).register_forward_hook(splice)
     try:
         return text_encoder(input_ids, output_hidden_states=hidden_states)
     finally:
