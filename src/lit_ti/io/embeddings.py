@@ -70,13 +70,14 @@ def from_file(vectors: Vectors, widths: dict[str, int]) -> dict[str, Tensor] | N
     were made for another model family (an SD1 file on SDXL, a 768-wide one on SD2, ...).
 
     A model with T5 (SD3) takes any of its parts: a part the file lacks is left out of the prompts that encoder
-    reads (as ComfyUI does). Other models need every encoder's part (an SD3 file gives SDXL its two CLIP parts).
+    reads (as ComfyUI does). SDXL needs both parts (an SD3 file gives it its two CLIP parts); SD1/SD2 files
+    hold one tensor.
     """
     if not isinstance(vectors, dict):
         fits = set(widths) == {"text_encoder"} and vectors.shape[1] == widths["text_encoder"]
         return {"text_encoder": vectors} if fits else None
     parts = {enc: vectors[key] for enc, key in ENCODER_KEYS.items() if enc in widths and key in vectors}
-    if not parts or any(v.shape[1] != widths[enc] for enc, v in parts.items()):
+    if len(widths) == 1 or not parts or any(v.shape[1] != widths[enc] for enc, v in parts.items()):
         return None
     if "text_encoder_3" not in widths and set(parts) != set(widths):
         return None
