@@ -272,3 +272,66 @@ def test_generate_renders_with_an_sd3_concept(tmp_path, generate, pixels):
     without = generate(*common, "prompt=a photo of")
     assert with_concept[0].size == (64, 64)
     assert abs(pixels(with_concept) - pixels(without)).max() > 0  # the concept's vectors reach the image
+
+
+# ---------------------------------------------------------------- SD3 diffusers folders
+def test_sd3_folder_loads_with_and_without_t5(tmp_path, sd3):
+    from lit_ti.errors import UserError
+    from lit_ti.models import DiffusersFolder, SD3Folder
+
+    sd3.pipeline().save_pretrained(tmp_path / "sd3")
+    vectors = random_concept(sd3, n=2)
+    bank = EmbeddingBank()
+    bank.add(NAME, vectors)
+    with torch.no_grad():
+        want = PromptEncoder(sd3, bank)(PROMPTS)
+        loaded = SD3Folder(str(tmp_path / "sd3")).load()
+        assert loaded.is_sd3 and not loaded.is_sdxl and set(loaded.text_encoders) == set(PARTS)
+        got = PromptEncoder(loaded, bank)(PROMPTS)  # the saved tokenizers split prompts as the built ones
+        torch.testing.assert_close(got.states, want.states, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.pooled, want.pooled, atol=1e-6, rtol=0)
+        without = SD3Folder(str(tmp_path / "sd3"), t5=False).load()
+        assert without.text_encoder_3 is None
+        states = PromptEncoder(without, bank)(PROMPTS).states
+    assert torch.equal(states[:, 77:], torch.zeros_like(states[:, 77:]))  # T5's rows: zeros, as SD3 allows
+    torch.testing.assert_close(states[:, :77], want.states[:, :77], atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="model=sd3"):
+        DiffusersFolder(str(tmp_path / "sd3")).load()
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_sd3_resume_is_exact(fit, tmp_path, concept_dir):
+    kw = dict(backbone=TinySD3(), encoders=["clip_l", "clip_g", "t5"], timestep_sampling="logit_normal", every=3)
+    whole, _ = fit(tmp_path / "whole", concept_dir, max_steps=6, **kw)
+    fit(tmp_path / "cut", concept_dir, max_steps=3, **kw)
+    resumed, trainer = fit(
+        tmp_path / "cut", concept_dir, max_steps=6, ckpt_path=tmp_path / "cut" / "checkpoints" / "last.ckpt", **kw
+    )
+    assert trainer.global_step == 6
+    for key, value in whole.bank.vectors.items():
+        assert torch.equal(resumed.bank.vectors[key], value), key
+
+
+@pytest.mark.slow
+def test_sd3_ti_from_the_cli_trains_writes_and_generates(tmp_path, cli, generate, pixels):
+    cli.train_ok(
+        tmp_path / "run",
+        "model=tiny_sd3",
+        "trainer.max_steps=4",
+        "method.encoders=[clip_l,clip_g,t5]",
+        "method.timestep_sampling=logit_normal",
+        "callbacks.toy_eval=null",
+        "callbacks.preview.every_n_steps=4",
+        "callbacks.preview.num_inference_steps=2",
+    )
+    run = tmp_path / "run"
+    assert list((run / "previews").glob("*.png"))  # sampled through diffusers' SD3 pipeline
+    from lit_ti import io
+
+    vectors = io.read_embedding(run / "toy-concept.safetensors")[0].vectors
+    assert {k: v.shape[1] for k, v in vectors.items()} == {"clip_l": 32, "clip_g": 48, "t5xxl": 96}
+    common = ("model=tiny_sd3", "steps=2", f"embeddings_dir={run}")
+    used = generate(*common, "prompt=a toy-concept")
+    plain = generate(*common, "prompt=a")
+    assert abs(pixels(used) - pixels(plain)).max() > 0

@@ -207,6 +207,8 @@ class DiffusersFolder:
                 f"model.path: {root} is not a folder; point it at a local diffusers model folder "
                 f"(with {', '.join(s + '/' for s in SUBFOLDERS)})"
             )
+        if (root / "transformer").is_dir() and (root / "text_encoder_2").is_dir():
+            raise UserError(f"model.path: {root} is an SD3 folder (it has transformer/); use model=sd3")
         missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
         if missing:
             raise UserError(
