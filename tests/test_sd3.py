@@ -335,3 +335,98 @@ def test_sd3_ti_from_the_cli_trains_writes_and_generates(tmp_path, cli, generate
     used = generate(*common, "prompt=a toy-concept")
     plain = generate(*common, "prompt=a")
     assert abs(pixels(used) - pixels(plain)).max() > 0
+
+
+# ---------------------------------------------------------------- DreamArtist and hypernetworks
+@pytest.mark.slow
+def test_dreamartist_on_sd3_trains_every_part_of_both_embeddings(fit, tmp_path, concept_dir):
+    from safetensors.torch import load_file
+
+    from lit_ti.methods import DreamArtist
+
+    method, _ = fit(
+        tmp_path,
+        concept_dir,
+        max_steps=2,
+        every=2,
+        backbone=TinySD3(),
+        method_cls=DreamArtist,
+        encoders=["clip_l", "clip_g", "t5"],
+        neg_num_vectors=2,
+        neg_init_text="ugly blurry",
+        reconstruction=True,  # x̂0 from the flow velocity, decoded through the 16-channel VAE
+    )
+    start = TinySD3().load()
+    for stem in (FIT, f"{FIT}-neg"):
+        tensors = load_file(tmp_path / f"{stem}.safetensors")
+        assert {k: v.shape[1] for k, v in tensors.items()} == {"clip_l": 32, "clip_g": 48, "t5xxl": 96, "t5": 96}
+        text = "square thing" if stem == FIT else "ugly blurry"
+        for key, enc in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3")):
+            tok, te = start.text_encoders[enc]
+            first = te.get_input_embeddings().weight[tok(text, add_special_tokens=False).input_ids[0]]
+            assert (tensors[key][0] - first).abs().max() > 1e-4, (stem, key)  # moved from its init text
+    assert method.trainer.callback_metrics["train/loss_reconstruction"].isfinite()
+
+
+def test_sd3_hypernetwork_acts_on_the_joint_attentions_context_keys_and_values(sd3):
+    from lit_ti.modules.hypernetwork import Hypernetwork, attach, detach
+
+    block = sd3.unet.transformer_blocks[0].attn
+    seen: dict[str, list[torch.Tensor]] = {"to_k": [], "add_k_proj": [], "add_v_proj": []}
+    hooks = [
+        getattr(block, name).register_forward_hook(lambda _m, args, _out, name=name: seen[name].append(args[0]))
+        for name in seen
+    ]
+    hn = Hypernetwork([32], layer_structure=[1, 2, 1], weight_init="Normal")
+    with torch.no_grad():
+        for module in hn.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.5)  # a trained-looking network: its output is not ~0
+        inputs = dict(
+            hidden_states=torch.randn(1, 16, 8, 8),
+            encoder_hidden_states=torch.randn(1, 333, 96),
+            pooled_projections=torch.randn(1, 80),
+            timestep=torch.tensor([500.0]),
+        )
+        plain = sd3.unet(**inputs).sample
+        original = attach(sd3.unet, hn, self_attention=False)
+        try:
+            hn.eval()
+            shaped = sd3.unet(**inputs).sample
+        finally:
+            detach(sd3.unet, original)
+        for hook in hooks:
+            hook.remove()
+        pair = hn.pair(32)
+        assert torch.equal(seen["to_k"][1], seen["to_k"][0])  # the image stream's K input: untouched
+        torch.testing.assert_close(seen["add_k_proj"][1], pair[0](seen["add_k_proj"][0]))
+        torch.testing.assert_close(seen["add_v_proj"][1], pair[1](seen["add_v_proj"][0]))
+        assert (shaped - plain).abs().max() > 1e-4
+        assert torch.equal(sd3.unet(**inputs).sample, plain)  # detached: the model is as it was
+
+
+def test_sd3_hypernetwork_trains_and_is_written(fit, tmp_path, concept_dir):
+    import lightning as L
+
+    from lit_ti import io
+    from lit_ti.methods import HypernetworkMethod
+
+    class Start(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.state = {k: v.detach().clone() for k, v in pl_module.hypernetwork.state_dict().items()}
+
+    start = Start()
+    fit(
+        tmp_path,
+        concept_dir,
+        max_steps=2,
+        every=2,
+        backbone=TinySD3(),
+        method_cls=HypernetworkMethod,
+        base_kw={"name": FIT},
+        extra_callbacks=[start],
+    )
+    hn, _ = io.load_hypernetwork(tmp_path / f"{FIT}.safetensors")
+    assert hn.sizes == [32]  # the joint attention's width
+    moved = {k: (v - start.state[k]).abs().max() for k, v in hn.state_dict().items()}
+    assert max(moved.values()) > 1e-5, moved
