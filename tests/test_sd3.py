@@ -430,3 +430,23 @@ def test_sd3_hypernetwork_trains_and_is_written(fit, tmp_path, concept_dir):
     assert hn.sizes == [32]  # the joint attention's width
     moved = {k: (v - start.state[k]).abs().max() for k, v in hn.state_dict().items()}
     assert max(moved.values()) > 1e-5, moved
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"clip_l": {"nested": torch.zeros(2, 768)}, "clip_g": torch.zeros(2, 1280)},
+        {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)},  # different vector counts
+        {"clip_l": torch.zeros(2, 768), "t5": "not a tensor"},
+        {"t5xxl": torch.full((2, 4096), float("nan"))},
+    ],
+    ids=["nested", "counts", "text", "nan"],
+)
+def test_damaged_sd3_files_are_refused_in_one_line(tmp_path, data):
+    from lit_ti import io
+    from lit_ti.errors import UserError
+    from lit_ti.io.pickles import save_pt
+
+    save_pt(data, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="bad.pt"):
+        io.read_embedding(tmp_path / "bad.pt")

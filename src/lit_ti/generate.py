@@ -122,7 +122,7 @@ def parameters(cfg: DictConfig, seed: int, size: int, backbone, applied: dict[st
     """A1111's `parameters` PNG text: prompt, negative prompt, then `Key: value` settings."""
     settings = {
         "Steps": cfg.steps,
-        "Sampler": SAMPLER_NAMES[cfg.sampler],
+        "Sampler": "Euler" if backbone.is_sd3 else SAMPLER_NAMES[cfg.sampler],  # SD3 samples the flow with Euler
         "CFG scale": cfg.cfg_scale,
         "Seed": seed,
         "Size": f"{size}x{size}",

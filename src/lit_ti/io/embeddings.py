@@ -236,6 +236,9 @@ def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
         return [entry(path.stem, next(iter(params.values())))]
     parts = multi_encoder_parts(data)
     if parts:
+        if not all(isinstance(v, Tensor) for v in parts.values()):
+            kinds = ", ".join(type(v).__name__ for v in parts.values())
+            raise UserError(f"{path}: its {', '.join(parts)} entries must be tensors, not {kinds}")
         vectors = _checked(path, parts)
         if len({v.shape[0] for v in vectors.values()}) != 1:
             raise UserError(f"{path}: its encoders' parts hold different numbers of vectors {shape_of(vectors)}")
