@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CASES = {  # name -> (model.t5, method.encoders)
     "no T5": (False, ["clip_l", "clip_g"]),
@@ -44,7 +45,8 @@ def one_case(t5: bool, encoders: list[str], layers: int, size: int, steps: int) 
         loss = method.shared_step(batch)["loss"]
         loss.backward()
         times.append(time.perf_counter() - start)
-    peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
     return {"s_per_step": sum(times[1:]) / steps, "peak_rss_gib": peak_kib / 2**20}
 
 
