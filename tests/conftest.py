@@ -194,6 +194,7 @@ def _fit(
     method_cls=None,
     dm_kw=None,
     base_kw=FIT_METHOD,
+    backbone=None,
     backbone_kw=None,
     **method_kw,
 ):
@@ -207,7 +208,9 @@ def _fit(
     from lit_ti.models import TinyBackbone
 
     L.seed_everything(0, verbose=False)
-    method = (method_cls or TextualInversion)(TinyBackbone(**(backbone_kw or {})), **{**base_kw, **method_kw})
+    method = (method_cls or TextualInversion)(
+        backbone or TinyBackbone(**(backbone_kw or {})), **{**base_kw, **method_kw}
+    )
     dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
     callbacks = [
         ExportEmbeddings(str(tmp_path), every_n_steps=every),
@@ -236,8 +239,8 @@ def _fit(
 @pytest.fixture(scope="session")
 def fit():
     """`fit(folder, concept_dir, max_steps=6, ...) -> (method, trainer)`: a seeded fit of `NAME` (textual
-    inversion with FIT_METHOD unless `method_cls`/`base_kw` say otherwise, on `TinyBackbone(**backbone_kw)`)
-    writing the run's files into `folder` every `every` steps."""
+    inversion with FIT_METHOD unless `method_cls`/`base_kw` say otherwise, on `backbone` if given, else
+    `TinyBackbone(**backbone_kw)`) writing the run's files into `folder` every `every` steps."""
     return _fit
 
 

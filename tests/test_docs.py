@@ -58,16 +58,18 @@ def test_every_documented_command_is_run_or_skipped_with_a_reason():
 @pytest.fixture(scope="module")
 def docs_world(tmp_path_factory) -> Path:
     """The test's working folder with the models real commands name: a tiny SD1-shaped diffusers folder, the
-    same model as an A1111 single file, a tiny tagger and a folder of raw images for preprocess."""
-    from lit_ti.models import TinyBackbone
+    same model as an A1111 single file, a tiny SD3 folder, a tiny tagger and a folder of raw images for preprocess."""
+    from lit_ti.models import TinyBackbone, TinySD3
     from tests.conftest import make_concept_dir, make_tagger
     from tests.ldm_layout import write_single_file
 
     home = tmp_path_factory.mktemp("docs")
     backbone = TinyBackbone().load()
     backbone.pipeline().save_pretrained(home / "models" / "sd15")
+    TinySD3().load().pipeline().save_pretrained(home / "models" / "sd3")
     world = {
         "diffusers": str(home / "models" / "sd15"),
+        "sd3": str(home / "models" / "sd3"),
         "single_file": str(write_single_file(backbone, home / "models" / "model.safetensors")),
         "tagger": str(make_tagger(home / "models" / "tagger")),
     }

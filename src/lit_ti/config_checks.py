@@ -58,7 +58,7 @@ def _missing(node, prefix: str):
             yield from _missing(child, path)
 
 
-TOY_MODELS = ("toy", "tiny")  # the models toy data is made for: the toy base, and the random test backbones
+TOY_MODELS = ("toy", "tiny", "tiny_sd3")  # the models toy data is made for: the toy base, and the random test backbones
 
 
 def check_scope(choices: dict[str, str | None], overrides: list[str]) -> None:

@@ -137,7 +137,7 @@ def parameters(cfg: DictConfig, seed: int, size: int, backbone, applied: dict[st
     """A1111's `parameters` PNG text: prompt, negative prompt, then `Key: value` settings."""
     settings = {
         "Steps": cfg.steps,
-        "Sampler": SAMPLER_NAMES[cfg.sampler],
+        "Sampler": "Euler" if backbone.is_sd3 else SAMPLER_NAMES[cfg.sampler],  # SD3 samples the flow with Euler
         "CFG scale": cfg.cfg_scale,
         "Seed": seed,
         "Size": f"{size}x{size}",
@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> list[Path]:
         return {"prompt_embeds": pos.states, "negative_prompt_embeds": neg.states, **pooled}
 
     applied = {key: Path(cfg[key]).expanduser() for key in ADAPTERS if cfg[key]}
-    pipe = backbone.pipeline(SAMPLERS[cfg.sampler].from_config(backbone.scheduler.config))
+    pipe = backbone.pipeline(backbone.sampler(SAMPLERS[cfg.sampler]))
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**32)
     out, images, written, undo = Path(cfg.out_dir), [], [], []
     try:

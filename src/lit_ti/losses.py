@@ -33,7 +33,8 @@ def diffusion_mse(
     return err.mean()
 
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "cosine_map")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "cosine_map", "mode")
+MODE_SCALE = 1.29  # SD3's "mode" density scale (Esser et al. 2024: close to cosine_map)
 
 
 def map_timesteps(u: Tensor, low: int, high: int, kind: str) -> Tensor:
@@ -43,12 +44,15 @@ def map_timesteps(u: Tensor, low: int, high: int, kind: str) -> Tensor:
     * `logit_normal`: sigmoid of a standard normal (SD3's default, Esser et al. 2024): most draws mid-schedule,
       few at either end.
     * `cosine_map`: SD3's "cosmap", t = 1 − 1 / (tan(πu/2) + 1), also mid-heavy but with longer tails.
+    * `mode`: SD3's mode sampling with scale s = 1.29, t = u + s·(cos²(πu/2) − 1 + u): mid-heavy.
     """
     u = u.double().clamp(1e-6, 1 - 1e-6)
     if kind == "logit_normal":
         x = torch.sigmoid(torch.special.ndtri(u))
     elif kind == "cosine_map":
         x = 1 - 1 / (torch.tan(u * torch.pi / 2) + 1)
+    elif kind == "mode":
+        x = (u + MODE_SCALE * (torch.cos(u * torch.pi / 2) ** 2 - 1 + u)).clamp(0, 1 - 1e-9)
     else:
         x = u
     return (low + (x * (high - low)).floor().long()).clamp(low, high - 1)
@@ -93,21 +97,44 @@ def draw_noise(
 
 
 @torch.no_grad()
-def denoising_loss(predict, scheduler, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
+def denoising_loss(predict, objective, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
     """Mean MSE to the model's target over `draws` fixed (noise, timestep) pairs per image: a denoising loss
     that is the same problem for every model and run (evaluation, validation).
 
-    predict(noisy [n, 4, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
+    predict(noisy [n, c, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
+    objective: the model's training objective (`lit_ti.objectives`: noising and target).
     """
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0] * draws
     x0 = latents.repeat(draws, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=g).to(x0)
     # stratified timesteps: every draw covers the whole schedule
-    t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * scheduler.config.num_train_timesteps).long()
+    t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * objective.num_timesteps).long()
     t = t[torch.randperm(n, generator=g)].to(x0.device)
-    pred = predict(scheduler.add_noise(x0, noise, t), t, {"prompt": [prompt] * n})
-    return float(((pred.float() - diffusion_target(scheduler, x0, noise, t).float()) ** 2).mean())
+    pred = predict(objective.noisy(x0, noise, t), t, {"prompt": [prompt] * n})
+    return float(((pred.float() - objective.target(x0, noise, t).float()) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------- flow matching (SD3)
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def flow_sigmas(num_timesteps: int, shift: float) -> Tensor:
+    """σ for each integer timestep `[T]`, ascending: SD3's shifted schedule σ = s·u / (1 + (s − 1)·u) at
+    u = (t + 1) / T (what `FlowMatchEulerDiscreteScheduler` tabulates, in reverse)."""
+    u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_weights(sigmas: Tensor, kind: str) -> Tensor | None:
+    """SD3's per-sample loss weights `[B]` (diffusers' `compute_loss_weighting_for_sd3`): `none` (SD3's own
+    recipe, the density of `logit_normal` sampling does the weighting), `sigma_sqrt` (σ⁻²) or `cosmap`
+    (2 / (π(1 − 2σ + 2σ²)))."""
+    if kind == "sigma_sqrt":
+        return (sigmas.double() ** -2).float()
+    if kind == "cosmap":
+        return (2 / (torch.pi * (1 - 2 * sigmas.double() + 2 * sigmas.double() ** 2))).float()
+    return None
 
 
 # ----------------------------------------------------------------------------- DreamArtist

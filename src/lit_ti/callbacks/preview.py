@@ -113,7 +113,7 @@ class PreviewImages(L.Callback):
             steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
             seed=self.seed,
-            scheduler=SAMPLERS[self.sampler].from_config(bb.scheduler.config),
+            scheduler=bb.sampler(SAMPLERS[self.sampler]),
             size=self.size,
         )  # [n, 3, H, W] in [0, 1]
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)

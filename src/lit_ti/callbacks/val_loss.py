@@ -59,7 +59,7 @@ class ValidationLoss(L.Callback):
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> float:
         latents, prompts = self._images(trainer, pl_module)
-        scheduler = pl_module.backbone.scheduler
+        objective = pl_module.objective
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -67,7 +67,7 @@ class ValidationLoss(L.Callback):
                 total = sum(
                     losses.denoising_loss(
                         pl_module.predict,
-                        scheduler,
+                        objective,
                         latents[i][None].to(pl_module.device),
                         p,
                         self.draws,

@@ -5,13 +5,15 @@ Written (chosen by the file suffix):
   in torch's zip layout without the entries the webui's safe unpickler rejects (`.format_version`,
   `.storage_alignment`, ...) and 64-byte aligned, so ComfyUI's `--mmap-torch-files` maps it too
   (`io.pickles.save_pt`). diffusers' `load_textual_inversion` reads it (token = the `name` key).
-* `.safetensors`: `{"emb_params": [n, d]}` (kohya; A1111 and ComfyUI read any single-key file), or SDXL's
-  `{"clip_l": [n, 768], "clip_g": [n, 1280]}`; name/step/checkpoint go in the safetensors metadata.
+* `.safetensors`: `{"emb_params": [n, d]}` (kohya; A1111 and ComfyUI read any single-key file), SDXL's
+  `{"clip_l": [n, 768], "clip_g": [n, 1280]}`, or SD3's with T5 vectors added twice: as `t5xxl` [n, 4096]
+  (ComfyUI's key) and as `t5` (OneTrainer's); name/step/checkpoint go in the safetensors metadata.
 * `.bin`: diffusers' `{token: [n, d]}` (written the same way, so the webui loads it too).
 
 Read: all of the above, the embeddings bundled in a LoRA `.safetensors` (A1111's `bundle_emb.<name>.*`, see
 `io/loras.py`; a LoRA without one is `NotAnEmbedding`, which folder scans skip), the original-TI/A1111 `.pt` (also with `string_to_param` as an `nn.ParameterDict`),
-diffusers `learned_embeds.*` files with one or more tokens, kohya `emb_params` and SDXL `clip_l`/`clip_g`.
+diffusers `learned_embeds.*` files with one or more tokens, kohya `emb_params`, SDXL `clip_l`/`clip_g`, and SD3
+files with any of `clip_l`, `clip_g` and `t5xxl` or `t5` (OneTrainer's `*_out` tensors are ignored).
 Pickles are opened with `weights_only=True`, so a file that would run code is refused; every file is
 checked against the caps of `io.limits` before anything is allocated, and non-finite vectors are refused.
 Every write goes through a temp file and a rename.
@@ -32,9 +34,10 @@ from lit_ti.io.limits import check_safetensors
 from lit_ti.io.pickles import load_pickle, save_pt
 from lit_ti.io.png_embeddings import KEY, NotAnEmbedding, read_png_embedding, save_png_embedding
 
-Vectors = Tensor | dict[str, Tensor]  # [n, d], or SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
+Vectors = Tensor | dict[str, Tensor]  # [n, d], or {"clip_l": [n, 768], "clip_g": [n, 1280], "t5xxl": [n, 4096]}
 SDXL_KEYS = ("clip_l", "clip_g")
-ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # bank encoder -> SDXL file key
+ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}  # bank -> file key
+T5_ALIASES = ("t5xxl", "t5")  # ComfyUI's key (ours), OneTrainer's; both are written, either is read
 A1111_TOKEN_ID = 265  # the CLIP id of "*" that A1111 writes into string_to_token; never read back
 
 
@@ -51,12 +54,13 @@ class EmbeddingFile:
 
 
 def shape_of(vectors: Vectors) -> list[int] | dict[str, list[int]]:
-    """Shape for messages: `[n, d]`, or `{"clip_l": [n, 768], "clip_g": [n, 1280]}` for SDXL."""
+    """Shape for messages: `[n, d]`, or `{"clip_l": [n, 768], "clip_g": [n, 1280]}` for SDXL (and SD3)."""
     return {k: list(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else list(vectors.shape)
 
 
 def to_file(vectors: dict[str, Tensor]) -> Vectors:
-    """A concept's bank vectors `{encoder: [n, d]}` as files hold them: `[n, d]`, or SDXL's `{"clip_l", "clip_g"}`."""
+    """A concept's bank vectors `{encoder: [n, d]}` as files hold them: `[n, d]`, or SDXL's `{"clip_l", "clip_g"}`
+    (SD3 adds `t5xxl`)."""
     if set(vectors) == {"text_encoder"}:
         return vectors["text_encoder"]
     return {ENCODER_KEYS[enc]: v for enc, v in vectors.items()}
@@ -64,14 +68,21 @@ def to_file(vectors: dict[str, Tensor]) -> Vectors:
 
 def from_file(vectors: Vectors, widths: dict[str, int]) -> dict[str, Tensor] | None:
     """A file's vectors as `{encoder: [n, d]}` for a model whose text encoders have `widths`, or None when they
-    were made for another model family (an SD1 file on SDXL, a 768-wide one on SD2, ...)."""
-    if isinstance(vectors, dict):
-        vectors = {enc: vectors.get(key) for enc, key in ENCODER_KEYS.items()}
-    else:
-        vectors = {"text_encoder": vectors}
-    if set(vectors) != set(widths) or any(v is None or v.shape[1] != widths[enc] for enc, v in vectors.items()):
+    were made for another model family (an SD1 file on SDXL, a 768-wide one on SD2, ...).
+
+    A model with T5 (SD3) takes any of its parts: a part the file lacks is left out of the prompts that encoder
+    reads (as ComfyUI does). SDXL needs both parts (an SD3 file gives it its two CLIP parts); SD1/SD2 files
+    hold one tensor.
+    """
+    if not isinstance(vectors, dict):
+        fits = set(widths) == {"text_encoder"} and vectors.shape[1] == widths["text_encoder"]
+        return {"text_encoder": vectors} if fits else None
+    parts = {enc: vectors[key] for enc, key in ENCODER_KEYS.items() if enc in widths and key in vectors}
+    if len(widths) == 1 or not parts or any(v.shape[1] != widths[enc] for enc, v in parts.items()):
         return None
-    return vectors
+    if "text_encoder_3" not in widths and set(parts) != set(widths):
+        return None
+    return parts
 
 
 def _cpu32(vectors: Vectors) -> Vectors:
@@ -98,16 +109,16 @@ def save_embedding(
     vectors = _cpu32(vectors)
     if not all(bool(torch.isfinite(v).all()) for v in (vectors.values() if isinstance(vectors, dict) else [vectors])):
         raise ValueError(f"{path}: refusing to write non-finite (NaN/Inf) vectors")
-    sdxl = isinstance(vectors, dict)
-    if sdxl and set(vectors) != set(SDXL_KEYS):
-        raise ValueError(f"SDXL vectors need exactly the keys {SDXL_KEYS}, got {sorted(vectors)}")
+    sdxl = isinstance(vectors, dict)  # SDXL's or SD3's parts
+    if sdxl and (not vectors or not set(vectors) <= set(ENCODER_KEYS.values())):
+        raise ValueError(f"vectors per encoder need keys among {list(ENCODER_KEYS.values())}, got {sorted(vectors)}")
     suffix = path.suffix.lower()
     fmt = formats.BY_SUFFIX.get(suffix)
     if fmt is None or formats.EMBEDDING not in fmt.writes or fmt.container == formats.IMAGE:
         raise ValueError(f"{path}: unknown embedding format; use {', '.join(formats.exportable(formats.EMBEDDING))}")
     with atomic_path(path) as tmp:
         if suffix == ".safetensors":
-            tensors = dict(vectors) if sdxl else {"emb_params": vectors}
+            tensors = file_tensors(vectors) if sdxl else {"emb_params": vectors}
             meta = {
                 "name": name,
                 "step": step,
@@ -116,16 +127,24 @@ def save_embedding(
             }
             save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items() if v is not None})
         elif suffix == ".pt":
-            if sdxl:  # A1111 reads SDXL .pt files only when they hold nothing but the two tensors
-                data = dict(vectors)
+            if sdxl:  # A1111 reads SDXL/SD3 .pt files only when they hold nothing but tensors
+                data = file_tensors(vectors)
             else:
                 data = a1111_dict(vectors, name, step, sd_checkpoint, sd_checkpoint_name)
             save_pt(data, tmp)
         elif suffix == ".bin":
             if sdxl:
-                raise ValueError("diffusers .bin files hold one encoder; save SDXL as .safetensors or .pt")
+                raise ValueError("diffusers .bin files hold one encoder; save SDXL/SD3 as .safetensors or .pt")
             save_pt({name: vectors}, tmp)
     return path
+
+
+def file_tensors(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of a multi-encoder file: the parts, and the T5 part once more under OneTrainer's key."""
+    tensors = dict(vectors)
+    if "t5xxl" in tensors:
+        tensors["t5"] = tensors["t5xxl"].clone()  # its own storage: safetensors refuses shared tensors
+    return tensors
 
 
 def a1111_dict(vectors: Tensor, name: str, step=None, sd_checkpoint=None, sd_checkpoint_name=None) -> dict:
@@ -234,8 +253,15 @@ def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
             count = len(params) if isinstance(params, dict) else type(params).__name__
             raise UserError(f"{path}: string_to_param holds {count} terms; A1111 files hold exactly one")
         return [entry(path.stem, next(iter(params.values())))]
-    if all(k in data for k in SDXL_KEYS):
-        return [entry(path.stem, {k: data[k] for k in SDXL_KEYS})]
+    parts = multi_encoder_parts(data)
+    if parts:
+        if not all(isinstance(v, Tensor) for v in parts.values()):
+            kinds = ", ".join(type(v).__name__ for v in parts.values())
+            raise UserError(f"{path}: its {', '.join(parts)} entries must be tensors, not {kinds}")
+        vectors = _checked(path, parts)
+        if len({v.shape[0] for v in vectors.values()}) != 1:
+            raise UserError(f"{path}: its encoders' parts hold different numbers of vectors {shape_of(vectors)}")
+        return [EmbeddingFile(path.stem, vectors, **common)]
     if "emb_params" in data:  # kohya
         return [entry(str(meta.get("name") or path.stem), data["emb_params"])]
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
@@ -244,6 +270,19 @@ def _identify(path: Path, data: object, meta: dict) -> list[EmbeddingFile]:
     raise UserError(
         f"{path}: neither an A1111, diffusers, kohya nor SDXL embedding (keys: {', '.join(map(str, data))[:200]})"
     )
+
+
+def multi_encoder_parts(data: dict) -> dict:
+    """An SDXL/SD3 file's parts `{"clip_l", "clip_g", "t5xxl"}` (any of them; `t5` read as `t5xxl`), or {} for
+    a file of another layout. Both CLIP parts, or only keys of the SD3 layout (OneTrainer's `*_out` too)."""
+    parts = {k: data[k] for k in SDXL_KEYS if k in data}
+    t5 = next((k for k in T5_ALIASES if k in data), None)
+    if t5 is not None:
+        parts["t5xxl"] = data[t5]
+    known = {*SDXL_KEYS, *T5_ALIASES}
+    if set(SDXL_KEYS) <= set(parts) or (parts and all(str(k).removesuffix("_out") in known for k in data)):
+        return parts
+    return {}
 
 
 def _checked(path: Path, vectors: object) -> Vectors:

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_ti import losses, optimizers
+from lit_ti import losses, objectives, optimizers
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
@@ -51,9 +51,12 @@ class DiffusionMethod(L.LightningModule, ABC):
         first step pays the compilation, see docs/benchmarks.md).
     min_timestep / max_timestep: train on timesteps in [min, max) only (kohya's `--min_timestep` /
         `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
-    timestep_sampling: the density of training timesteps within that range: `uniform`, `logit_normal` or
-        `cosine_map` (`lit_ti.losses.map_timesteps`).
-    min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (v-prediction: /(SNR + 1)); null = off.
+    timestep_sampling: the density of training timesteps within that range: `uniform`, `logit_normal` (SD3's),
+        `cosine_map` or `mode` (`lit_ti.losses.map_timesteps`).
+    min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (v-prediction: /(SNR + 1)); null = off. DDPM
+        models only.
+    flow_weighting: flow-matching models (SD3) only: SD3's loss weighting `none` (its recipe: logit-normal
+        timesteps, equal weights), `sigma_sqrt` or `cosmap` (`lit_ti.objectives.FlowMatching`).
     """
 
     needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
@@ -75,6 +78,7 @@ class DiffusionMethod(L.LightningModule, ABC):
         max_timestep: int | None = None,
         timestep_sampling: str = "uniform",
         min_snr_gamma: float | None = None,
+        flow_weighting: str = "none",
     ) -> None:
         super().__init__()
         if lr_schedule is not None and lr_scheduler is not None:
@@ -89,8 +93,10 @@ class DiffusionMethod(L.LightningModule, ABC):
         self.name = paths.check_name(name, "name", self.stem_suffixes)
         check_choice("method.timestep_sampling", timestep_sampling, losses.TIMESTEP_SAMPLING)
         check_number("method.min_snr_gamma", min_snr_gamma, 0, 1e6, low_open=True, optional=True, hint="kohya: 5")
+        self.flow_weighting = check_choice("method.flow_weighting", flow_weighting, losses.FLOW_WEIGHTINGS)
         self.timestep_sampling = timestep_sampling
         self.min_snr_gamma = min_snr_gamma
+        self.objective: objectives.Objective | None = None  # set when the backbone loads
         self.backbone_spec = backbone
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -180,13 +186,15 @@ class DiffusionMethod(L.LightningModule, ABC):
             self.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is enabled
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        layers = min(enc.config.num_hidden_layers for _, enc in bb.text_encoders.values())
+        clips = [enc for key, (_, enc) in bb.text_encoders.items() if key != "text_encoder_3"]  # not T5
+        layers = min(enc.config.num_hidden_layers for enc in clips)
         if self.clip_skip > layers:
             raise UserError(f"method.clip_skip={self.clip_skip}: this model's text encoder has {layers} layers")
         steps = bb.scheduler.config.num_train_timesteps
         if self.max_timestep is not None and self.max_timestep > steps:
             raise UserError(f"method.max_timestep={self.max_timestep}: the scheduler has {steps} timesteps")
         self.timestep_range = (self.min_timestep, self.max_timestep or steps)
+        self.objective = objectives.build(bb.scheduler, self.min_snr_gamma, self.flow_weighting)
         self.build_trainables(bb)
         if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
             self.compiled_unet = compiled.compile_unet(self.unet)
@@ -285,28 +293,36 @@ class DiffusionMethod(L.LightningModule, ABC):
     # ----------------------------------------------------------------- step (methods may override the hooks
     # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)
     def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Noise `[B, 4, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
+        """Noise `[B, c, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
         them, with the method's timestep density (`losses.draw_noise`)."""
         return losses.draw_noise(
             batch["latents"], batch.get("noise_seed"), *self.timestep_range, self.timestep_sampling
         )
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
-        """The model's prediction (epsilon or v) `[B, 4, h, w]` for the batch's prompts."""
+        """The model's prediction (epsilon, v, or SD3's flow velocity) `[B, c, h, w]` for the batch's prompts."""
         return self.call_unet(noisy, timesteps, self.encode_prompts(batch["prompt"]))
 
     def call_unet(self, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
-        """The frozen UNet on noisy latents `[B, 4, h, w]`; SDXL also gets its pooled text embedding and its
-        size conditioning (original = target = the training size, no crop: what its pipeline passes)."""
+        """The frozen denoiser on noisy latents `[B, c, h, w]` at integer `timesteps`; SDXL also gets its pooled
+        text embedding and its size conditioning (original = target = the training size, no crop: what its
+        pipeline passes); SD3's MMDiT gets the pooled embedding and σ·1000 as its time."""
         dtype = self.unet_dtype
+        unet = self.compiled_unet if self.compiled_unet is not None and torch.is_grad_enabled() else self.unet
+        if self.backbone.is_sd3:
+            return unet(
+                hidden_states=self.to_unet(noisy),
+                timestep=self.objective.model_time(timesteps).to(dtype),
+                encoder_hidden_states=cond.states.to(dtype),
+                pooled_projections=cond.pooled.to(dtype),
+            ).sample
         extra = {}
         if cond.pooled is not None:
             h, w = (side * self.backbone.vae_scale_factor for side in noisy.shape[-2:])
             time_ids = torch.tensor([h, w, 0, 0, h, w], device=noisy.device, dtype=dtype).expand(noisy.shape[0], 6)
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
-        # the compiled UNet only where gradients flow (training steps): other callers would compile again for
-        # their own batch shapes and no_grad mode
-        unet = self.compiled_unet if self.compiled_unet is not None and torch.is_grad_enabled() else self.unet
+        # (the compiled UNet only where gradients flow, training steps: other callers would compile again for
+        # their own batch shapes and no_grad mode)
         return unet(self.to_unet(noisy), timesteps, cond.states.to(dtype), **extra).sample
 
     def to_unet(self, x: Tensor) -> Tensor:
@@ -338,14 +354,13 @@ class DiffusionMethod(L.LightningModule, ABC):
                 return {"loss": zero_loss(self.trainable()), "skipped": True, "batch": batch}
             batch = select(batch, keep)
         self.untrained.trained_this_step += len(batch["prompt"])
-        latents = batch["latents"]  # [B, 4, h, w] fp32, cached
-        scheduler = self.backbone.scheduler
+        latents = batch["latents"]  # [B, c, h, w] fp32, cached
+        objective = self.objective  # the model's: DDPM denoising or SD3's flow matching
         noise, timesteps = self.draw_noise(batch)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = objective.noisy(latents, noise, timesteps)
         pred = self.predict(noisy, timesteps, batch)
-        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-        snr = None if self.min_snr_gamma is None else losses.min_snr_weights(scheduler, timesteps, self.min_snr_gamma)
-        loss = losses.diffusion_mse(pred, target, batch.get("weight"), snr)
+        target = objective.target(latents, noise, timesteps)
+        loss = losses.diffusion_mse(pred, target, batch.get("weight"), objective.weights(timesteps))
         return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
 
     def step_loss(self, out: dict) -> Tensor:

@@ -166,7 +166,7 @@ class DreamArtist(TextualInversion):
         batch = out["batch"]  # the samples that can train
         if "pixels" not in batch:
             raise RuntimeError("reconstruction needs the training images; the datamodule did not keep them")
-        x0 = losses.predicted_x0(self.backbone.scheduler, out["noisy"], out["pred"], out["timesteps"])
+        x0 = self.objective.x0(out["noisy"], out["pred"], out["timesteps"])
         rec = losses.reconstruction_l1(self.decode(x0), batch["pixels"])
         if self.log_now:
             size = batch["latents"].shape[0]

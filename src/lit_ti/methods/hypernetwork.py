@@ -100,6 +100,8 @@ class HypernetworkMethod(DiffusionMethod):
 
     def backbone_widths(self, backbone: Backbone) -> list[int]:
         cfg = backbone.unet.config
+        if backbone.is_sd3:  # the joint attention's context stream (and SD3.5's image-only attention)
+            return [int(cfg.num_attention_heads * cfg.attention_head_dim)]
         widths = {int(cfg.cross_attention_dim)}
         if self.self_attention:
             widths |= {int(c) for c in cfg.block_out_channels}

@@ -23,6 +23,7 @@ from lit_ti.modules.text_conditioning import Conditioning, PromptEncoder, check_
 from lit_ti.modules.vector_init import INIT_MODES, rescale, start_vectors, vocabulary_norm
 
 FORMATS = exportable(EMBEDDING)  # pt, safetensors, bin
+ENCODER_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}  # config -> bank
 
 
 def check_vectors(key: str, n) -> int:
@@ -53,6 +54,9 @@ class TextualInversion(DiffusionMethod):
         output for it, Cross Initialization) or `median_norm` (the copy at the vocabulary's median norm).
     keep_norm: after every step, rescale each vector to the vocabulary's median norm (OneTrainer's
         `preserve_embedding_norm`): only the direction is learned.
+    encoders: which text encoders get vectors, among `clip_l`, `clip_g`, `t5`; null = every CLIP encoder of
+        the model. Only SD3 trains a subset, or T5 (whose gradient runs through T5-XXL: see the README's SD3.5
+        section for its cost); a prompt leaves a concept out of the encoders it has no vectors for.
     """
 
     checkpointed = ("bank",)
@@ -67,9 +71,15 @@ class TextualInversion(DiffusionMethod):
         init_file: str | None = None,
         init_mode: str = "copy",
         keep_norm: bool = False,
+        encoders: list[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
+        for encoder in encoders or []:
+            check_choice("method.encoders", encoder, ENCODER_NAMES)
+        if encoders is not None and not encoders:
+            raise UserError("method.encoders is empty; name at least one of clip_l, clip_g, t5 (or null)")
+        self.encoders = None if encoders is None else list(encoders)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.num_vectors = check_vectors("method.num_vectors", num_vectors)
         self.init_text = init_text
@@ -89,8 +99,8 @@ class TextualInversion(DiffusionMethod):
         init_file: str | None = None,
         key: str = "method.init_file",
     ) -> dict[str, Tensor]:
-        """`{encoder: [n, d]}` for every text encoder of the backbone (SDXL: both)."""
-        encoders = backbone.text_encoders
+        """`{encoder: [n, d]}` for every trained text encoder of the backbone (SDXL: both)."""
+        encoders = self.trained_encoders(backbone)
         widths = {enc: te.get_input_embeddings().weight.shape[1] for enc, (_, te) in encoders.items()}
         if init_file:
             try:
@@ -98,6 +108,8 @@ class TextualInversion(DiffusionMethod):
             except UserError as e:
                 raise UserError(f"{key}: {e}") from None
             vectors = from_file(files[0].vectors, widths)
+            if vectors is not None and set(vectors) != set(widths):  # an SD3 file without a trained part
+                vectors = None
             if vectors is None:
                 want = to_file(widths)
                 raise UserError(
@@ -109,10 +121,27 @@ class TextualInversion(DiffusionMethod):
             enc: start_vectors(self.init_mode, tok, te, init_text, num_vectors) for enc, (tok, te) in encoders.items()
         }
 
+    def trained_encoders(self, backbone: Backbone) -> dict:
+        """`{encoder: (tokenizer, text encoder)}` of the encoders this run trains vectors for (`encoders`)."""
+        available = backbone.text_encoders
+        if self.encoders is None:
+            return {k: v for k, v in available.items() if k != "text_encoder_3"}
+        keys = [ENCODER_NAMES[e] for e in self.encoders]
+        missing = [e for e, k in zip(self.encoders, keys) if k not in available]
+        if missing:
+            raise UserError(
+                f"method.encoders: this model has no {', '.join(missing)} encoder "
+                "(T5 is SD3's, and absent when model.t5=false or the model folder has none); remove it"
+            )
+        clips = {k for k in available if k != "text_encoder_3"}
+        if not backbone.is_sd3 and set(keys) != clips:
+            raise UserError(f"method.encoders={self.encoders}: only SD3 trains some encoders; use null here")
+        return {k: available[k] for k in keys}
+
     def build_trainables(self, backbone: Backbone) -> None:
         check_name(backbone.tokenizer, self.name, "name")
         self.bank.add(self.name, self.initial_vectors(backbone, self.init_text, self.num_vectors, self.init_file))
-        self.norms = {enc: vocabulary_norm(te) for enc, (_, te) in backbone.text_encoders.items()}
+        self.norms = {enc: vocabulary_norm(te) for enc, (_, te) in self.trained_encoders(backbone).items()}
         self.prompt_encoder = PromptEncoder(backbone, self.bank, self.clip_skip)
 
     def param_groups(self) -> list[dict]:
@@ -123,7 +152,8 @@ class TextualInversion(DiffusionMethod):
         return self.bank
 
     def identity(self) -> dict:
-        return {**super().identity(), "vectors": {n: self.bank.num_vectors(n) for n in self.bank.names}}
+        identity = {**super().identity(), "vectors": {n: self.bank.num_vectors(n) for n in self.bank.names}}
+        return identity | ({"encoders": self.bank.encoders()} if self.backbone and self.backbone.is_sd3 else {})
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.prompt_encoder(list(prompts), self.device)
@@ -181,13 +211,13 @@ class TextualInversion(DiffusionMethod):
 
     def export_images(self, directory: Path, step: int, preview) -> list[Path]:
         """A1111's "save images with embedding in PNG chunks": `<directory>/<stem>-<step>.png` per concept,
-        named `<stem>-<step>` inside, around the PIL `preview` image. Not for SDXL: A1111's PNG format holds
-        one encoder's vectors, so SDXL pairs are skipped (with one warning)."""
-        if self.backbone.is_sdxl:
+        named `<stem>-<step>` inside, around the PIL `preview` image. Not for SDXL or SD3: A1111's PNG format
+        holds one encoder's vectors, so their parts are skipped (with one warning)."""
+        if self.bank.encoders() != ["text_encoder"]:
             if not self.warned_png:
                 self.warned_png = True
                 rank_zero_warn(
-                    "SDXL embeddings cannot be written into PNGs (A1111's format holds one encoder); skipped"
+                    "SDXL/SD3 embeddings cannot be written into PNGs (A1111's format holds one encoder); skipped"
                 )
             return []
         return [

@@ -12,12 +12,21 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
     SchedulerMixin,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
 from transformers.utils import logging as hf_logging
 
 from lit_ti.errors import UserError
@@ -28,32 +37,49 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 @dataclass
 class Backbone:
-    """Loaded, frozen SD1.x/SD2.x/SDXL components.
+    """Loaded, frozen SD1.x/SD2.x/SDXL/SD3 components.
 
     `text_encoders` maps an encoder key (the diffusers attribute name) to (tokenizer, encoder); SDXL adds
-    `text_encoder_2`, and everything keyed by encoder (embedding bank, files) follows that key.
+    `text_encoder_2`, SD3 also `text_encoder_3` (T5, when loaded), and everything keyed by encoder (embedding
+    bank, files) follows that key. `unet` is the denoiser: SD3's is an MMDiT (`SD3Transformer2DModel`), trained
+    by flow matching (its scheduler is a `FlowMatchEulerDiscreteScheduler`).
     """
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | SD3Transformer2DModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler  # the training noise schedule; previews build their sampler from its config
     name: str  # recorded in embedding files as sd_checkpoint_name
     checkpoint_hash: str | None = None  # A1111 short hash when loaded from a single file
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's OpenCLIP bigG encoder
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's / SD3's OpenCLIP bigG encoder
     tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_3: T5EncoderModel | None = None  # SD3's T5 (None: SD3 runs without it)
+    tokenizer_3: PreTrainedTokenizerBase | None = None
+
+    @property
+    def is_sd3(self) -> bool:
+        return isinstance(self.unet, SD3Transformer2DModel)
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_sd3
 
     @property
     def text_encoders(self) -> dict[str, tuple[CLIPTokenizer, CLIPTextModel]]:
         encoders = {"text_encoder": (self.tokenizer, self.text_encoder)}
         if self.text_encoder_2 is not None:
             encoders["text_encoder_2"] = (self.tokenizer_2, self.text_encoder_2)
+        if self.text_encoder_3 is not None:
+            encoders["text_encoder_3"] = (self.tokenizer_3, self.text_encoder_3)
         return encoders
+
+    def sampler(self, scheduler_class: type[SchedulerMixin]) -> SchedulerMixin:
+        """A sampler of `scheduler_class` for this model; flow-matching models (SD3) have one sampler, Euler
+        on the flow, whatever the class asked for."""
+        if self.is_sd3:
+            return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        return scheduler_class.from_config(self.scheduler.config)
 
     @property
     def frozen(self) -> list[torch.nn.Module]:
@@ -74,6 +100,20 @@ class Backbone:
 
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
         """A diffusers pipeline around these very modules (no copy, no reload), for sampling."""
+        if self.is_sd3:
+            pipe = StableDiffusion3Pipeline(
+                transformer=self.unet,
+                scheduler=scheduler or self.scheduler,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_2=self.tokenizer_2,
+                text_encoder_3=self.text_encoder_3,
+                tokenizer_3=self.tokenizer_3,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         if self.is_sdxl:
             pipe = StableDiffusionXLPipeline(
                 vae=self.vae,
@@ -167,6 +207,8 @@ class DiffusersFolder:
                 f"model.path: {root} is not a folder; point it at a local diffusers model folder "
                 f"(with {', '.join(s + '/' for s in SUBFOLDERS)})"
             )
+        if (root / "transformer").is_dir() and (root / "text_encoder_2").is_dir():
+            raise UserError(f"model.path: {root} is an SD3 folder (it has transformer/); use model=sd3")
         missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
         if missing:
             raise UserError(

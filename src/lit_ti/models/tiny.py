@@ -192,12 +192,14 @@ class TinyBackbone:
                 sample_size=cfg["image"],
                 **cfg["vae"],
             )
-            text_encoder = _text_encoder(CLIPTextModel, tokenizer, cfg["text"], "gelu" if open_clip else "quick_gelu")
+            text_encoder = clip_text_encoder(
+                CLIPTextModel, tokenizer, cfg["text"], "gelu" if open_clip else "quick_gelu"
+            )
             width = cfg["text"]["hidden_size"]
             text_encoder_2 = tokenizer_2 = None
             if "text_2" in cfg:  # SDXL's second (OpenCLIP bigG-like) encoder, with the pooled projection
                 tokenizer_2 = clip_tokenizer(pad="!")
-                text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, tokenizer_2, cfg["text_2"], "gelu")
+                text_encoder_2 = clip_text_encoder(CLIPTextModelWithProjection, tokenizer_2, cfg["text_2"], "gelu")
                 width += cfg["text_2"]["hidden_size"]
             unet = UNet2DConditionModel(
                 sample_size=cfg["image"] // 2 ** (n_vae - 1),
@@ -236,7 +238,7 @@ class TinyBackbone:
         ).freeze()
 
 
-def _text_encoder(cls, tokenizer: CLIPTokenizer, sizes: dict, act: str):
+def clip_text_encoder(cls, tokenizer: CLIPTokenizer, sizes: dict, act: str):
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=77,

@@ -51,8 +51,11 @@ class EmbeddingBank(nn.Module):
         return next(iter(self.get(name).values())).shape[0]
 
     def table(self, encoder: str) -> Tensor:
-        """All concepts' vectors for one encoder, stacked in bank order: `[sum n, d]`."""
-        return torch.cat([self.vectors[self.key(name, encoder)] for name in self.names])
+        """All concepts' vectors for one encoder, stacked in bank order: `[sum n, d]`. A concept without a part
+        for this encoder (an SD3 concept trained without T5) holds zero rows there, which no prompt uses."""
+        parts = {name: self.vectors[self.key(name, encoder)] for name in self.names if encoder in self.get(name)}
+        like = next(iter(parts.values()))
+        return torch.cat([parts.get(n, like.new_zeros(self.num_vectors(n), like.shape[1])) for n in self.names])
 
     def offsets(self) -> dict[str, int]:
         """Row where each concept starts in `table()`."""

@@ -8,6 +8,8 @@ an index of one `nn.Sequential`. Forward: `x + f(x) · strength` (strength is 1 
 installed) so that K and V see the transformed context; `detach` puts the original processors back.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -139,28 +141,30 @@ class Hypernetwork(nn.Module):
 
 
 class _KVProxy:
-    """Looks like the Attention module to its processor, but K and V inputs first pass through the pairs."""
+    """Looks like the Attention module to its processor, but K and V inputs first pass through the pairs.
 
-    def __init__(self, attn, pairs: list[nn.ModuleList]) -> None:
+    joint: SD3's joint attention, whose context stream has its own K/V projections (`add_k_proj`,
+    `add_v_proj`); those are the ones wrapped there, and the image stream's `to_k`/`to_v` stay as they are."""
+
+    def __init__(self, attn, pairs: list[nn.ModuleList], joint: bool = False) -> None:
         self._attn, self._pairs = attn, pairs
+        self._kv = ("add_k_proj", "add_v_proj") if joint else ("to_k", "to_v")
 
     def __getattr__(self, name: str):
+        if name in self._kv:
+            return partial(self._through, self._kv.index(name), getattr(self._attn, name))
         return getattr(self._attn, name)
 
-    def to_k(self, x: Tensor) -> Tensor:
+    def _through(self, index: int, projection, x: Tensor) -> Tensor:
         for pair in self._pairs:  # several hypernetworks chain (A1111)
-            x = pair[0](x)
-        return self._attn.to_k(x)
-
-    def to_v(self, x: Tensor) -> Tensor:
-        for pair in self._pairs:
-            x = pair[1](x)
-        return self._attn.to_v(x)
+            x = pair[index](x)
+        return projection(x)
 
 
 class HypernetworkProcessor:
     """Wraps an attention processor: the context (for self-attention, the hidden states) goes through the
-    pair of its width before `to_k` / `to_v`. Q is never touched, as in A1111."""
+    pair of its width before the K / V projections. Q is never touched, as in A1111. In SD3's joint attention
+    the context stream's K/V (`add_k_proj`, `add_v_proj`) are the ones that take the pairs."""
 
     def __init__(self, inner, hypernetworks: list[Hypernetwork]) -> None:
         self.inner, self.hypernetworks = inner, hypernetworks
@@ -168,21 +172,24 @@ class HypernetworkProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         pairs = [p for p in (hn.pair(context.shape[-1]) for hn in self.hypernetworks) if p is not None]
-        target = _KVProxy(attn, pairs) if pairs else attn
+        joint = encoder_hidden_states is not None and getattr(attn, "add_k_proj", None) is not None
+        target = _KVProxy(attn, pairs, joint) if pairs else attn
         return self.inner(target, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
 def attach(unet, hypernetworks: Hypernetwork | list[Hypernetwork], self_attention: bool = True) -> dict:
-    """Wrap every attention processor of `unet`; returns the original processors for `detach`.
+    """Wrap every attention processor of `unet` (or SD3's MMDiT); returns the original processors for `detach`.
 
     self_attention: also transform self-attention K/V at widths the hypernetwork has (A1111 does; its
-    320/640/1280 modules exist for that). False: only cross-attention contexts.
+    320/640/1280 modules exist for that; SD3.5's extra image-only attention counts as self-attention).
+    False: only the text contexts (cross-attention, SD3's joint attention's context stream).
     """
     hns = hypernetworks if isinstance(hypernetworks, list) else [hypernetworks]
     original = dict(unet.attn_processors)
     wrapped = {}
     for name, proc in original.items():
-        is_self = name.split(".")[-2] == "attn1"
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        is_self = not attn.is_cross_attention and getattr(attn, "add_k_proj", None) is None  # no text context
         wrapped[name] = proc if (is_self and not self_attention) else HypernetworkProcessor(proc, hns)
     unet.set_attn_processor(wrapped)
     return original

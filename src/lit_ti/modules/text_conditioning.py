@@ -80,14 +80,19 @@ def shorten(ids: list[int], slots: list[int], limit: int) -> tuple[list[int], li
 class PromptTokenizer:
     """Tokenizes prompts whose concept names stand for their bank vectors.
 
-    Returns `input_ids [B, 77]` and `slots [B, 77]`, where `slots` is the row of `bank.table()` that goes
-    at each position, or -1. Results are cached per prompt string, since a run reuses a handful of
+    Returns `input_ids [B, L]` and `slots [B, L]` (L = 77 for CLIP, 256 for SD3's T5), where `slots` is the row
+    of `bank.table()` that goes at each position, or -1. Results are cached per prompt string, since a run reuses a handful of
     template lines.
     """
 
-    def __init__(self, tokenizer: CLIPTokenizer, bank: EmbeddingBank) -> None:
+    def __init__(
+        self, tokenizer: CLIPTokenizer, bank: EmbeddingBank, encoder: str | None = None, length: int | None = None
+    ) -> None:
         self.tokenizer = tokenizer
+        self.length = length or tokenizer.model_max_length  # tokens per prompt, the special ones included
         self.counts = {name: bank.num_vectors(name) for name in bank.names}
+        # a concept without vectors for this encoder leaves no token in its prompts (as ComfyUI skips them)
+        self.served = {name for name in bank.names if encoder is None or encoder in bank.get(name)}
         self.offsets = bank.offsets()
         names = sorted(self.counts, key=len, reverse=True)  # longest first: "x-neg" before "x"
         self.pattern = (
@@ -107,13 +112,16 @@ class PromptTokenizer:
         for i, piece in enumerate(pieces):
             if i % 2:  # odd pieces are the captured names
                 name = self.lower[piece.lower()]
+                if name not in self.served:
+                    continue
                 ids += [0] * self.counts[name]  # placeholder ids; the hook overwrites these rows
                 slots += range(self.offsets[name], self.offsets[name] + self.counts[name])
             elif piece.strip():
                 piece_ids = tok(piece, add_special_tokens=False).input_ids
                 ids += piece_ids
                 slots += [-1] * len(piece_ids)
-        limit = tok.model_max_length - 2
+        start = [] if tok.bos_token_id is None else [tok.bos_token_id]  # T5 has no start token
+        limit = self.length - len(start) - 1
         if len(ids) > limit:
             if not self.warned:  # once per run: a long-caption folder would otherwise warn on every prompt
                 self.warned = True
@@ -125,9 +133,9 @@ class PromptTokenizer:
                 )
             ids, slots = shorten(ids, slots, limit)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = [tok.bos_token_id, *ids, tok.eos_token_id]
-        slots = [-1, *slots, -1]
-        fill = tok.model_max_length - len(ids)
+        ids = [*start, *ids, tok.eos_token_id]
+        slots = [-1] * len(start) + [*slots, -1]
+        fill = self.length - len(ids)
         return ids + [pad] * fill, slots + [-1] * fill
 
     def carries(self, prompts: list[str]) -> list[bool]:
@@ -147,14 +155,24 @@ class PromptTokenizer:
 
 
 class Conditioning(NamedTuple):
-    """What the UNet is conditioned on: hidden states `[B, 77, d]` and, for SDXL, the pooled `[B, 1280]`
-    embedding of its second encoder (with d = 768 + 1280, both encoders' states side by side)."""
+    """What the denoiser is conditioned on: hidden states `[B, L, d]` and a pooled embedding, or None.
+
+    SD1/SD2: `[B, 77, d]`. SDXL: `[B, 77, 768 + 1280]` (both encoders side by side) and CLIP-G's pooled
+    `[B, 1280]`. SD3: `[B, 77 + 256, 4096]` (CLIP-L and CLIP-G side by side, zero-padded to T5's width, then
+    T5's 256 tokens) and both CLIP encoders' pooled outputs `[B, 768 + 1280]`."""
 
     states: Tensor
     pooled: Tensor | None = None
 
     def to(self, dtype: torch.dtype) -> "Conditioning":
         return Conditioning(self.states.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
+
+
+def token_embedding(text_encoder) -> torch.nn.Module:
+    """The token-embedding layer the encoder's forward calls. T5's stack holds its own module tied to
+    `get_input_embeddings()` (the same weight, another module), so a hook on the latter would never run."""
+    stack = getattr(text_encoder, "encoder", None)
+    return getattr(stack, "embed_tokens", None) or text_encoder.get_input_embeddings()
 
 
 def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, hidden_states: bool):
@@ -166,7 +184,7 @@ def _run(text_encoder, input_ids: Tensor, slots: Tensor, table: Tensor | None, h
 
     handle = None
     if table is not None and bool((slots >= 0).any()):
-        handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
+        handle = token_embedding(text_encoder).register_forward_hook(splice)
     try:
         return text_encoder(input_ids, output_hidden_states=hidden_states)
     finally:
@@ -188,32 +206,55 @@ def encode(
     return final_norm(out.hidden_states[-clip_skip])
 
 
+T5_TOKENS = 256  # SD3's T5 sequence length (diffusers' `max_sequence_length` default)
+
+
 class PromptEncoder:
     """Prompts -> `Conditioning` through every text encoder of a backbone, the bank's vectors spliced in.
 
-    SD1.x/SD2.x: one encoder, A1111's clip skip. SDXL (as its pipeline and A1111 do): each encoder's hidden
-    state `clip_skip + 1` from the end without the final norm (the penultimate layer by default), concatenated
-    along the feature axis, and the projected pooled output of the second encoder.
+    SD1.x/SD2.x: one encoder, A1111's clip skip. SDXL and SD3 (as their diffusers pipelines do): each CLIP
+    encoder's hidden state `clip_skip + 1` from the end without the final norm (the penultimate layer by
+    default), concatenated along the feature axis, and the projected pooled output (SDXL: CLIP-G's; SD3: both,
+    concatenated). SD3 pads the CLIP states to T5's width and appends T5's last hidden states (zeros without T5).
     """
 
     def __init__(self, backbone, bank: EmbeddingBank, clip_skip: int = 1) -> None:
-        self.sdxl = backbone.is_sdxl
+        self.family = "sd3" if backbone.is_sd3 else "sdxl" if backbone.is_sdxl else "sd"
         self.bank = bank
         self.clip_skip = clip_skip
-        self.parts = [(key, PromptTokenizer(tok, bank), enc) for key, (tok, enc) in backbone.text_encoders.items()]
+        self.parts = [
+            (key, PromptTokenizer(tok, bank, key, T5_TOKENS if key == "text_encoder_3" else None), enc)
+            for key, (tok, enc) in backbone.text_encoders.items()
+        ]
+        self.width = backbone.unet.config.get("joint_attention_dim")  # SD3: T5's width
 
     def carries(self, prompts: list[str]) -> list[bool]:
         """Whether each prompt holds at least one of the bank's vectors (a sample that can train them)."""
-        return self.parts[0][1].carries(list(prompts))
+        per_part = [tokenizer.carries(list(prompts)) for _, tokenizer, _ in self.parts]
+        return [any(flags) for flags in zip(*per_part)]
 
-    def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
-        states, pooled = [], None
+    def _inputs(self, prompts: list[str], device):
         for key, tokenizer, text_encoder in self.parts:
             ids, slots = tokenizer(list(prompts), device)
             table = self.bank.table(key) if key in self.bank.encoders() else None
-            if not self.sdxl:
+            yield key, ids, slots, table, text_encoder
+
+    def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
+        states, pooled, t5 = [], [], None
+        for key, ids, slots, table, text_encoder in self._inputs(prompts, device):
+            if self.family == "sd":
                 return Conditioning(encode(text_encoder, ids, slots, table, self.clip_skip))
+            if key == "text_encoder_3":
+                t5 = _run(text_encoder, ids, slots, table, hidden_states=False).last_hidden_state
+                continue
             out = _run(text_encoder, ids, slots, table, hidden_states=True)
             states.append(out.hidden_states[-(self.clip_skip + 1)])
-            pooled = getattr(out, "text_embeds", pooled)  # the second encoder (with projection)
-        return Conditioning(torch.cat(states, dim=-1), pooled)
+            if hasattr(out, "text_embeds"):  # SDXL: only the second encoder has a projection
+                pooled.append(out.text_embeds)
+        clip = torch.cat(states, dim=-1)
+        if self.family == "sdxl":
+            return Conditioning(clip, pooled[-1])
+        if t5 is None:  # SD3 without T5: its tokens are zeros
+            t5 = clip.new_zeros(clip.shape[0], T5_TOKENS, self.width)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))

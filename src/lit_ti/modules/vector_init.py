@@ -34,8 +34,9 @@ def cross_vectors(tokenizer, text_encoder, init_text: str, n: int) -> Tensor:
     if not ids:
         return torch.zeros(n, width)
     device = text_encoder.get_input_embeddings().weight.device
-    full = torch.tensor([[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]], device=device)
-    states = text_encoder(full).last_hidden_state[0, 1 : 1 + len(ids)].float().cpu()  # [k, d]
+    start = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]  # T5 has no start token
+    full = torch.tensor([[*start, *ids, tokenizer.eos_token_id]], device=device)
+    states = text_encoder(full).last_hidden_state[0, len(start) : len(start) + len(ids)].float().cpu()  # [k, d]
     return states[[i * len(ids) // n for i in range(n)]]
 
 

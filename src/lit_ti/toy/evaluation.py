@@ -71,14 +71,13 @@ def evaluate(
 ) -> dict:
     """Recovery and classifier accuracy of `method`'s concept (its `name`; its `concept_bank` is what
     `init_vectors` stand in for) against the toy `concept`."""
-    bb = method.backbone
     colour, shape = concept_parts(concept)
     pixels = heldout_pixels(concept)
     mean, _ = method.encode_images(pixels)
     prompt = f"a {method.name}"
 
     def loss(text: str, predict=method.predict) -> float:
-        return denoising_loss(predict, bb.scheduler, mean, text)
+        return denoising_loss(predict, method.objective, mean, text)
 
     def conditional(noisy, t, batch):  # plain words: the prediction without the method's guidance
         return DiffusionMethod.predict(method, noisy, t, batch)
