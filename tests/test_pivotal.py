@@ -287,3 +287,12 @@ def test_generate_puts_the_lora_on_as_trained_and_takes_it_off_again(tmp_path):
     assert not lora.layers(bb.unet) and not lora.layers(bb.text_encoder)
     after = bb.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sd3_is_refused_in_one_line_before_anything_is_attached():
+    from lit_ti.models import TinySD3
+
+    method = PivotalTuning(TinySD3(), name=NAME)
+    with pytest.raises(UserError, match=r"^method=pivotal: SD3"):
+        method.configure_model()
+    assert len(method.lora) == 0

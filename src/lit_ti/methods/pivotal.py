@@ -79,6 +79,8 @@ class PivotalTuning(TextualInversion):
         self.lora = nn.ModuleDict()  # {kohya module name: {"down", "up"}}: what checkpoints hold of the LoRA
 
     def build_trainables(self, backbone: Backbone) -> None:
+        if backbone.is_sd3:  # SD3's MMDiT has no kohya/A1111 LoRA key layout here yet: no file we could vouch for
+            raise UserError("method=pivotal: SD3 models are not supported yet; use method=textual_inversion on SD3")
         super().build_trainables(backbone)  # the bank and the prompt encoder, before any adapter exists
         targets = {"unet": (backbone.unet, lora.UNET_TARGETS)}
         if self.text_encoder_lora:
