@@ -95,6 +95,13 @@ def test_a_file_that_is_no_sd_checkpoint_is_named(tmp_path):
     save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(UserError, match=r"model.path: .*lora.safetensors is not an SD1.x/SD2.x/SDXL checkpoint"):
         SingleFile(str(path)).load()
+    for family, key in [
+        ("SD3/SD3.5", "joint_blocks.0.x_block.attn.qkv.weight"),
+        ("Flux", "double_blocks.0.img_attn.qkv.weight"),
+    ]:
+        save_file({f"model.diffusion_model.{key}": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+        with pytest.raises(UserError, match=f"is a {family} single file, which lit_ti does not read"):
+            SingleFile(str(tmp_path / "other.safetensors")).load()
     with pytest.raises(UserError, match="is not a file"):
         SingleFile(str(tmp_path / "missing.safetensors")).load()
     (tmp_path / "broken.safetensors").write_bytes(os.urandom(64))

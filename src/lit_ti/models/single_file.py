@@ -36,6 +36,11 @@ FAMILIES = {
         "sd15",
     ),
 }
+# families lit_ti recognises but does not read as single files: (a key prefix only they hold, what to do instead)
+NOT_READ = {
+    "SD3/SD3.5": ("model.diffusion_model.joint_blocks.", "use its diffusers folder with model=sd3"),
+    "Flux": ("model.diffusion_model.double_blocks.", "Flux is not supported yet"),
+}
 
 
 def short_hash(path: str | Path) -> str:
@@ -76,6 +81,9 @@ def detect_family(keys: set[str], path: Path) -> str:
         raise UserError(
             f"model.path: {path} is an SDXL refiner, which has no CLIP-L encoder to train; use a base model"
         )
+    for family, (prefix, instead) in NOT_READ.items():
+        if any(key.startswith(prefix) for key in keys):
+            raise UserError(f"model.path: {path} is a {family} single file, which lit_ti does not read; {instead}")
     raise UserError(
         f"model.path: {path} is not an SD1.x/SD2.x/SDXL checkpoint (no text encoder found among its "
         f"{len(keys)} weights); for a diffusers folder use model=diffusers"
