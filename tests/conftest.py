@@ -33,6 +33,7 @@ QUICK_SKIPS = {
     "test_sweeps",
     "test_notebook",
     "test_sdxl",
+    "test_sd3",  # a second model family end to end, as test_sdxl
     "test_latent_cache",
     # whole pipelines
     "test_toy",
@@ -42,6 +43,8 @@ QUICK_SKIPS = {
     "test_precision",
     "test_resume",  # every method interrupted and resumed
     "test_bad_input",  # a hundred inputs, some through `python train.py`
+    "test_pivotal",  # trains, exports and generates with a LoRA
+    "test_time_to_quality",  # short fits per option
 }
 
 
