@@ -242,13 +242,7 @@ class DiffusersFolder:
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **overrides)
         except (OSError, ValueError) as e:
             raise UserError(f"model.path: could not load the diffusers model in {root}: {e}") from e
-        # transformers 5 silently returns a 2-token tokenizer for a folder without vocabulary files.
-        for sub, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
-            if tok is not None and len(tok) < 1000:
-                raise UserError(
-                    f"model.path: {root / sub} holds no usable CLIP vocabulary ({len(tok)} tokens); "
-                    "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
-                )
+        check_vocabularies(root, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
         return Backbone(
             unet=unet,
             vae=vae,
@@ -259,3 +253,14 @@ class DiffusersFolder:
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         ).freeze()
+
+
+def check_vocabularies(root: Path, **tokenizers) -> None:
+    """One line for a CLIP tokenizer folder without vocabulary files, which transformers 5 silently loads as a
+    2-token tokenizer. `tokenizers`: {subfolder: tokenizer or None}."""
+    for sub, tok in tokenizers.items():
+        if tok is not None and len(tok) < 1000:
+            raise UserError(
+                f"model.path: {root / sub} holds no usable CLIP vocabulary ({len(tok)} tokens); "
+                "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
+            )

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokeniz
 from transformers.utils import logging as hf_logging
 
 from lit_ti.errors import UserError
-from lit_ti.models.backbone import Backbone, built_in
+from lit_ti.models.backbone import Backbone, built_in, check_vocabularies
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 T5_SUBFOLDERS = ("text_encoder_3", "tokenizer_3")
@@ -71,12 +71,7 @@ class SD3Folder:
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        for sub, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
-            if len(tok) < 1000:  # transformers 5 returns a 2-token tokenizer for a folder without vocabulary
-                raise UserError(
-                    f"model.path: {root / sub} holds no usable CLIP vocabulary ({len(tok)} tokens); "
-                    "copy the model's tokenizer files (vocab.json + merges.txt or tokenizer.json) there"
-                )
+        check_vocabularies(root, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
         return Backbone(
             unet=transformer,
             vae=vae,
