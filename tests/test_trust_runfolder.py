@@ -133,6 +133,32 @@ def test_stale_temp_files_go_only_when_their_writer_is_dead_and_only_where_lit_t
     assert all(p.exists() for p in (live, other_host, below, plain))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_folder_a_run_writes_temp_files_in_is_swept_by_the_next(entry, monkeypatch, method):
+    """A kill leaves temp files wherever a write was under way: the next run must sweep each such folder
+    (a new output folder that the sweep does not know would keep a killed run's temp files forever)."""
+    from lit_ti import run_folder
+
+    written, swept, mkstemp, sweep = set(), set(), tempfile.mkstemp, run_folder.remove_stale
+
+    def recording_mkstemp(*args, dir=None, **kwargs):
+        written.add(Path(dir).absolute())
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    def recording_sweep(folders):
+        folders = [Path(f).absolute() for f in folders]
+        swept.update(folders)
+        return sweep(folders)
+
+    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(run_folder, "remove_stale", recording_sweep)
+    everything = [o for o in METHODS[method] if o != "callbacks.preview=null"]
+    outcome = entry.train("name=zz-concept", *everything, *CKPT, "callbacks.preview.every_n_steps=1")
+    assert outcome.code == 0, outcome.stderr[-2000:]
+    assert any(p.name == "previews" for p in written) and swept
+    assert {p for p in written if p.is_relative_to(entry.out)} <= swept
+
+
 def test_a_run_refused_before_training_leaves_nothing(entry):
     # the template check runs after TensorBoard wrote its first event file: that must go again too
     outcome = entry.train("name=zz-concept", "data.template=none", *QUICK)

@@ -28,7 +28,8 @@ from lit_ti.io.paths import write_failed
 STARTED = time.time() - 0.05
 METHOD_FOLDERS = ("embeddings", "hypernetworks", "loras")  # the methods' `periodic_dirname`s (a test checks)
 MADE = ("tensorboard", "checkpoints", *METHOD_FOLDERS, "previews", "image_embeddings", "lightning_logs")
-WRITTEN = ("", *METHOD_FOLDERS, "previews", "image_embeddings", "checkpoints")  # temp files only here
+# temp files only here (`.hydra` holds the config record written when training begins; a test checks the list)
+WRITTEN = ("", ".hydra", *METHOD_FOLDERS, "previews", "image_embeddings", "checkpoints")
 
 
 def _new(path: Path) -> bool:
