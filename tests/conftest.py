@@ -34,6 +34,7 @@ QUICK_SKIPS = {
     "test_notebook",
     "test_sdxl",
     "test_sd3",  # a second model family end to end, as test_sdxl
+    "test_sd3_single_file",
     "test_latent_cache",
     # whole pipelines
     "test_toy",
@@ -174,6 +175,36 @@ class TrainCommand:
 def cli() -> TrainCommand:
     """`cli.train(*args)`, `cli.train_ok(run_dir, *args)`, `cli.start(run_dir, *args)` (see TrainCommand)."""
     return TrainCommand()
+
+
+# ---------------------------------------------------------------- SD3 single files
+@pytest.fixture(scope="session")
+def sd3_single_file(tmp_path_factory):
+    """`sd3_single_file(size="sd3_tiny", inside=("clip_l", "clip_g", "t5"))` -> (backbone, files): a tiny SD3
+    saved as a diffusers folder (`files["config"]`, T5's tokenizer in `files["t5_tokenizer"]`) and as an
+    original-layout single file (`files["path"]`: MMDiT, VAE and the encoders named in `inside`), with each
+    encoder also as its own ComfyUI-style file (`files["clip_l"]`, `["clip_g"]`, `["t5"]`); see
+    tests/ldm_layout.py. Its CLIP-L projection is the identity: SD3 uses CLIP-L's pooled output unprojected,
+    and diffusers' single-file loader sets that projection so. Built once per (size, inside)."""
+    from lit_ti.models import TinySD3
+    from tests.ldm_layout import write_sd3_single_file
+
+    made = {}
+
+    def make(size: str = "sd3_tiny", inside=("clip_l", "clip_g", "t5")):
+        if (size, tuple(inside)) not in made:
+            backbone = TinySD3(size=size).load()
+            width = backbone.text_encoder.config.hidden_size
+            with torch.no_grad():
+                backbone.text_encoder.text_projection.weight.copy_(torch.eye(width))
+            folder = tmp_path_factory.mktemp(size)
+            backbone.pipeline().save_pretrained(folder / "config")
+            files = write_sd3_single_file(backbone, folder / "files", inside=inside)
+            files.update(config=folder / "config", t5_tokenizer=folder / "config" / "tokenizer_3")
+            made[size, tuple(inside)] = backbone, files
+        return made[size, tuple(inside)]
+
+    return make
 
 
 # ---------------------------------------------------------------- short in-process fits on the tiny backbone

@@ -170,3 +170,104 @@ def write_single_file(backbone, path: Path, family: str | None = None, dtype: to
         state.update(open_clip_state(backbone.text_encoder_2, "conditioner.embedders.1.model."))
     save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, path)
     return path
+
+
+# ---------------------------------------------------------------- SD3 / SD3.5 (MMDiT) single files
+SD3_TOP = {  # diffusers MMDiT module -> original (SD3 reference / ComfyUI) name
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+SD3_BLOCK = {  # per joint block: diffusers module -> original module
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "attn2.norm_q": "x_block.attn2.ln_q",
+    "attn2.norm_k": "x_block.attn2.ln_k",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+SD3_QKV = {
+    "x_block.attn.qkv": "attn.to_{}",
+    "context_block.attn.qkv": "attn.add_{}_proj",
+    "x_block.attn2.qkv": "attn2.to_{}",
+}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """diffusers orders the final adaLN's outputs (scale, shift), the original (shift, scale)."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def sd3_transformer_state(transformer) -> dict[str, torch.Tensor]:
+    """The MMDiT's weights under the original names (`model.diffusion_model.*`): q/k/v fused, the last
+    block's context adaLN and the final adaLN in (shift, scale) order."""
+    sd, last = transformer.state_dict(), transformer.config.num_layers - 1
+    out = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    for key in list(sd):
+        module, param = key.rsplit(".", 1)
+        if module in SD3_TOP:
+            value = sd.pop(key)
+            out[f"{SD3_TOP[module]}.{param}"] = _swap_halves(value) if module == "norm_out.linear" else value
+    for i in range(transformer.config.num_layers):
+        block = f"transformer_blocks.{i}."
+        for fused, separate in SD3_QKV.items():
+            for param in ("weight", "bias"):
+                names = [f"{block}{separate.format(q)}.{param}" for q in "qkv"]
+                if all(n in sd for n in names):
+                    out[f"joint_blocks.{i}.{fused}.{param}"] = torch.cat([sd.pop(n) for n in names])
+        for key in [k for k in sd if k.startswith(block)]:
+            module, param = key[len(block) :].rsplit(".", 1)
+            value = sd.pop(key)
+            if module == "norm1_context.linear" and i == last:
+                value = _swap_halves(value)
+            out[f"joint_blocks.{i}.{SD3_BLOCK[module]}.{param}"] = value
+    assert not sd, f"no original name for {sorted(sd)[:3]}"
+    return {f"model.diffusion_model.{k}": v for k, v in out.items()}
+
+
+def sd3_encoder_files(backbone) -> dict[str, dict[str, torch.Tensor]]:
+    """Each text encoder as ComfyUI's separate files hold it: `clip_l`, `clip_g` (transformers' `text_model.*`
+    layout) and `t5` (`encoder.*` and `shared.weight`, without the tied `encoder.embed_tokens` copy)."""
+    files = {"clip_l": hf_clip_state(backbone.text_encoder), "clip_g": hf_clip_state(backbone.text_encoder_2)}
+    if backbone.text_encoder_3 is not None:
+        t5 = backbone.text_encoder_3.state_dict()
+        files["t5"] = {k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}
+    return files
+
+
+SD3_ENCODER_PREFIX = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5": "text_encoders.t5xxl.transformer.",
+}
+
+
+def write_sd3_single_file(backbone, folder: Path, inside=("clip_l", "clip_g", "t5"), dtype=torch.float32) -> dict:
+    """Save an SD3-shaped `backbone` as `folder/model.safetensors` (MMDiT + VAE + the encoders in `inside`,
+    SD3 layout) and every text encoder as its own ComfyUI-style file `folder/<clip_l|clip_g|t5>.safetensors`.
+    Returns {"path": ..., "clip_l": ..., "clip_g": ..., "t5": ...} (t5 only when the backbone has one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**sd3_transformer_state(backbone.unet), **vae_state(backbone.vae)}
+    files = {"path": folder / "model.safetensors"}
+    for key, encoder in sd3_encoder_files(backbone).items():
+        if key in inside:
+            state.update({SD3_ENCODER_PREFIX[key] + k: v for k, v in encoder.items()})
+        files[key] = folder / f"{key}.safetensors"
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in encoder.items()}, files[key])
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, files["path"])
+    return files

@@ -2,6 +2,7 @@
 
 from lit_ti.models.backbone import Backbone, DiffusersFolder, weight_dtype
 from lit_ti.models.sd3 import SD3Folder
+from lit_ti.models.sd3_single_file import SD3SingleFile
 from lit_ti.models.single_file import SingleFile
 from lit_ti.models.tiny import TinyBackbone, clip_tokenizer
 from lit_ti.models.tiny_sd3 import TinySD3
@@ -10,6 +11,7 @@ __all__ = [
     "Backbone",
     "DiffusersFolder",
     "SD3Folder",
+    "SD3SingleFile",
     "SingleFile",
     "TinyBackbone",
     "TinySD3",

@@ -36,11 +36,10 @@ FAMILIES = {
         "sd15",
     ),
 }
+# single files another model config reads: (a key prefix only they hold, that config)
+ELSEWHERE = {"SD3/SD3.5": ("model.diffusion_model.joint_blocks.", "model=sd3_single_file")}
 # families lit_ti recognises but does not read as single files: (a key prefix only they hold, what to do instead)
-NOT_READ = {
-    "SD3/SD3.5": ("model.diffusion_model.joint_blocks.", "use its diffusers folder with model=sd3"),
-    "Flux": ("model.diffusion_model.double_blocks.", "Flux is not supported yet"),
-}
+NOT_READ = {"Flux": ("model.diffusion_model.double_blocks.", "Flux is not supported yet")}
 
 
 def short_hash(path: str | Path) -> str:
@@ -81,6 +80,9 @@ def detect_family(keys: set[str], path: Path) -> str:
         raise UserError(
             f"model.path: {path} is an SDXL refiner, which has no CLIP-L encoder to train; use a base model"
         )
+    for family, (prefix, config) in ELSEWHERE.items():
+        if any(key.startswith(prefix) for key in keys):
+            raise UserError(f"model.path: {path} is a single file of {family}; load it with {config}")
     for family, (prefix, instead) in NOT_READ.items():
         if any(key.startswith(prefix) for key in keys):
             raise UserError(f"model.path: {path} is a {family} single file, which lit_ti does not read; {instead}")
@@ -167,4 +169,9 @@ class SingleFile:
 
 
 def shipped_config(family: str) -> Path:
-    return Path(str(resources.files("lit_ti").joinpath("assets", "single_file", FAMILIES[family][1])))
+    return shipped_folder(FAMILIES[family][1])
+
+
+def shipped_folder(name: str) -> Path:
+    """One of the diffusers config folders shipped in `assets/single_file/` (see its README)."""
+    return Path(str(resources.files("lit_ti").joinpath("assets", "single_file", name)))

@@ -30,6 +30,22 @@ SIZES = {
         clip_g=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
         t5=dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
     ),
+    # sd3_tiny with SD3.5's MMDiT-X parts: a second image-only attention in block 0, RMS-normed q and k
+    "sd35_tiny": dict(
+        image=64,
+        vae=dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
+        transformer=dict(
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+        clip_l=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4),
+        clip_g=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+        t5=dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    ),
     # SD3.5 medium's layer sizes (random weights; for time and memory measurements only)
     "sd35_medium": dict(
         image=1024,
@@ -86,7 +102,8 @@ class TinySD3:
     """Random-weight SD3-shaped components (no files, no downloads).
 
     Args:
-        size: `sd3_tiny` (64 px) or `sd35_medium` (SD3.5 medium's layer sizes at 1024 px; benchmarks only).
+        size: `sd3_tiny` (64 px), `sd35_tiny` (the same with SD3.5's dual attention and q/k norms) or
+            `sd35_medium` (SD3.5 medium's layer sizes at 1024 px; benchmarks only).
         seed: weight initialisation seed; the same seed gives bit-identical weights.
         t5: build the T5 encoder; false = run without it, as SD3 allows (its part of the prompt is zeros).
     """
