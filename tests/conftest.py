@@ -207,6 +207,32 @@ def sd3_single_file(tmp_path_factory):
     return make
 
 
+# ---------------------------------------------------------------- measured runs (slow lane)
+def _train_measured(args: list[str], log: Path, timeout: float = 3600) -> tuple[int, float]:
+    """`python train.py ARGS` in a subprocess: (exit status, its peak RSS in GiB)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    peak = log.with_suffix(".peak")
+    with open(log, "w") as out:
+        cmd = [sys.executable, "-c", _LAUNCH, str(peak), str(timeout), sys.executable, "train.py", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=out, env=env)
+    return proc.returncode, (int(peak.read_text()) / 2**20 if peak.exists() else float("nan"))  # none: timed out
+
+
+# train.py is started by a small launcher, which reports its child's peak RSS (KiB). Measured from pytest directly,
+# ru_maxrss would include pytest's own high-water mark: Linux carries it into a child across fork and exec.
+_LAUNCH = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[3:], timeout=float(sys.argv[2])).returncode;"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+)
+
+
+@pytest.fixture(scope="session")
+def train_measured():
+    """`train_measured(args, log, timeout=3600) -> (exit status, peak RSS GiB)`: `python train.py ARGS` in its
+    own process, output into `log` (see _train_measured)."""
+    return _train_measured
+
+
 # ---------------------------------------------------------------- short in-process fits on the tiny backbone
 NAME = "zz-thing"  # the concept every short fit trains (its files are named after it)
 FIT_METHOD = dict(

@@ -4,7 +4,8 @@ tests/test_docs.py runs every fenced `bash` block of README.md and docs/*.md wit
 script. It rewrites the command's arguments and runs the real script from the repository:
 
 * real model paths (`model.path=/models/...`) -> the tiny diffusers folder, or the tiny single file when the
-  command says `model=single_file` (the tiny SD3 folder for `model=sd3`); a local tagger (`caption.tagger=`) -> a tiny tagger;
+  command says `model=single_file` (the tiny SD3 folder for `model=sd3`; for `model=sd3_single_file` the tiny
+  SD3 as one file, its encoders as ComfyUI-style files and its T5 tokenizer folder); a local tagger (`caption.tagger=`) -> a tiny tagger;
 * `data.dir=/data/x` (and held-out folders) -> small concept folders, made on first use;
 * steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), sweeps to two values per key,
   Optuna to two trials, GPUs to the CPU, run folders into the test's folder;
@@ -52,8 +53,10 @@ def next_run_dir(kind: str, under: str = "${name}") -> str:
 
 def rewrite(script: str, args: list[str]) -> list[str]:
     keys = {a.split("=", 1)[0] for a in args if "=" in a}
-    single = "model=single_file" in args
-    kind = "single_file" if single else "sd3" if "model=sd3" in args else "diffusers"
+    single, sd3_single = "model=single_file" in args, "model=sd3_single_file" in args
+    kind = (
+        "single_file" if single else "sd3_single_file" if sd3_single else "sd3" if "model=sd3" in args else "diffusers"
+    )
     sweep = "-m" in args or "--multirun" in args
     out = []
     for a in args:
@@ -61,8 +64,10 @@ def rewrite(script: str, args: list[str]) -> list[str]:
         key, _, value = a.partition("=")
         if key == "model.path":
             a = f"model.path={WORLD[kind]}"
-            if single and "model.config" not in keys:  # the tiny model is no shipped SD shape: its own configs
-                out.append(f"model.config={WORLD['diffusers']}")
+            if (single or sd3_single) and "model.config" not in keys:  # the tiny model is no shipped shape
+                out.append(f"model.config={WORLD['sd3' if sd3_single else 'diffusers']}")
+        elif sd3_single and key in ("model.clip_l", "model.clip_g", "model.t5", "model.t5_tokenizer"):
+            a = f"{key}={WORLD['sd3_' + key.split('.')[1]]}"  # the tiny SD3's encoder files, its T5 tokenizer
         elif key in ("data.dir", "callbacks.val_loss.dir") and value.startswith("/"):
             a = f"{key}={data_folder(value)}"
         elif key == "caption.tagger":

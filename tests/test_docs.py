@@ -24,6 +24,7 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     ". .venv/bin/activate && python -m pytest": "the test suite itself",
     "python train.py -m cluster=slurm": "needs a SLURM cluster (cluster=local runs the same path in tests/test_sweeps.py)",
     "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
+    "python train.py model=real_size_sd3": "minutes per step on a CPU; tests/test_sd3_real_size.py runs it (slow lane)",
 }
 
 
@@ -58,16 +59,22 @@ def test_every_documented_command_is_run_or_skipped_with_a_reason():
 @pytest.fixture(scope="module")
 def docs_world(tmp_path_factory) -> Path:
     """The test's working folder with the models real commands name: a tiny SD1-shaped diffusers folder, the
-    same model as an A1111 single file, a tiny SD3 folder, a tiny tagger and a folder of raw images for preprocess."""
+    same model as an A1111 single file, a tiny SD3 folder, the same SD3 as a single file with ComfyUI-style
+    encoder files, a tiny tagger and a folder of raw images for preprocess."""
     from lit_ti.models import TinyBackbone, TinySD3
     from tests.conftest import make_concept_dir, make_tagger
-    from tests.ldm_layout import write_single_file
+    from tests.ldm_layout import write_sd3_single_file, write_single_file
 
     home = tmp_path_factory.mktemp("docs")
     backbone = TinyBackbone().load()
     backbone.pipeline().save_pretrained(home / "models" / "sd15")
-    TinySD3().load().pipeline().save_pretrained(home / "models" / "sd3")
+    sd3 = TinySD3().load()
+    sd3.pipeline().save_pretrained(home / "models" / "sd3")
+    sd3_files = write_sd3_single_file(sd3, home / "models" / "sd3_file")
     world = {
+        "sd3_single_file": str(sd3_files.pop("path")),
+        **{f"sd3_{key}": str(path) for key, path in sd3_files.items()},  # clip_l, clip_g, t5
+        "sd3_t5_tokenizer": str(home / "models" / "sd3" / "tokenizer_3"),
         "diffusers": str(home / "models" / "sd15"),
         "sd3": str(home / "models" / "sd3"),
         "single_file": str(write_single_file(backbone, home / "models" / "model.safetensors")),

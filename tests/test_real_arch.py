@@ -9,9 +9,6 @@ records the dtypes, hashes every frozen weight before and after, and times the s
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -131,26 +128,6 @@ def real_models(tmp_path_factory):
 
 
 # ----------------------------------------------------------------- one run
-def train_measured(args: list[str], log: Path, timeout: float = 3600) -> tuple[int, float]:
-    """`python train.py ARGS` in a subprocess: (exit status, its peak RSS in GiB)."""
-    from tests.conftest import ROOT
-
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    peak = log.with_suffix(".peak")
-    with open(log, "w") as out:
-        cmd = [sys.executable, "-c", _LAUNCH, str(peak), str(timeout), sys.executable, "train.py", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=out, env=env)
-    return proc.returncode, (int(peak.read_text()) / 2**20 if peak.exists() else float("nan"))  # none: timed out
-
-
-# train.py is started by a small launcher, which reports its child's peak RSS (KiB). Measured from pytest directly,
-# ru_maxrss would include pytest's own high-water mark: Linux carries it into a child across fork and exec.
-_LAUNCH = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[3:], timeout=float(sys.argv[2])).returncode;"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
-)
-
-
 def check_files(run: Path, config: str, method: str) -> None:
     """The written files at the real widths, and loadable where others load them."""
     from lit_ti import io
@@ -196,7 +173,7 @@ def assert_diffusers_loads(path: Path, token: str, config: str, vectors: dict) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "layout", "method", "precision"), MATRIX)
-def test_real_architecture_trains(real_models, tmp_path, config, layout, method, precision):
+def test_real_architecture_trains(real_models, train_measured, tmp_path, config, layout, method, precision):
     path, folder = real_models(config)
     run = tmp_path / "run"
     code, rss = train_measured(
