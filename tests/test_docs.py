@@ -24,7 +24,6 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     ". .venv/bin/activate && python -m pytest": "the test suite itself",
     "python train.py -m cluster=slurm": "needs a SLURM cluster (cluster=local runs the same path in tests/test_sweeps.py)",
     "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
-    "python train.py model=real_size_sd3": "minutes per step on a CPU; tests/test_sd3_real_size.py runs it (slow lane)",
 }
 
 

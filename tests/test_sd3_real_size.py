@@ -3,6 +3,7 @@ real models' architecture and compute what an unshared model with the same weigh
 2 CPU training steps at 128 px with and without T5 vectors, with peak RSS (slow lane)."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -73,16 +74,19 @@ def test_a_shared_model_computes_what_the_unshared_one_with_its_weights_does():
 
 
 class StepTimes(Callback):
-    """Writes each training step's seconds to `out` (JSON)."""
+    """Writes each training step's wall and CPU seconds (all threads) and the load average to `out` (JSON).
+
+    On a shared machine the wall time says how busy it was; the CPU time is the step's own work."""
 
     def __init__(self, out: str) -> None:
-        self.out, self.steps, self.t0 = Path(out), [], 0.0
+        self.out, self.steps, self.t0 = Path(out), [], (0.0, 0.0)
 
     def on_train_batch_start(self, *args) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, *args) -> None:
-        self.steps.append(time.perf_counter() - self.t0)
+        wall, cpu = time.perf_counter() - self.t0[0], time.process_time() - self.t0[1]
+        self.steps.append({"wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()[0]})
         self.out.write_text(json.dumps(self.steps))
 
 
@@ -119,5 +123,6 @@ def test_real_size_sd35_trains_two_steps_on_cpu(train_measured, tmp_path, config
     want = {"clip_l": 768, "clip_g": 1280, **({"t5xxl": 4096} if "t5" in encoders else {})}
     assert {k: v.shape[1] for k, v in vectors.items()} == want
     steps = json.loads((tmp_path / "steps.json").read_text())
-    print(f"\n{config} [{encoders}]: peak RSS {rss:.2f} GiB, steps {', '.join(f'{s:.1f}' for s in steps)} s")
+    said = ", ".join(f"{s['wall_s']:.0f} s wall / {s['cpu_s']:.0f} s CPU (load {s['load']:.1f})" for s in steps)
+    print(f"\n{config} [{encoders}]: peak RSS {rss:.2f} GiB; steps: {said}")
     assert len(steps) == 2 and rss < 12  # one block of each kind in memory: far below the real weights
