@@ -53,8 +53,8 @@ class SD3SingleFile:
             configs of SD3 medium, SD3.5 medium or SD3.5 large, detected from the file.
         clip_l: ComfyUI's `clip_l.safetensors` (transformers layout); null = the encoder inside `path`.
         clip_g: ComfyUI's `clip_g.safetensors`; null = the encoder inside `path`.
-        t5: `t5xxl_fp16.safetensors` (or fp8-free variant); null = T5 inside `path` if it holds one; false =
-            run without T5 (its part of the prompt is zeros, as SD3 allows).
+        t5: `t5xxl_fp16.safetensors`; null (or true) = the T5 inside `path` if it holds one; false = run
+            without T5 (its part of the prompt is zeros, as SD3 allows).
         t5_tokenizer: a folder with T5's tokenizer files (`tokenizer_3/` of an SD3 diffusers copy, or
             google/t5-v1_1-xxl's); T5 runs only with it.
     """
@@ -79,7 +79,7 @@ class SD3SingleFile:
         checkpoint = read(path, "model.path")
         for key in ENCODERS:
             source = getattr(self, key)
-            if source is not None and source is not False:
+            if not isinstance(source, bool | None):  # true = as null: the encoder inside the file
                 add_encoder_file(checkpoint, key, checked_file(source, f"model.{key}"))
         for key in ("clip_l", "clip_g"):
             if ENCODERS[key][0] + TELLTALE[key] not in checkpoint:
@@ -133,7 +133,7 @@ class SD3SingleFile:
             rank_zero_info(f"[lit_ti] running without T5 ({why}); its part of every prompt is zeros, as SD3 allows")
             return None
         if self.t5_tokenizer is None:
-            if self.t5 is not None:  # a T5 file given on purpose: its tokenizer is not optional
+            if not isinstance(self.t5, bool | None):  # a T5 file given on purpose: its tokenizer is not optional
                 raise UserError(
                     "model.t5_tokenizer: T5 from model.t5 needs its tokenizer; point model.t5_tokenizer at a "
                     "tokenizer_3/ folder of any SD3 diffusers copy (or set model.t5=false)"
