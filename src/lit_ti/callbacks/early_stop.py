@@ -10,8 +10,8 @@ than its own scatter: the least-squares drop over the window is below twice the 
 
 A flat loss is not a settled token: on the toy world a token can drift between two colours (an orange and a
 yellow cross) that score almost the same loss, and stop on the wrong one. `max_drift` adds the same kind of test
-for the tensors themselves: over the window, their net change against the root-sum-square of their changes
-between measurements (`drift`), over the last `drift_window` measurements. A tensor still travelling in one
+for the tensors themselves: over the last `drift_window` measurements, their net change against the
+root-sum-square of their changes between measurements (`drift`). A tensor still travelling in one
 direction scores √drift_window; one that only jitters around a point (Adam at a constant rate never stands
 still) scores about 1 or less. The ratio has no unit, so it does not depend on the learning rate, the model or
 the method. A longer drift window than the loss's tells slow travel from jitter more surely (docs/results.md).
