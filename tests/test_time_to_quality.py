@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 
 from lit_ti import io, losses
 from lit_ti.callbacks import EarlyStop, ExportEmbeddings, LearningGuard, ValidationLoss
-from lit_ti.callbacks.early_stop import plateau
+from lit_ti.callbacks.early_stop import drift, learned, plateau
 from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError
 from lit_ti.io.embeddings import from_file
@@ -137,13 +137,69 @@ def test_plateau_fires_on_a_flat_noisy_loss_and_not_on_a_falling_one():
     assert not plateau(steep, window=6, ratio=0.15)
 
 
+def paths(kind: str, n: int = 7, dim: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """`n` flat snapshots of a tensor that travels straight, random-walks, jitters around a point or stands."""
+    g = torch.Generator().manual_seed(seed)
+    start, noise = torch.randn(dim, generator=g), torch.randn(n, dim, generator=g)
+    if kind == "straight":
+        return [start + 0.1 * i * torch.ones(dim) for i in range(n)]
+    if kind == "walk":
+        return list(start + 0.1 * noise.cumsum(dim=0))
+    if kind == "jitter":
+        return list(start + 0.1 * noise)
+    return [start] * n
+
+
+def test_drift_tells_a_travelling_tensor_from_a_jittering_one():
+    assert drift(paths("straight")) == pytest.approx(math.sqrt(6))
+    walks = [drift(paths("walk", seed=s)) for s in range(20)]
+    assert 0.8 < sum(walks) / len(walks) < 1.2, "a random walk drifts about 1, whatever its step size"
+    assert max(drift(paths("jitter", seed=s)) for s in range(20)) < 0.7  # about 1/sqrt(6): it keeps coming back
+    assert drift(paths("still")) == 0.0
+    scaled = [100 * v for v in paths("walk")]
+    assert drift(scaled) == pytest.approx(drift(paths("walk"))), "no unit: the rate and the model do not matter"
+
+
+def test_a_flat_loss_stops_only_once_the_tensors_have_settled():
+    g = torch.Generator().manual_seed(0)
+    flat = [0.02 + 0.01 * math.exp(-i / 5) + 1e-5 * float(torch.randn((), generator=g)) for i in range(40)]
+    falling = [0.03 - 1e-4 * i for i in range(40)]
+    wandering, settled = paths("straight"), paths("jitter")
+    assert learned(flat, [], window=6, ratio=0.15, max_drift=None), "off: the loss alone decides"
+    assert not learned(flat, wandering, window=6, ratio=0.15, max_drift=1.3), "a flat loss, a token still moving"
+    assert learned(flat, settled, window=6, ratio=0.15, max_drift=1.3)
+    assert not learned(flat, settled[:6], window=6, ratio=0.15, max_drift=1.3), "the window is not full yet"
+    assert not learned(falling, settled, window=6, ratio=0.15, max_drift=1.3), "settled tensors, a falling loss"
+    # only the last window + 1 snapshots count: a token that travelled and then settled may stop
+    assert learned(flat, wandering + settled, window=6, ratio=0.15, max_drift=1.3)
+    long_walk, long_jitter = paths("straight", n=13), paths("jitter", n=13)
+    assert not learned(flat, long_walk, window=6, ratio=0.15, max_drift=1.3, drift_window=12)
+    assert learned(flat, long_jitter, window=6, ratio=0.15, max_drift=1.3, drift_window=12)
+    assert not learned(flat, long_jitter[:12], window=6, ratio=0.15, max_drift=1.3, drift_window=12), "not full"
+
+
+@pytest.mark.parametrize("max_drift", [None, 1.0], ids=["loss", "loss+drift"])
 @pytest.mark.parametrize("method_cls", [TextualInversion, DreamArtist])
-def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir, method_cls):
-    stop = EarlyStop(every_n_steps=1, window=3, ratio=0.5, min_steps=0, draws=1)
-    # lr 0: val/loss is flat from the start
+def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir, method_cls, max_drift):
+    stop = EarlyStop(every_n_steps=1, window=3, ratio=0.5, min_steps=0, draws=1, max_drift=max_drift)
+    # lr 0: val/loss is flat from the start and the tensors stand still (drift 0)
     _, trainer = fit(concept_dir, max_steps=40, lr=0.0, callbacks=[stop], method_cls=method_cls)
     assert trainer.global_step == 6, "a constant loss is a plateau as soon as the window is full twice"
     assert stop.reason and "early stop at step 6" in stop.reason
+    assert ("drift 0.00" in stop.reason) == (max_drift is not None)
+    if max_drift is not None:
+        assert len(stop.snapshots) == 4 and all(torch.equal(s, stop.snapshots[0]) for s in stop.snapshots)
+
+
+def test_early_stop_waits_while_the_tensors_travel(concept_dir):
+    """The first steps of Adam at a large rate go one way: the window sees a straight path and the run goes on,
+    however the loss looks (ratio 1 accepts any flat window)."""
+    stop = EarlyStop(every_n_steps=1, window=3, ratio=1.0, min_steps=0, draws=1, max_drift=1.3)
+    method, trainer = fit(concept_dir, max_steps=8, lr=0.05, callbacks=[stop])
+    assert trainer.global_step == 8 and stop.reason is None
+    assert drift(list(stop.snapshots)) > 1.3
+    vectors = method.bank.get(NAME)["text_encoder"].detach().flatten()
+    torch.testing.assert_close(stop.snapshots[-1], vectors)  # the snapshots are the trained tensors
 
 
 EXPORTS = [(TextualInversion, {}), *((DreamArtist, {"export_vectors": e}) for e in ("ema", "live", "both"))]
@@ -221,3 +277,7 @@ def test_early_stop_errors_name_its_own_keys():
         EarlyStop(draws=0)
     with pytest.raises(UserError, match=r"^callbacks\.early_stop\.ratio"):
         EarlyStop(ratio=2)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.max_drift"):
+        EarlyStop(max_drift=0)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.drift_window"):
+        EarlyStop(drift_window=1)

@@ -1,4 +1,5 @@
-"""Stop when learned: end training once the deterministic validation loss has stopped falling.
+"""Stop when learned: end training once the deterministic validation loss has stopped falling and, optionally,
+the trained tensors have stopped travelling.
 
 DVAR (Voronov et al., arXiv 2302.04841): the training loss of textual inversion is mostly noise (each step draws
 other noise and timesteps), but a loss measured on fixed (noise, timestep) draws falls smoothly and then
@@ -7,9 +8,19 @@ all values so far. On its own that test also fires on a loss still falling in a 
 the last few points of a line shrinks against the whole), so here the window must also show no descent larger
 than its own scatter: the least-squares drop over the window is below twice the residual standard deviation.
 
-The run ends with the vectors of the step where it stopped (the last step, as for a run that reached
+A flat loss is not a settled token: on the toy world a token can drift between two colours (an orange and a
+yellow cross) that score almost the same loss, and stop on the wrong one. `max_drift` adds the same kind of test
+for the tensors themselves: over the last `drift_window` measurements, their net change against the
+root-sum-square of their changes between measurements (`drift`). A tensor still travelling in one
+direction scores √drift_window; one that only jitters around a point (Adam at a constant rate never stands
+still) scores about 1 or less. The ratio has no unit, so it does not depend on the learning rate, the model or
+the method. A longer drift window than the loss's tells slow travel from jitter more surely (docs/results.md).
+
+The run ends with the tensors of the step where it stopped (the last step, as for a run that reached
 max_steps): on a plateau they score like the best measured step, and a final step needs no extra files.
 """
+
+from collections import deque
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,6 +44,30 @@ def plateau(values: list[float], window: int, ratio: float) -> bool:
     return -slope * (window - 1) < 2 * float(residual.std())
 
 
+def drift(snapshots: list[torch.Tensor]) -> float:
+    """Net change over a run of flat snapshots (`[n]` each) against the root-sum-square of the changes between
+    them: √(len − 1) for a straight path, about 1 for a random walk, 0 when nothing moved."""
+    steps = torch.stack(snapshots).double().diff(dim=0)  # [len − 1, n]
+    jitter = float(steps.norm(dim=1).pow(2).sum().sqrt())
+    return float(steps.sum(dim=0).norm()) / jitter if jitter > 0 else 0.0
+
+
+def learned(
+    values: list[float],
+    snapshots: list[torch.Tensor],
+    window: int,
+    ratio: float,
+    max_drift: float | None = None,
+    drift_window: int | None = None,
+) -> bool:
+    """The stop rule: the loss `values` are on a plateau and, when `max_drift` is set, the last
+    `drift_window` (default `window`) + 1 `snapshots` of the trained tensors drift less than it."""
+    n = (drift_window or window) + 1
+    if max_drift is not None and (len(snapshots) < n or drift(snapshots[-n:]) >= max_drift):
+        return False
+    return plateau(values, window, ratio)
+
+
 class EarlyStop(ValidationLoss):
     """Measures `val/loss` every `every_n_steps` steps (as callbacks.val_loss) and stops on a plateau.
 
@@ -40,6 +75,9 @@ class EarlyStop(ValidationLoss):
         window: measurements in the rolling window.
         ratio: DVAR's threshold on var(window) / var(all measurements).
         min_steps: never stop before this step.
+        max_drift: also require the trained tensors' drift (see the module) below this; null = the loss alone
+            decides. Between 1 (jitter) and √drift_window (a straight path).
+        drift_window: measurements the drift is taken over; null = `window`.
     """
 
     key = "callbacks.early_stop"
@@ -53,6 +91,8 @@ class EarlyStop(ValidationLoss):
         window: int = 6,
         ratio: float = 0.15,
         min_steps: int = 60,
+        max_drift: float | None = None,
+        drift_window: int | None = None,
     ) -> None:
         super().__init__(dir, draws, every_n_steps, seed)
         if self.every_n_steps is None:
@@ -60,19 +100,39 @@ class EarlyStop(ValidationLoss):
         self.window = check_number("callbacks.early_stop.window", window, 2, 10_000, integer=True)
         self.ratio = check_number("callbacks.early_stop.ratio", ratio, 0, 1, low_open=True)
         self.min_steps = check_period("callbacks.early_stop.min_steps", min_steps, low=0)
+        if max_drift is not None:
+            max_drift = check_number("callbacks.early_stop.max_drift", max_drift, 0, 100, low_open=True)
+        self.max_drift = max_drift
+        if drift_window is not None:
+            drift_window = check_number("callbacks.early_stop.drift_window", drift_window, 2, 10_000, integer=True)
+        self.drift_window = drift_window or self.window
         self.values: list[float] = []
+        # flat CPU copies of the trained tensors at the last drift_window + 1 measurements; not checkpointed (a
+        # hypernetwork's would weigh that many times its size), so after a resume the drift test waits for them
+        self.snapshots: deque[torch.Tensor] = deque(maxlen=self.drift_window + 1)
         self.reason: str | None = None
+
+    def stops(self, snapshots: list[torch.Tensor]) -> bool:
+        return learned(self.values, snapshots, self.window, self.ratio, self.max_drift, self.drift_window)
 
     def measure(self, trainer, pl_module) -> float:
         value = super().measure(trainer, pl_module)
         if trainer.training and not trainer.should_stop:
             self.values.append(value)
+            if self.max_drift is not None:
+                with pl_module.as_exported():  # what the files hold (DreamArtist: the EMA pair)
+                    flat = torch.cat([p.detach().float().flatten().cpu() for p in pl_module.trainable()])
+                self.snapshots.append(flat)
+            snapshots = list(self.snapshots)
             step = trainer.global_step
-            if step >= self.min_steps and plateau(self.values, self.window, self.ratio):
+            if step >= self.min_steps and self.stops(snapshots):
+                moved = ""
+                if self.max_drift is not None:
+                    moved = f" and the trained tensors drift {drift(snapshots):.2f} < {self.max_drift:g}"
                 self.reason = (
                     f"early stop at step {step}: val/loss {value:.5f} has flattened (the variance of its last "
                     f"{self.window} measurements is under {self.ratio:g} of all {len(self.values)}, with no descent "
-                    "beyond their scatter); the files hold this step's vectors"
+                    "beyond their scatter)" + moved + "; the files hold this step's tensors"
                 )
                 trainer.should_stop = True
                 rank_zero_info(f"[lit_ti] {self.reason}")
