@@ -1,10 +1,12 @@
 """Data parallelism: N processes with batch b train exactly like one process with batch N·b."""
 
 import signal
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lit_ti.data.sampler import EpochSampler
 
@@ -50,6 +52,48 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path, cli):
     assert (vectors("one") - init_vectors(bb.tokenizer, bb.text_encoder, "*", 2)).abs().max() > 1e-3
     csv = (tmp_path / "ddp" / "textual_inversion_loss.csv").read_text().splitlines()
     assert len(csv) == 6  # a header and steps 1-5, once each: rank 0 alone writes the loss log
+
+
+class TrainedPerRank(L.Callback):
+    """Each rank writes what it trained (`rank<r>.safetensors` in `dirpath`) when training ends: the run's files
+    are rank 0's alone. Named by `+callbacks.per_rank._target_` in the runs below."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items()}
+        save_file(state, Path(self.dirpath) / f"rank{trainer.global_rank}.safetensors")
+
+
+@pytest.mark.slow  # two `train.py` runs, one of them two processes
+def test_pivotal_tuning_under_ddp_keeps_the_ranks_identical_and_equals_one_process(tmp_path, cli):
+    common = (
+        "method=pivotal",
+        "method.ti_steps=2",  # 2 embedding steps, then 3 LoRA steps with the embedding frozen
+        "method.lora_lr=0.01",
+        "trainer.max_steps=5",
+        "data.flip_p=0.5",
+        "callbacks.preview=null",
+        "callbacks.toy_eval=null",
+        f"+callbacks.per_rank._target_={__name__}.TrainedPerRank",
+    )
+    ddp = ("trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=2")
+    cli.train_ok(tmp_path / "ddp", *common, *ddp, f"+callbacks.per_rank.dirpath={tmp_path / 'ddp'}")
+    cli.train_ok(
+        tmp_path / "one", *common, "trainer=cpu", "data.batch_size=4", f"+callbacks.per_rank.dirpath={tmp_path / 'one'}"
+    )
+    rank0, rank1, one = (
+        load_file(tmp_path / run / f"rank{r}.safetensors") for run, r in (("ddp", 0), ("ddp", 1), ("one", 0))
+    )
+    lora = [k for k in rank0 if k.startswith("lora.")]
+    assert lora and rank0.keys() == rank1.keys() == one.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # both ranks hold the same LoRA and embedding
+    ups = torch.cat([rank0[k].flatten() for k in lora if ".up." in k])
+    assert ups.abs().max() > 1e-3  # the LoRA trained after the switch (its up weights start at zero)
+    # as one process with the double batch, to the summation order: Adam divides each entry by its own gradient
+    # scale, which enlarges the order's float differences on the LoRA's near-zero first gradients
+    assert max((rank0[k] - one[k]).abs().max() for k in rank0) <= 0.01 * ups.abs().max()
 
 
 @pytest.mark.slow

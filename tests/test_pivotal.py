@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
 from lit_ti import io
 from lit_ti.errors import UserError
@@ -145,8 +146,10 @@ def test_damaged_or_foreign_lora_files_are_one_line(tmp_path):
         io.read_lora(tmp_path / "x.pt")
 
 
-def test_the_webui_loader_rules_match_every_module_and_read_the_bundle(a1111_lora):
-    """A1111's key conversion assumes SD's layout (2 layers per block), so the UNet here has SD's topology."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_the_webui_loader_rules_match_every_module_and_read_the_bundle(tmp_path, a1111_lora, dtype):
+    """A1111's key conversion assumes SD's layout (2 layers per block), so the UNet here has SD's topology; the
+    file is read back as the webui reads it, in each dtype `method.lora_dtype` writes."""
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -168,9 +171,10 @@ def test_the_webui_loader_rules_match_every_module_and_read_the_bundle(a1111_lor
     }
     randomise_layers(found)
     vectors = torch.randn(2, 32)
-    modules = lora.to_kohya(found, sdxl=False)
-    sd = {f"{n}.{p}": t for n, m in modules.items() for p, t in zip(io.loras.PARTS, (m.down, m.up, m.alpha))}
-    sd |= {f"bundle_emb.{NAME}.string_to_param.*": vectors}
+    modules = lora.to_kohya(found, sdxl=False, dtype=dtype)
+    path = io.save_lora(tmp_path / "a-lora.safetensors", modules, embeddings={NAME: vectors})
+    sd = load_file(path)  # what the webui's read_state_dict gives its loader
+    assert {t.dtype for k, t in sd.items() if not k.startswith("bundle_emb.")} == {dtype}
     webui, bundles = a1111_lora.a1111_load_lora(sd, ldm | clip)
     assert len(webui) == sum(len(f) for f in found.values())  # every module matched one webui layer
     deltas = {}
@@ -180,7 +184,7 @@ def test_the_webui_loader_rules_match_every_module_and_read_the_bundle(a1111_lor
     by_webui = sorted((k, v["updown"] * v["scale"]) for k, v in webui.items())
     ours = sorted((a1111_lora.convert_diffusers_name_to_compvis(k, False), v) for k, v in deltas.items())
     for (k1, a), (k2, b) in zip(by_webui, ours, strict=True):
-        assert k1 == k2 and torch.allclose(a, b, atol=1e-6)  # the webui's update is peft's
+        assert k1 == k2 and torch.allclose(a, b, atol=1e-6 if dtype == torch.float32 else 3e-3)  # peft's update
     assert torch.equal(a1111_lora.embedding_from_data(bundles[NAME]), vectors)
 
 
@@ -245,6 +249,8 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
         ("ti_steps", 1.5, "method.ti_steps"),
         ("lora_lr", 0, "method.lora_lr"),
         ("embedding_lr_after", 2, "method.embedding_lr_after"),
+        ("lora_dtype", "fp16", "method.lora_dtype"),
+        ("lora_targets", "", "method.lora_targets"),
         ("name", "my.cat", "without '.'"),
     ],
 )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_ti import io
-from lit_ti.errors import UserError, check_number
+from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.io.loras import kohya_name
 from lit_ti.methods.textual_inversion import TextualInversion
@@ -24,6 +24,9 @@ from lit_ti.modules import lora
 LORA_SUFFIX = "-lora.safetensors"  # kohya/A1111 layout, the embedding bundled (A1111's models/Lora)
 DIFFUSERS_SUFFIX = "-lora-diffusers.safetensors"  # `pipe.load_lora_weights(folder, weight_name=...)`
 MAX_RANK = 1024
+# the LoRA files' dtypes (kohya's --save_precision float/fp16/bf16): A1111, ComfyUI and diffusers cast a LoRA's
+# tensors to the model's dtype when they apply it, so each loads any of them
+LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PivotalTuning(TextualInversion):
@@ -31,13 +34,17 @@ class PivotalTuning(TextualInversion):
 
     rank / alpha / dropout: the LoRA's rank r, its alpha (the update is scaled by alpha / r) and peft's
         dropout on the adapter's input.
-    text_encoder_lora: also adapt the text encoders' attention (q/k/v/out_proj), not only the UNet's
-        (to_q/to_k/to_v/to_out.0).
+    lora_targets: the UNet layers that get an adapter, as peft's `target_modules` (a module name or the end of
+        its path): `[to_q, to_k, to_v, to_out.0]` = every attention projection; `[attn2.to_k, attn2.to_v]` =
+        only the keys and values that read the prompt in cross-attention (custom diffusion's choice).
+    text_encoder_lora: also adapt the text encoders' attention (q/k/v/out_proj), not only the UNet's.
     ti_steps: optimizer steps that train the embedding alone before the LoRA starts; a fraction in (0, 1) is
         a share of the run's steps.
     lora_lr: the LoRA's learning rate (an LR schedule scales it in proportion with the embedding's).
     embedding_lr_after: the embedding's rate once the LoRA trains, as a share of its rate before: 0 = frozen
         (pivotal tuning's usual choice), 1 = unchanged.
+    lora_dtype: the dtype of the LoRA files' tensors (float16 halves them, as kohya's scripts usually save);
+        training and checkpoints stay float32, the bundled and separate embeddings are textual inversion's.
     """
 
     checkpointed = ("bank", "lora")
@@ -51,10 +58,12 @@ class PivotalTuning(TextualInversion):
         rank: int = 4,
         alpha: float = 4.0,
         dropout: float = 0.0,
+        lora_targets=lora.UNET_TARGETS,
         text_encoder_lora: bool = False,
         ti_steps: float = 0.5,
         lora_lr: float = 1e-4,
         embedding_lr_after: float = 0.0,
+        lora_dtype: str = "float32",
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
@@ -65,6 +74,7 @@ class PivotalTuning(TextualInversion):
         self.rank = check_number("method.rank", rank, 1, MAX_RANK, integer=True, hint="kohya's network_dim; 4-32")
         self.alpha = check_number("method.alpha", alpha, 0, 1e6, low_open=True, hint="kohya's network_alpha")
         self.dropout = check_number("method.dropout", dropout, 0, 0.9)
+        self.lora_targets = check_targets(lora_targets)
         self.text_encoder_lora = bool(text_encoder_lora)
         if isinstance(ti_steps, float) and not ti_steps.is_integer():
             check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps")
@@ -73,6 +83,7 @@ class PivotalTuning(TextualInversion):
         self.ti_steps = ti_steps
         self.lora_lr = check_number("method.lora_lr", lora_lr, 0, 1, low_open=True)
         self.embedding_lr_after = check_number("method.embedding_lr_after", embedding_lr_after, 0, 1, hint="0 = frozen")
+        self.lora_dtype = LORA_DTYPES[check_choice("method.lora_dtype", lora_dtype, LORA_DTYPES)]
         self.switch_step = 0  # the first optimizer step (0-based) that trains the LoRA, set with the optimizer
         self.adapted: dict[str, dict] = {}  # {model: {module path: peft LoraLayer}}
         self.configs: dict = {}  # {model: peft LoraConfig}
@@ -82,7 +93,8 @@ class PivotalTuning(TextualInversion):
         if backbone.is_sd3:  # SD3's MMDiT has no kohya/A1111 LoRA key layout here yet: no file we could vouch for
             raise UserError("method=pivotal: SD3 models are not supported yet; use method=textual_inversion on SD3")
         super().build_trainables(backbone)  # the bank and the prompt encoder, before any adapter exists
-        targets = {"unet": (backbone.unet, lora.UNET_TARGETS)}
+        check_matches(backbone.unet, self.lora_targets)
+        targets = {"unet": (backbone.unet, self.lora_targets)}
         if self.text_encoder_lora:
             targets |= {enc: (te, lora.TEXT_TARGETS) for enc, (_, te) in backbone.text_encoders.items()}
         for model, (module, names) in targets.items():
@@ -99,6 +111,8 @@ class PivotalTuning(TextualInversion):
 
     def identity(self) -> dict:
         lora_shape = {"rank": self.rank, "alpha": self.alpha, "text_encoder_lora": self.text_encoder_lora}
+        if self.lora_targets != lora.UNET_TARGETS:  # absent = the default (so older checkpoints still resume)
+            lora_shape["targets"] = list(self.lora_targets)
         return {**super().identity(), "lora": lora_shape}
 
     def train(self, mode: bool = True) -> "PivotalTuning":
@@ -172,9 +186,31 @@ class PivotalTuning(TextualInversion):
             "sd_checkpoint_name": self.backbone.name,
         }
         stem = Path(directory) / f"{self.name}{tag}"
-        kohya = lora.to_kohya(self.adapted, self.backbone.is_sdxl)
+        kohya = lora.to_kohya(self.adapted, self.backbone.is_sdxl, self.lora_dtype)
         written.append(io.save_lora(f"{stem}{LORA_SUFFIX}", kohya, embeddings=self.concepts(tag), metadata=meta))
-        layers = lora.to_diffusers(self.adapted)
+        layers = lora.to_diffusers(self.adapted, self.lora_dtype)
         configs = {model: config.to_dict() for model, config in self.configs.items()}
         written.append(io.save_diffusers_lora(f"{stem}{DIFFUSERS_SUFFIX}", layers, configs, metadata=meta))
         return written
+
+
+def check_targets(targets) -> tuple[str, ...]:
+    """`method.lora_targets` as a tuple of names, or one UserError."""
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    if not names or not all(isinstance(n, str) and n.strip(".") == n and n for n in names):
+        raise UserError(
+            f"method.lora_targets={targets!r}: write a list of UNet layer names, e.g. [to_q, to_k, to_v, to_out.0] "
+            "or [attn2.to_k, attn2.to_v]"
+        )
+    return tuple(names)
+
+
+def check_matches(unet: nn.Module, targets: tuple[str, ...]) -> None:
+    """Each target must name at least one linear layer (peft's own check only fails when none matches at all)."""
+    paths = [path for path, m in unet.named_modules() if isinstance(m, nn.Linear)]
+    for target in targets:
+        if not any(path == target or path.endswith(f".{target}") for path in paths):
+            raise UserError(
+                f"method.lora_targets: {target!r} names no linear layer of this UNet; "
+                "use e.g. to_q, to_k, to_v, to_out.0, attn1.to_q or attn2.to_k"
+            )

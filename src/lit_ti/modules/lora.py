@@ -45,12 +45,15 @@ def layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
-def weights(found: dict[str, LoraLayer], adapter: str = ADAPTER) -> dict[str, LoraModule]:
-    """`{module path: LoraModule}` of the live adapter (detached, on the CPU)."""
+def weights(
+    found: dict[str, LoraLayer], dtype: torch.dtype = torch.float32, adapter: str = ADAPTER
+) -> dict[str, LoraModule]:
+    """`{module path: LoraModule}` of the live adapter (detached, on the CPU, in `dtype`; alpha too, as kohya's
+    files hold it)."""
     out = {}
     for path, layer in found.items():
-        alpha = torch.tensor(float(layer.lora_alpha[adapter]), dtype=torch.float32)
-        down, up = (m[adapter].weight.detach().cpu() for m in (layer.lora_A, layer.lora_B))
+        alpha = torch.tensor(float(layer.lora_alpha[adapter]), dtype=dtype)
+        down, up = (m[adapter].weight.detach().to("cpu", dtype) for m in (layer.lora_A, layer.lora_B))
         out[path] = LoraModule(down, up, alpha)
     return out
 
@@ -122,15 +125,19 @@ def attach_file(models: dict[str, nn.Module], lora: LoraFile, sdxl: bool, streng
     return undo
 
 
-def to_kohya(found: dict[str, dict[str, LoraLayer]], sdxl: bool) -> dict[str, LoraModule]:
-    """`{model: {path: LoraLayer}}` -> `{kohya module name: LoraModule}` (the file's modules)."""
+def to_kohya(
+    found: dict[str, dict[str, LoraLayer]], sdxl: bool, dtype: torch.dtype = torch.float32
+) -> dict[str, LoraModule]:
+    """`{model: {path: LoraLayer}}` -> `{kohya module name: LoraModule}` (the file's modules, in `dtype`)."""
     return {
         kohya_name(model, file_path(model, path), sdxl): m
         for model, paths in found.items()
-        for path, m in weights(paths).items()
+        for path, m in weights(paths, dtype).items()
     }
 
 
-def to_diffusers(found: dict[str, dict[str, LoraLayer]]) -> dict[str, dict[str, LoraModule]]:
+def to_diffusers(
+    found: dict[str, dict[str, LoraLayer]], dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, LoraModule]]:
     """`{model: {path: LoraLayer}}` -> `{model: {file path: LoraModule}}` (the diffusers file's modules)."""
-    return {model: {file_path(model, p): m for p, m in weights(paths).items()} for model, paths in found.items()}
+    return {model: {file_path(model, p): m for p, m in weights(paths, dtype).items()} for model, paths in found.items()}
