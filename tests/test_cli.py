@@ -32,6 +32,7 @@ def test_default_run_writes_every_output(tmp_path, cli):
     assert f"eval/recovery = {record['metrics']['eval/recovery']:.4f}" in out
 
 
+@pytest.mark.slow  # a whole experiment in a process: CI runs the slow lane of this module
 def test_dreamartist_character_run(tmp_path, cli):
     # reconstruction is off in the toy world's DreamArtist settings; on here to see its loss logged
     cli.train_ok(
@@ -57,6 +58,7 @@ def test_dreamartist_character_run(tmp_path, cli):
     assert "final/eval/accuracy_positive_only" in tags
 
 
+@pytest.mark.slow  # a whole experiment in a process: CI runs the slow lane of this module
 def test_hypernetwork_style_run_writes_an_a1111_file(tmp_path, cli):
     run = cli.train_ok(
         tmp_path, "experiment=hypernetwork_style", "trainer.max_steps=30", "callbacks.toy_style_eval.samples=2"

@@ -11,6 +11,7 @@ from tests.conftest import compose
 optuna = pytest.importorskip("optuna", reason="the sweep extra is not installed")
 
 
+@pytest.mark.slow  # a whole experiment in a process: CI runs the slow lane of this module
 def test_optuna_sweep_runs_four_trials_and_keeps_its_study(tmp_path, cli):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     run = cli.train(
@@ -61,6 +62,7 @@ def test_slurm_config_runs_one_ddp_task_per_gpu():
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
 
 
+@pytest.mark.slow  # a whole experiment in a process: CI runs the slow lane of this module
 def test_a_two_job_sweep_writes_its_summary_and_hparams_with_metrics(tmp_path, cli):
     run = cli.train(
         "-m", "seed=0,1", "trainer.max_steps=4", "callbacks.toy_eval.samples=2", f"hydra.sweep.dir={tmp_path}"
