@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from lit_ti.io import save_embedding
@@ -325,3 +326,31 @@ def test_unknown_toy_names_are_user_errors_and_write_nothing(tmp_path, monkeypat
         with pytest.raises(UserError, match=f"toy_concept: unknown toy concept '{concept}'"):
             _toy_data(concept, 2)
     assert not (tmp_path / "outputs").exists()
+
+
+def _target_keys(node, prefix: str = "") -> list[str]:
+    """Every config key that holds a `_target_` (what `instantiate` imports), in a plain-dict config."""
+    if not isinstance(node, dict):
+        return []
+    found = [prefix.rstrip(".")] if "_target_" in node and prefix else []
+    return found + [k for key, value in node.items() for k in _target_keys(value, f"{prefix}{key}.")]
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreamartist", "hypernetwork", "pivotal"])
+def test_every_target_that_cannot_be_imported_is_one_line_naming_its_key(tmp_path, capsys, method):
+    """An optional package that is not installed, or a misspelt class, anywhere a config names a `_target_`
+    (the method, its optimizer, the data, a callback, a logger), is one `error:` line naming that key and the
+    fix; never Hydra's traceback."""
+    data = good(tmp_path / "data")
+    keys = _target_keys(OmegaConf.to_container(compose(f"method={method}", "name=zz", *FAST)))
+    assert {"method", "method.optimizer", "data", "model"} <= set(keys), keys
+    for key in keys:
+        missing = run(tmp_path, capsys, f"method={method}", f"data.dir={data}", f"{key}._target_=no_such_package.Thing")
+        assert missing.code == 2 and len(missing.errors) == 1, (key, missing.errors)
+        assert f"{key}._target_=" in missing.errors[0] and "pip install no_such_package" in missing.errors[0]
+    misspelt = run(
+        tmp_path, capsys, f"method={method}", f"data.dir={data}", "method.optimizer._target_=torch.optim.AdamWW"
+    )
+    assert misspelt.errors == [
+        "error: method.optimizer._target_='torch.optim.AdamWW': no such class or function; check its spelling"
+    ]

@@ -5,6 +5,8 @@ A command the test cannot run here (an install, the test suite itself, a GPU- or
 be listed in SKIPPED with the reason, so a new documented command is never skipped silently.
 """
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -53,6 +55,20 @@ def test_every_documented_command_is_run_or_skipped_with_a_reason():
     for command in every:
         assert "..." not in command, f"a documented command must run as written, not elide: {command}"
         assert "<" not in command.replace("<run>", ""), f"placeholders other than <run>: {command}"
+
+
+def test_every_documented_and_configured_target_is_installed_by_the_test_install():
+    """A `_target_` in a documented command or a config names a package the install README gives for tests
+    (`.[dev]`) provides — else the documented run fails in CI with an import error nobody saw here."""
+    documented = [t for _, cs in blocks() for c in cs for t in re.findall(r"_target_=(\S+)", c)]
+    configured = [
+        t for path in (ROOT / "configs").rglob("*.yaml") for t in re.findall(r"_target_:\s*(\S+)", path.read_text())
+    ]
+    assert documented and configured
+    for target in {*documented, *configured}:
+        module = target.rsplit(".", 1)[0]
+        assert importlib.util.find_spec(module.split(".")[0]) is not None, f"{target}: its package is not in .[dev]"
+        assert hasattr(importlib.import_module(module), target.rsplit(".", 1)[1]), f"{target}: no such name"
 
 
 @pytest.fixture(scope="module")

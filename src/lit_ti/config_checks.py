@@ -9,9 +9,14 @@ may be is checked by the constructor that owns it.
   groups the user chose on the command line — is checked here.
 """
 
+import importlib.metadata
+import importlib.util
+import re
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lit_ti.errors import MAX_PERIOD, UserError, check_choice, check_number, check_seed
+from lit_ti.errors import MAX_PERIOD, UserError, check_choice, check_number, check_seed, quote
 
 MAX_ACCUMULATION = 1024  # micro-batches per optimizer step
 
@@ -90,3 +95,54 @@ def check_hydra_scope() -> None:
         return
     hydra = HydraConfig.get()
     check_scope(dict(hydra.runtime.choices), list(hydra.overrides.task))
+
+
+def config_error(key: str, node: DictConfig, cause: BaseException | None) -> UserError | None:
+    """A UserError for what the config got wrong (a `_target_` that cannot be imported, an unknown or missing
+    argument, a value the library rejects), or None for a bug."""
+    if isinstance(cause, UserError):
+        return cause
+    target = node.get("_target_", "?")
+    if isinstance(cause, ImportError) and (m := re.search(r"Error loading '([^']+)'", str(cause))):
+        return _unimportable(key, m.group(1))
+    if isinstance(cause, TypeError):
+        if m := re.search(r"unexpected keyword argument '(\w+)'", str(cause)):
+            return UserError(f"{key}.{m.group(1)}: {target} takes no such argument; remove it or fix its spelling")
+        if m := re.search(r"missing \d+ required \w+ argument[s]?: (.+)$", str(cause)):
+            return UserError(f"{key}: {target} needs {m.group(1)}; set it in the config or on the command line")
+    if isinstance(cause, ValueError | MisconfigurationException) and key.split(".")[0] in (
+        "trainer",
+        "callbacks",
+        "logger",
+    ):
+        return UserError(f"{key}: {cause}")
+    return None
+
+
+def _unimportable(key: str, target: str) -> UserError:
+    """A `_target_` Python cannot import: a package that is not installed (named with the pip command, and
+    lit_ti's extra when it has one) or a misspelt name."""
+    top = target.split(".")[0]
+    where = f"{key}._target_={quote(target)}"
+    if importlib.util.find_spec(top) is None:
+        extra = _extras().get(_normal(top))
+        fix = f"pip install -e \".[{extra}]\" (lit_ti's '{extra}' extra)" if extra else f"pip install {top}"
+        return UserError(f"{where}: the package '{top}' is not installed; install it with {fix}")
+    return UserError(f"{where}: no such class or function; check its spelling")
+
+
+def _extras() -> dict[str, str]:
+    """Optional distributions of lit_ti (pyproject.toml's extras) by normalised name -> the extra naming them."""
+    try:
+        requires = importlib.metadata.requires("lit_ti") or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    found = {}
+    for line in requires:
+        if m := re.match(r"([A-Za-z0-9_.-]+).*extra\s*==\s*['\"]([\w-]+)['\"]", line):
+            found.setdefault(_normal(m.group(1)), m.group(2))
+    return found
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

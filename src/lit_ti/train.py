@@ -15,13 +15,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_ti.callbacks import EarlyStop, GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.callbacks.results import run_params
-from lit_ti.config_checks import check_hydra_scope, check_missing, check_run
+from lit_ti.config_checks import check_hydra_scope, check_missing, check_run, config_error
 from lit_ti.errors import UserError, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
@@ -97,7 +96,10 @@ def _build(key: str, node: DictConfig, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
-        if (error := _config_error(key, node, e.__cause__)) is None:
+        # Hydra names the nested node that failed (`full_key: method.optimizer`); report that one
+        if (m := re.search(r"full_key: (\S+)", str(e))) and m.group(1).startswith(key + "."):
+            node, key = OmegaConf.select(node, m.group(1)[len(key) + 1 :]), m.group(1)
+        if (error := config_error(key, node, e.__cause__)) is None:
             raise
         raise error from e
 
@@ -106,28 +108,9 @@ def _call(key: str, node: DictConfig, factory, **kwargs):
     try:
         return factory(**kwargs)
     except TypeError as e:
-        if (error := _config_error(key, node, e)) is None:
+        if (error := config_error(key, node, e)) is None:
             raise
         raise error from e
-
-
-def _config_error(key: str, node: DictConfig, cause: BaseException | None) -> UserError | None:
-    """A UserError for what the config got wrong (unknown/missing argument, a value the library rejects)."""
-    if isinstance(cause, UserError):
-        return cause
-    target = node.get("_target_", "?")
-    if isinstance(cause, TypeError):
-        if m := re.search(r"unexpected keyword argument '(\w+)'", str(cause)):
-            return UserError(f"{key}.{m.group(1)}: {target} takes no such argument; remove it or fix its spelling")
-        if m := re.search(r"missing \d+ required \w+ argument[s]?: (.+)$", str(cause)):
-            return UserError(f"{key}: {target} needs {m.group(1)}; set it in the config or on the command line")
-    if isinstance(cause, ValueError | MisconfigurationException) and key.split(".")[0] in (
-        "trainer",
-        "callbacks",
-        "logger",
-    ):
-        return UserError(f"{key}: {cause}")
-    return None
 
 
 def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
