@@ -191,3 +191,6 @@ def test_evaluate_file_scores_an_untrained_embedding_as_zero(tmp_path):
     r = evaluate_file(str(path), "orange_cross", samples=0)
     assert r["recovery"] == pytest.approx(0.0, abs=1e-6)
     assert r["loss_oracle"] < r["loss_init"]
+    quick = evaluate_file(str(path), "orange_cross", samples=0, extras=False)
+    assert quick["recovery"] == r["recovery"] and quick["loss_learned"] == r["loss_learned"]
+    assert "editability" not in quick and "accuracy_oracle" not in quick  # the three extra sample sets skipped

@@ -67,10 +67,16 @@ def heldout_pixels(concept: str, n: int = 16) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    method: DiffusionMethod, concept: str, init_vectors: dict[str, Tensor], samples: int = 32, guidance: float = 5.0
+    method: DiffusionMethod,
+    concept: str,
+    init_vectors: dict[str, Tensor],
+    samples: int = 32,
+    guidance: float = 5.0,
+    extras: bool = True,
 ) -> dict:
     """Recovery and classifier accuracy of `method`'s concept (its `name`; its `concept_bank` is what
-    `init_vectors` stand in for) against the toy `concept`."""
+    `init_vectors` stand in for) against the toy `concept`; `extras`: also editability and the oracle's samples
+    (three more sample sets: a quarter of the time without them)."""
     colour, shape = concept_parts(concept)
     pixels = heldout_pixels(concept)
     mean, _ = method.encode_images(pixels)
@@ -93,6 +99,8 @@ def evaluate(
 
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
+    if not extras:
+        return {"recovery": recovery, "accuracy": accuracy, "loss_learned": learned}
     edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
     with method.base_model():
         oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
@@ -170,7 +178,9 @@ def editability(
     return obeyed / (per * len(cases)), both / (per * len(cases))
 
 
-def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "*", cfg_scale: str = "3.0") -> dict:
+def evaluate_file(
+    path: str, concept: str, samples: int = 32, init_text: str = "*", cfg_scale: str = "3.0", extras: bool = True
+) -> dict:
     """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`.
 
     A DreamArtist pair is recognised by its `<stem>-neg` file next to `path`; its denoising loss is the
@@ -196,4 +206,4 @@ def evaluate_file(path: str, concept: str, samples: int = 32, init_text: str = "
     for concept_name in method.bank.names:
         vectors = init_vectors(bb.tokenizer, bb.text_encoder, init_text, method.bank.num_vectors(concept_name))
         start[method.bank.key(concept_name, "text_encoder")] = vectors
-    return evaluate(method, concept, start, samples=samples)
+    return evaluate(method, concept, start, samples=samples, extras=extras)
