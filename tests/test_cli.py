@@ -22,6 +22,7 @@ def test_default_run_writes_every_output(tmp_path, cli):
     assert "train/loss" in events.Tags()["scalars"]
     out = run.stdout + run.stderr
     assert "trained 'toy-concept' for 30 steps" in out
+    assert "Tip:" not in out  # Lightning's advert for its cloud logger is not shown to lit_ti users
     assert "eval/recovery = " in out and "eval/accuracy = " in out
     # the evaluation is a result: in metrics.json and with the run's settings (final/*), not a curve's point
     assert not {"eval/recovery", "eval/accuracy"} & set(events.Tags()["scalars"])

@@ -264,6 +264,14 @@ def _run_undoing(cfg: DictConfig, folder: RunFolder) -> float | None:
         raise
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Lightning's tip to install its cloud logger: nothing a lit_ti user can act on, at the top of every run."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+
+
 def log_to_run_folder() -> None:
     """Send Lightning's lines (ours among them: `rank_zero_info`) and Python warnings to the handlers Hydra set
     up, the console and `<run>/train.log`. Lightning keeps a console handler of its own when it is imported
