@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from lit_ti import io
+from lit_ti.callbacks import EarlyStop
 from lit_ti.errors import UserError
 from lit_ti.io.loras import LoraModule, kohya_name
 from lit_ti.io.png_embeddings import NotAnEmbedding
@@ -52,6 +53,62 @@ def test_the_embedding_trains_first_then_the_lora(tmp_path, concept_dir, fit, af
     assert torch.equal(snaps.bank[1], snaps.bank[3]) == (after == 0)  # the embedding frozen, or at a lower rate
     assert {k.split(".", 1)[0] for k in method.state_dict()} == {"bank", "lora"}  # checkpoints: only what trains
     assert len(method.state_dict()) == 1 + 2 * len(method.lora)
+
+
+class LearnedFrom(EarlyStop):
+    """callbacks.early_stop whose rule finds the tensors learned at every measurement from `min_steps` on (or
+    never); it counts its `val/loss` measurements during training."""
+
+    def __init__(self, min_steps: int, ever: bool = True) -> None:
+        super().__init__(draws=1, every_n_steps=1, min_steps=min_steps)
+        self.ever, self.during = ever, 0
+
+    def stops(self, snapshots) -> bool:
+        return self.ever
+
+    def measure(self, trainer, pl_module) -> float:
+        self.during += trainer.training
+        return super().measure(trainer, pl_module)
+
+
+@pytest.mark.parametrize("ever", [True, False], ids=["learned-at-2", "never-learned"])
+def test_auto_switches_when_learned_and_the_lora_gets_its_steps(tmp_path, concept_dir, fit, ever):
+    """`ti_steps: auto`: the early-stop verdict ends the embedding phase, not the run; the LoRA then trains
+    `lora_steps` and the run ends. Never learned, the LoRA still gets its steps before `max_steps`."""
+    snaps, rule = Snapshots(), LearnedFrom(2, ever)
+    kw = {**PIVOTAL, "ti_steps": "auto", "lora_steps": 3}
+    method, trainer = fit(tmp_path, concept_dir, max_steps=8, every=100, extra_callbacks=[snaps, rule], **kw)
+    switch = 2 if ever else 5  # learned after step 2, or the latest switch: max_steps - lora_steps
+    assert method.switch_step == switch and trainer.global_step == (5 if ever else 8)
+    assert all(float(up.abs().max()) == 0 for up in snaps.up[:switch])  # the LoRA untouched until the switch
+    assert not torch.equal(snaps.bank[switch - 2], snaps.bank[switch - 1])  # the embedding trains until then
+    assert float(snaps.up[switch].abs().max()) > 0  # then the LoRA trains, the embedding frozen
+    assert all(torch.equal(snaps.bank[switch - 1], b) for b in snaps.bank[switch:])
+    assert rule.reason is None  # the verdict did not end the run
+    assert rule.during == (2 if ever else 8)  # and the rule measured no more once it had given it
+
+
+def test_auto_resumes_after_the_switch_exactly(tmp_path, concept_dir, fit):
+    kw = {**PIVOTAL, "ti_steps": "auto", "lora_steps": 3, "dropout": 0.1}
+    straight, _ = fit(tmp_path / "straight", concept_dir, max_steps=8, every=4, extra_callbacks=[LearnedFrom(2)], **kw)
+    checkpoint = next((tmp_path / "straight" / "checkpoints").glob("*step=4.ckpt"))  # inside the LoRA phase
+    resumed, trainer = fit(
+        tmp_path / "resumed",
+        concept_dir,
+        max_steps=8,
+        every=4,
+        ckpt_path=checkpoint,
+        extra_callbacks=[LearnedFrom(2)],
+        **kw,
+    )
+    assert resumed.switch_step == 2 and trainer.global_step == 5
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_auto_without_early_stop_is_one_line(tmp_path, concept_dir, fit):
+    with pytest.raises(UserError, match=r"method.ti_steps=auto.*callbacks.early_stop"):
+        fit(tmp_path, concept_dir, max_steps=2, every=100, **{**PIVOTAL, "ti_steps": "auto"})
 
 
 @pytest.mark.parametrize(
@@ -247,6 +304,8 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
         ("dropout", 1.5, "method.dropout"),
         ("ti_steps", -1, "method.ti_steps"),
         ("ti_steps", 1.5, "method.ti_steps"),
+        ("ti_steps", "when-ready", "method.ti_steps"),
+        ("lora_steps", 0, "method.lora_steps"),
         ("lora_lr", 0, "method.lora_lr"),
         ("embedding_lr_after", 2, "method.embedding_lr_after"),
         ("lora_dtype", "fp16", "method.lora_dtype"),

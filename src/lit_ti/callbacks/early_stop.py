@@ -111,6 +111,7 @@ class EarlyStop(ValidationLoss):
         # hypernetwork's would weigh that many times its size), so after a resume the drift test waits for them
         self.snapshots: deque[torch.Tensor] = deque(maxlen=self.drift_window + 1)
         self.reason: str | None = None
+        self.handed_over = False  # a verdict was given (`DiffusionMethod.learned`)
 
     def stops(self, snapshots: list[torch.Tensor]) -> bool:
         return learned(self.values, snapshots, self.window, self.ratio, self.max_drift, self.drift_window)
@@ -129,20 +130,29 @@ class EarlyStop(ValidationLoss):
                 moved = ""
                 if self.max_drift is not None:
                     moved = f" and the trained tensors drift {drift(snapshots):.2f} < {self.max_drift:g}"
-                self.reason = (
-                    f"early stop at step {step}: val/loss {value:.5f} has flattened (the variance of its last "
-                    f"{self.window} measurements is under {self.ratio:g} of all {len(self.values)}, with no descent "
-                    "beyond their scatter)" + moved + "; the files hold this step's tensors"
+                why = (
+                    f"val/loss {value:.5f} has flattened (the variance of its last {self.window} measurements "
+                    f"is under {self.ratio:g} of all {len(self.values)}, with no descent beyond their scatter)" + moved
                 )
-                trainer.should_stop = True
-                rank_zero_info(f"[lit_ti] {self.reason}")
+                self.handed_over = True
+                if pl_module.learned(step):
+                    self.reason = f"early stop at step {step}: {why}; the files hold this step's tensors"
+                    trainer.should_stop = True
+                    rank_zero_info(f"[lit_ti] {self.reason}")
+                else:
+                    rank_zero_info(f"[lit_ti] learned at step {step}: {why}")
         return value
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.handed_over:  # once the method took a verdict as the end of a phase, it needs no more
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def state_dict(self) -> dict:
-        return {"values": list(self.values)}  # a resumed run keeps its history
+        return {"values": list(self.values), "handed_over": self.handed_over}  # a resumed run keeps its history
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.values = list(state_dict.get("values", []))
+        self.handed_over = bool(state_dict.get("handed_over", False))
 
     def on_train_end(self, trainer, pl_module) -> None:
         pass  # callbacks.val_loss measures the end; this one only decides when it is

@@ -168,6 +168,13 @@ class DiffusionMethod(L.LightningModule, ABC):
         the base model's captions. Methods whose tensors act only through the prompt keep the default."""
         return nullcontext()
 
+    # ----------------------------------------------------------------- the contract: a stop rule's verdict
+    def learned(self, step: int) -> bool:
+        """A stop rule (`callbacks.early_stop`) finds the trained tensors learned after `step` optimizer steps;
+        return whether the run ends there. A method with phases may end a phase instead (pivotal tuning's
+        `ti_steps: auto`), and the rule then stops measuring."""
+        return True
+
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
         if self.backbone is not None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_ti import io
@@ -24,6 +25,7 @@ from lit_ti.modules import lora
 LORA_SUFFIX = "-lora.safetensors"  # kohya/A1111 layout, the embedding bundled (A1111's models/Lora)
 DIFFUSERS_SUFFIX = "-lora-diffusers.safetensors"  # `pipe.load_lora_weights(folder, weight_name=...)`
 MAX_RANK = 1024
+AUTO = "auto"  # ti_steps: switch to the LoRA when callbacks.early_stop finds the embedding learned
 # the LoRA files' dtypes (kohya's --save_precision float/fp16/bf16): A1111, ComfyUI and diffusers cast a LoRA's
 # tensors to the model's dtype when they apply it, so each loads any of them
 LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,7 +41,9 @@ class PivotalTuning(TextualInversion):
         only the keys and values that read the prompt in cross-attention (custom diffusion's choice).
     text_encoder_lora: also adapt the text encoders' attention (q/k/v/out_proj), not only the UNet's.
     ti_steps: optimizer steps that train the embedding alone before the LoRA starts; a fraction in (0, 1) is
-        a share of the run's steps.
+        a share of the run's steps; `auto`: until `callbacks.early_stop` finds the embedding learned (at the
+        latest `lora_steps` before `max_steps`), then `lora_steps` of LoRA and the run ends.
+    lora_steps: the LoRA phase's optimizer steps with `ti_steps: auto` (otherwise the LoRA trains to the end).
     lora_lr: the LoRA's learning rate (an LR schedule scales it in proportion with the embedding's).
     embedding_lr_after: the embedding's rate once the LoRA trains, as a share of its rate before: 0 = frozen
         (pivotal tuning's usual choice), 1 = unchanged.
@@ -60,7 +64,8 @@ class PivotalTuning(TextualInversion):
         dropout: float = 0.0,
         lora_targets=lora.UNET_TARGETS,
         text_encoder_lora: bool = False,
-        ti_steps: float = 0.5,
+        ti_steps: float | str = 0.5,
+        lora_steps: int = 200,
         lora_lr: float = 1e-4,
         embedding_lr_after: float = 0.0,
         lora_dtype: str = "float32",
@@ -76,15 +81,13 @@ class PivotalTuning(TextualInversion):
         self.dropout = check_number("method.dropout", dropout, 0, 0.9)
         self.lora_targets = check_targets(lora_targets)
         self.text_encoder_lora = bool(text_encoder_lora)
-        if isinstance(ti_steps, float) and not ti_steps.is_integer():
-            check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps")
-        else:
-            ti_steps = check_number("method.ti_steps", ti_steps, 0, 10**9, integer=True, hint="or a share in (0, 1)")
-        self.ti_steps = ti_steps
+        self.ti_steps = check_ti_steps(ti_steps)
+        self.lora_steps = check_number("method.lora_steps", lora_steps, 1, 10**9, integer=True)
         self.lora_lr = check_number("method.lora_lr", lora_lr, 0, 1, low_open=True)
         self.embedding_lr_after = check_number("method.embedding_lr_after", embedding_lr_after, 0, 1, hint="0 = frozen")
         self.lora_dtype = LORA_DTYPES[check_choice("method.lora_dtype", lora_dtype, LORA_DTYPES)]
-        self.switch_step = 0  # the first optimizer step (0-based) that trains the LoRA, set with the optimizer
+        # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
+        self.switch_step: int | None = None
         self.adapted: dict[str, dict] = {}  # {model: {module path: peft LoraLayer}}
         self.configs: dict = {}  # {model: peft LoraConfig}
         self.lora = nn.ModuleDict()  # {kohya module name: {"down", "up"}}: what checkpoints hold of the LoRA
@@ -137,13 +140,43 @@ class PivotalTuning(TextualInversion):
     def configure_optimizers(self):
         if isinstance(self.ti_steps, float):
             self.switch_step = round(self.ti_steps * int(self.trainer.estimated_stepping_batches))
-        else:
+        elif self.ti_steps != AUTO:
             self.switch_step = self.ti_steps
-        return super().configure_optimizers()
+        return super().configure_optimizers()  # auto: None until learned, or as the resumed checkpoint says
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        from lit_ti.callbacks.early_stop import EarlyStop  # callbacks import methods; not the other way at load
+
+        if self.ti_steps == AUTO and not any(isinstance(c, EarlyStop) for c in self.trainer.callbacks):
+            raise UserError(
+                "method.ti_steps=auto: the switch to the LoRA is decided by callbacks.early_stop, which this run "
+                "does not have; add it ('callbacks=[default,early_stop]') or give ti_steps in steps"
+            )
+
+    def learned(self, step: int) -> bool:
+        """`ti_steps: auto`: the embedding has learned, so the LoRA trains from the next step; the run ends
+        `lora_steps` later, not now. Otherwise the verdict ends the run, as for textual inversion."""
+        if self.ti_steps != AUTO:
+            return True
+        if self.switch_step is None:
+            self.switch_step = step
+            rank_zero_info(f"[lit_ti] the LoRA trains from step {step} for {self.lora_steps} steps (ti_steps: auto)")
+        return False
 
     def lora_trains(self) -> bool:
         """Whether the optimizer step being taken trains the LoRA (global_step counts the steps done)."""
-        return self.global_step >= self.switch_step
+        return self.switch_step is not None and self.global_step >= self.switch_step
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        latest = int(self.trainer.max_steps) - self.lora_steps  # auto: the LoRA still gets its steps
+        if self.ti_steps == AUTO and self.switch_step is None and self.global_step >= latest:
+            self.switch_step = self.global_step
+            rank_zero_info(
+                f"[lit_ti] the embedding was not found learned by step {self.global_step}: the LoRA trains for "
+                f"its {self.lora_steps} steps before trainer.max_steps ({self.trainer.max_steps})"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
@@ -169,9 +202,20 @@ class PivotalTuning(TextualInversion):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.ti_steps == AUTO and self.lora_trains() and self.global_step >= self.switch_step + self.lora_steps:
+            self.trainer.should_stop = True  # the LoRA phase is done
         if self.log_now:
             norm = torch.stack([p.detach().norm() for p in self.lora.parameters()]).norm()
             self.log("train/lora_norm", norm, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lit_ti_switch_step"] = self.switch_step  # auto: decided during the run, so resumed from here
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.ti_steps == AUTO:
+            self.switch_step = checkpoint.get("lit_ti_switch_step")
 
     # ----------------------------------------------------------------- files
     def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
@@ -192,6 +236,15 @@ class PivotalTuning(TextualInversion):
         configs = {model: config.to_dict() for model, config in self.configs.items()}
         written.append(io.save_diffusers_lora(f"{stem}{DIFFUSERS_SUFFIX}", layers, configs, metadata=meta))
         return written
+
+
+def check_ti_steps(ti_steps) -> float | int | str:
+    """`method.ti_steps`: whole steps, a share of the run in (0, 1), or `auto`."""
+    if ti_steps == AUTO:
+        return AUTO
+    if isinstance(ti_steps, float) and not ti_steps.is_integer():
+        return check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps, or auto")
+    return check_number("method.ti_steps", ti_steps, 0, 10**9, integer=True, hint="or a share in (0, 1), or auto")
 
 
 def check_targets(targets) -> tuple[str, ...]:

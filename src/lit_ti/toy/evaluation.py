@@ -100,7 +100,13 @@ def evaluate(
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
     if not extras:
-        return {"recovery": recovery, "accuracy": accuracy, "loss_learned": learned}
+        return {
+            "recovery": recovery,
+            "accuracy": accuracy,
+            "loss_init": initial,
+            "loss_learned": learned,
+            "loss_oracle": oracle,
+        }
     edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
     with method.base_model():
         oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
