@@ -140,7 +140,7 @@ class EarlyStop(ValidationLoss):
                     trainer.should_stop = True
                     rank_zero_info(f"[lit_ti] {self.reason}")
                 else:
-                    rank_zero_info(f"[lit_ti] learned at step {step}: {why}")
+                    rank_zero_info(f"[lit_ti] learned at step {step}: {why}; the method's next phase starts")
         return value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -88,6 +88,7 @@ class PivotalTuning(TextualInversion):
         self.lora_dtype = LORA_DTYPES[check_choice("method.lora_dtype", lora_dtype, LORA_DTYPES)]
         # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
         self.switch_step: int | None = None
+        self.announced = False  # the switch was said on the console
         self.adapted: dict[str, dict] = {}  # {model: {module path: peft LoraLayer}}
         self.configs: dict = {}  # {model: peft LoraConfig}
         self.lora = nn.ModuleDict()  # {kohya module name: {"down", "up"}}: what checkpoints hold of the LoRA
@@ -161,7 +162,6 @@ class PivotalTuning(TextualInversion):
             return True
         if self.switch_step is None:
             self.switch_step = step
-            rank_zero_info(f"[lit_ti] the LoRA trains from step {step} for {self.lora_steps} steps (ti_steps: auto)")
         return False
 
     def lora_trains(self) -> bool:
@@ -177,6 +177,9 @@ class PivotalTuning(TextualInversion):
                 f"[lit_ti] the embedding was not found learned by step {self.global_step}: the LoRA trains for "
                 f"its {self.lora_steps} steps before trainer.max_steps ({self.trainer.max_steps})"
             )
+        elif self.ti_steps == AUTO and self.global_step == self.switch_step and not self.announced:
+            rank_zero_info(f"[lit_ti] the LoRA trains from step {self.switch_step} for {self.lora_steps} steps")
+        self.announced = self.announced or self.lora_trains()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
