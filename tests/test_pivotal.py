@@ -1,6 +1,8 @@
 """Pivotal tuning (`method=pivotal`): the two phases, what checkpoints hold, and the files other tools load
 (A1111's LoRA loader rules, diffusers' `load_lora_weights`, lit_ti's own `generate.py`)."""
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -106,9 +108,11 @@ def test_auto_resumes_after_the_switch_exactly(tmp_path, concept_dir, fit):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-def test_auto_without_early_stop_is_one_line(tmp_path, concept_dir, fit):
+def test_auto_without_early_stop_or_early_stop_without_auto_is_one_line(tmp_path, concept_dir, fit):
     with pytest.raises(UserError, match=r"method.ti_steps=auto.*callbacks.early_stop"):
-        fit(tmp_path, concept_dir, max_steps=2, every=100, **{**PIVOTAL, "ti_steps": "auto"})
+        fit(tmp_path / "a", concept_dir, max_steps=2, every=100, **{**PIVOTAL, "ti_steps": "auto"})
+    with pytest.raises(UserError, match=r"method.ti_steps=2 with callbacks.early_stop.*ti_steps=auto"):
+        fit(tmp_path / "b", concept_dir, max_steps=2, every=100, extra_callbacks=[LearnedFrom(1)], **PIVOTAL)
 
 
 @pytest.mark.parametrize(
@@ -361,3 +365,29 @@ def test_sd3_is_refused_in_one_line_before_anything_is_attached():
     with pytest.raises(UserError, match=r"^method=pivotal: SD3"):
         method.configure_model()
     assert len(method.lora) == 0
+
+
+def test_the_toy_pivotal_experiment_switches_when_learned_and_ends_after_the_lora(tmp_path, caplog):
+    """`experiment=toy_pivotal` as shipped (ti_steps: auto with early stopping), shortened: a run ends
+    `lora_steps` after its switch, with every file written."""
+    import json
+
+    import lit_ti.train
+    from tests.conftest import compose
+
+    fast = ["callbacks.early_stop.every_n_steps=2", "callbacks.early_stop.min_steps=2", "callbacks.early_stop.window=2"]
+    cfg = compose(
+        "experiment=toy_pivotal",
+        f"paths.output_dir={tmp_path}",
+        "trainer.max_steps=16",
+        "method.lora_steps=3",
+        "callbacks.toy_eval=null",
+        "callbacks.preview=null",
+        *fast,
+    )
+    with caplog.at_level("INFO"):
+        lit_ti.train.main(cfg)
+    switch = int(re.search(r"the LoRA trains from step (\d+) for 3 steps", caplog.text).group(1))
+    assert 2 <= switch <= 13
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == switch + 3
+    assert {"toy-concept-lora.safetensors", "toy-concept.safetensors"} <= {p.name for p in tmp_path.iterdir()}

@@ -149,10 +149,16 @@ class PivotalTuning(TextualInversion):
         super().on_fit_start()
         from lit_ti.callbacks.early_stop import EarlyStop  # callbacks import methods; not the other way at load
 
-        if self.ti_steps == AUTO and not any(isinstance(c, EarlyStop) for c in self.trainer.callbacks):
+        stops = any(isinstance(c, EarlyStop) for c in self.trainer.callbacks)
+        if self.ti_steps == AUTO and not stops:
             raise UserError(
                 "method.ti_steps=auto: the switch to the LoRA is decided by callbacks.early_stop, which this run "
                 "does not have; add it ('callbacks=[default,early_stop]') or give ti_steps in steps"
+            )
+        if self.ti_steps != AUTO and stops:
+            raise UserError(
+                f"method.ti_steps={self.ti_steps} with callbacks.early_stop: the stop would end the run inside the "
+                "embedding phase; set method.ti_steps=auto (the switch when learned) or callbacks.early_stop=null"
             )
 
     def learned(self, step: int) -> bool:
@@ -170,16 +176,15 @@ class PivotalTuning(TextualInversion):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        latest = int(self.trainer.max_steps) - self.lora_steps  # auto: the LoRA still gets its steps
-        if self.ti_steps == AUTO and self.switch_step is None and self.global_step >= latest:
-            self.switch_step = self.global_step
-            rank_zero_info(
-                f"[lit_ti] the embedding was not found learned by step {self.global_step}: the LoRA trains for "
-                f"its {self.lora_steps} steps before trainer.max_steps ({self.trainer.max_steps})"
-            )
-        elif self.ti_steps == AUTO and self.global_step == self.switch_step and not self.announced:
-            rank_zero_info(f"[lit_ti] the LoRA trains from step {self.switch_step} for {self.lora_steps} steps")
-        self.announced = self.announced or self.lora_trains()
+        if self.ti_steps != AUTO:
+            return
+        note = ""
+        if self.switch_step is None and self.global_step >= int(self.trainer.max_steps) - self.lora_steps:
+            self.switch_step = self.global_step  # not found learned: the last switch that leaves the LoRA its steps
+            note = f" (the embedding was not found learned; trainer.max_steps={self.trainer.max_steps} is the cap)"
+        if self.lora_trains() and not self.announced:
+            rank_zero_info(f"[lit_ti] the LoRA trains from step {self.switch_step} for {self.lora_steps} steps{note}")
+            self.announced = True
 
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
