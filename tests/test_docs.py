@@ -26,6 +26,8 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     ". .venv/bin/activate && python -m pytest": "the test suite itself",
     "python train.py -m cluster=slurm": "needs a SLURM cluster (cluster=local runs the same path in tests/test_sweeps.py)",
     "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
+    "python benchmarks/early_stop_replay.py": "scores every copy of a 600-step run (about 30 s each); the rule it "
+    "replays is the callback's own `learned`, tested in tests/test_time_to_quality.py",
 }
 
 
