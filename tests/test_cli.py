@@ -155,7 +155,8 @@ def test_multirun_sweeps(tmp_path, cli):
     ]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+# SIGTERM (what SLURM and `kill` send) takes the same path as Ctrl-C; it runs in the slow lane (CI runs both)
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_path, signum, cli):
     # the toy evaluation stays on: an interrupted run must skip it (it takes minutes) and still say how to run it
     args = ["trainer.max_steps=100000", "callbacks.early_stop=null"]  # a run that never ends on its own

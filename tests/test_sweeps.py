@@ -36,6 +36,7 @@ def test_optuna_sweep_runs_four_trials_and_keeps_its_study(tmp_path, cli):
     assert len({round(v, 6) for v in values}) > 1  # the parameters changed the objective
 
 
+@pytest.mark.slow  # a job through submitit (15 s); CI runs this module's slow lane
 def test_a_run_through_the_submitit_launcher(tmp_path, cli):
     run = cli.train(
         "-m",
