@@ -54,13 +54,13 @@ def flat(path: Path):
     return torch.cat([t.float().flatten() for _, t in sorted(load_file(path).items())])
 
 
-def stop_step(losses: dict[int, float], files: dict[int, Path], rule: dict) -> int | None:
+def stop_step(losses: dict[int, float], flats: dict, rule: dict) -> int | None:
     from lit_ti.callbacks.early_stop import learned
 
     values, snapshots = [], []
     for step in sorted(losses):
         values.append(losses[step])
-        snapshots.append(flat(files[step]))
+        snapshots.append(flats[step])
         if step >= MIN_STEPS and learned(values, snapshots, **rule):
             return step
     return None
@@ -98,8 +98,9 @@ def replay(run: Path, concept: str, samples: int, every: int, means: list[int], 
     if periodic:
         best = max(periodic, key=lambda s: (periodic[s][1], periodic[s][0]))
         out["periodic"], out["best"] = periodic, [best, *periodic[best]]
+    flats = {s: flat(files[s]) for s in steps}  # read once for every rule
     for name, rule in RULES.items():
-        step = stop_step({s: losses[s] for s in steps}, files, rule)
+        step = stop_step({s: losses[s] for s in steps}, flats, rule)
         if step is None:
             out[name] = None
             continue

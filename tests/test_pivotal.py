@@ -92,16 +92,11 @@ def test_auto_switches_when_learned_and_the_lora_gets_its_steps(tmp_path, concep
 
 def test_auto_resumes_after_the_switch_exactly(tmp_path, concept_dir, fit):
     kw = {**PIVOTAL, "ti_steps": "auto", "lora_steps": 3, "dropout": 0.1}
-    straight, _ = fit(tmp_path / "straight", concept_dir, max_steps=8, every=4, extra_callbacks=[LearnedFrom(2)], **kw)
+    common = dict(max_steps=8, every=4, **kw)
+    straight, _ = fit(tmp_path / "straight", concept_dir, extra_callbacks=[LearnedFrom(2)], **common)
     checkpoint = next((tmp_path / "straight" / "checkpoints").glob("*step=4.ckpt"))  # inside the LoRA phase
     resumed, trainer = fit(
-        tmp_path / "resumed",
-        concept_dir,
-        max_steps=8,
-        every=4,
-        ckpt_path=checkpoint,
-        extra_callbacks=[LearnedFrom(2)],
-        **kw,
+        tmp_path / "resumed", concept_dir, ckpt_path=checkpoint, extra_callbacks=[LearnedFrom(2)], **common
     )
     assert resumed.switch_step == 2 and trainer.global_step == 5
     a, b = straight.state_dict(), resumed.state_dict()

@@ -162,10 +162,8 @@ class PivotalTuning(TextualInversion):
             )
 
     def learned(self, step: int) -> bool:
-        """`ti_steps: auto`: the embedding has learned, so the LoRA trains from the next step; the run ends
-        `lora_steps` later, not now. Otherwise the verdict ends the run, as for textual inversion."""
-        if self.ti_steps != AUTO:
-            return True
+        """The embedding has learned (early stopping runs only with `ti_steps: auto`, see `on_fit_start`), so
+        the LoRA trains from the next step; the run ends `lora_steps` later, not now."""
         if self.switch_step is None:
             self.switch_step = step
         return False

@@ -99,31 +99,22 @@ def evaluate(
 
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
-    if not extras:
-        return {
-            "recovery": recovery,
-            "accuracy": accuracy,
-            "loss_init": initial,
-            "loss_learned": learned,
-            "loss_oracle": oracle,
+    results = {"recovery": recovery, "accuracy": accuracy}
+    if extras:
+        edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
+        with method.base_model():
+            oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
+            edit_oracle, edit_concept_oracle = editability(method, f"{colour} {shape}", concept, samples, guidance)
+        results |= {
+            "accuracy_oracle": oracle_accuracy,
+            "editability": edit,
+            "editability_concept": edit_concept,
+            "editability_oracle": edit_oracle,
+            "editability_concept_oracle": edit_concept_oracle,
         }
-    edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
-    with method.base_model():
-        oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
-        edit_oracle, edit_concept_oracle = editability(method, f"{colour} {shape}", concept, samples, guidance)
-    results = {
-        "recovery": recovery,
-        "accuracy": accuracy,
-        "accuracy_oracle": oracle_accuracy,
-        "editability": edit,
-        "editability_concept": edit_concept,
-        "editability_oracle": edit_oracle,
-        "editability_concept_oracle": edit_concept_oracle,
-        "loss_init": initial,
-        "loss_learned": learned,
-        "loss_oracle": oracle,
-        "loss_unrelated": unrelated,
-    }
+    results |= {"loss_init": initial, "loss_learned": learned, "loss_oracle": oracle, "loss_unrelated": unrelated}
+    if not extras:
+        return results
     if negative:  # a method with a learned negative: also judge its positive alone (plain CFG, "" negative)
         with swapped(method.concept_bank, init_vectors):
             initial_alone = loss(prompt, conditional)
