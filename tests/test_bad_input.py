@@ -107,6 +107,18 @@ def with_file(name: str | bytes, data: bytes | None = None, make=None):
     return build
 
 
+def captioned(*captions: str):
+    """A good folder whose images have these captions (the last one repeated)."""
+
+    def build(folder: Path) -> Path:
+        good(folder)
+        for k, path in enumerate(sorted(folder.glob("*.png"))):
+            path.with_suffix(".txt").write_text(captions[min(k, len(captions) - 1)], encoding="utf-8")
+        return folder
+
+    return build
+
+
 def only(name: str, data: bytes):
     def build(folder: Path) -> Path:
         folder.mkdir(parents=True)
@@ -229,6 +241,19 @@ CASES = [
     ("template-empty", template_file(""), ["data.template={root}/template.txt"], ("error", "data.template")),
     ("template-no-name", template_file("a photo\n"), ["data.template={root}/template.txt"], ("error", "[name]")),
     ("template-unknown", good, ["data.template=subjekt"], ("error", "data.template", "subject")),
+    (  # [name] left to the captions (A1111 fills [filewords] first): every caption must then hold it
+        "filewords-captions-without-name",
+        captioned("a photo of [name] at noon", "a photo at night"),
+        ["data.template=filewords"],
+        ("error", "data.template", "2 of 3 captions lack it"),
+    ),
+    ("filewords-named-captions", captioned("a photo of [name]"), ["data.template=filewords"], ("train",)),
+    (
+        "filewords-named-captions-positive-only",
+        captioned("a photo of [name]"),
+        ["data.template=filewords", "method=dreamartist", "method.positive_filewords_only=true"],
+        ("error", "method.positive_filewords_only", "zz-concept-neg"),
+    ),
     (
         "filewords-no-captions",
         only("0001.png", png_bytes()),
@@ -322,6 +347,8 @@ def test_unknown_toy_names_are_user_errors_and_write_nothing(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # the resolvers render into outputs/toy_data under the working directory
     with pytest.raises(UserError, match="toy_style=foo: no such toy style; use one of topleft, night"):
         _toy_style("foo")
+    with pytest.raises(UserError, match="toy_prompts='caption': use one of template, captions"):
+        _toy_data("purple_star", 2, "caption")
     for concept in ("foo", "pink_star", "red_circle_x"):
         with pytest.raises(UserError, match=f"toy_concept: unknown toy concept '{concept}'"):
             _toy_data(concept, 2)

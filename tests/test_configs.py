@@ -4,6 +4,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -169,6 +170,30 @@ def test_every_experiment_on_the_toy_world_is_toy_sized(experiment):
     cfg = compose(f"experiment={experiment}")
     assert cfg.trainer.max_steps == 600 and cfg.method.optimizer.lr >= 1e-3
     assert (cfg.callbacks.toy_eval or cfg.callbacks.toy_style_eval)._target_.startswith("lit_ti.callbacks.Toy")
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("hypernetwork")])
+def test_toy_prompts_reach_every_embedding_experiment(tmp_path, monkeypatch, experiment):
+    """`toy_prompts=captions` prompts each render with its own caption, the concept as the token, whatever the
+    experiment's or the toy tuning's template; the default keeps the toy template's lines."""
+    import random
+
+    from lit_ti.data.dataset import ConceptDataset
+
+    monkeypatch.chdir(tmp_path)  # the toy folders render into outputs/toy_data under the working directory
+    plain = compose(f"experiment={experiment}", "toy_images=2")
+    assert plain.data.template == "toy", experiment
+    cfg = compose(f"experiment={experiment}", "toy_images=2", "toy_prompts=captions", "toy_concept=orange_cross")
+    assert cfg.data.template == "filewords", experiment
+    dm = instantiate(cfg.data)
+    dm.setup()
+    truth = [c.replace("[name]", "orange cross") for c in dm.captions]
+    assert len(truth) == 2 and all(c.count("[name]") == 1 and "orange" not in c for c in dm.captions)
+    dm.mean = [torch.zeros(1, 4, 8, 8)] * 2  # prompts only: no VAE pass
+    dataset = ConceptDataset(dm)
+    for seed in random.Random(0).sample(range(10**6), 8):
+        sample = dataset[(seed % 2, seed)]
+        assert sample["prompt"].replace(cfg.name, "orange cross") == truth[sample["index"]]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from lit_ti.callbacks import EarlyStop, GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.callbacks.results import run_params
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run, config_error
-from lit_ti.errors import UserError, report_user_errors
+from lit_ti.errors import UserError, check_choice, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
 from lit_ti.io.formats import final_suffixes
@@ -34,11 +34,17 @@ def _asset(name: str) -> str:
     return str(resources.files("lit_ti").joinpath("assets", name))
 
 
-def _toy_data(concept: str, images: int = 16) -> str:
-    """`${lit_ti.toy_data:orange_cross,16}`: a toy concept's training folder of `images` renders, rendered on
-    first use (the first k renders of a concept are the same for every k)."""
+TOY_PROMPTS = {"template": "toy", "captions": "filewords"}  # toy_prompts -> data.template
+
+
+def _toy_data(concept: str, images: int = 16, prompts: str = "template") -> str:
+    """`${lit_ti.toy_data:orange_cross,16,template}`: a toy concept's training folder of `images` renders,
+    rendered on first use (the first k renders of a concept are the same for every k); with `prompts=captions`
+    its captions name the concept `[name]` (`toy.world.write_concept`)."""
+    check_choice("toy_prompts", prompts, tuple(TOY_PROMPTS))
+    named = prompts == "captions"
     shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
-    if shipped.is_dir() and images == 16:
+    if shipped.is_dir() and images == 16 and not named:
         return str(shipped)
     from lit_ti.toy.world import concept_parts, write_concept
 
@@ -46,10 +52,16 @@ def _toy_data(concept: str, images: int = 16) -> str:
         concept_parts(concept)
     except ValueError as e:
         raise UserError(f"toy_concept: {e}") from None
-    folder = Path("outputs") / "toy_data" / (concept if images == 16 else f"{concept}-{images}")
+    stem = concept if images == 16 else f"{concept}-{images}"
+    folder = Path("outputs") / "toy_data" / (f"{stem}-named" if named else stem)
     if not folder.is_dir():
-        write_concept(concept, folder, n=int(images))
+        write_concept(concept, folder, n=int(images), named=named)
     return str(folder.resolve())
+
+
+def _toy_template(prompts: str) -> str:
+    """`${lit_ti.toy_template:${toy_prompts}}`: the template that goes with the toy folder's captions."""
+    return TOY_PROMPTS[check_choice("toy_prompts", prompts, tuple(TOY_PROMPTS))]
 
 
 def _toy_style(style: str) -> str:
@@ -67,6 +79,7 @@ def _toy_style(style: str) -> str:
 RESOLVERS = {
     "lit_ti.asset": _asset,
     "lit_ti.toy_data": _toy_data,
+    "lit_ti.toy_template": _toy_template,
     "lit_ti.toy_style": _toy_style,
     "lit_ti.safe": component,  # run-folder names (configs/hydra/default.yaml): one safe path component
     "lit_ti.label": label,

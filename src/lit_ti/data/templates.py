@@ -27,15 +27,25 @@ def load_templates(template: str) -> list[str]:
     return lines
 
 
-def check_names(template: str, lines: list[str]) -> None:
-    """Every line of an embedding method's template must hold `[name]`: a prompt without the trained token
-    gives its sample nothing to train (A1111 would train on it anyway; the step would have no gradient)."""
+def check_names(template: str, lines: list[str], captions: list[str] = ()) -> None:
+    """Every prompt of an embedding method must hold `[name]`: a prompt without the trained token gives its
+    sample nothing to train (A1111 would train on it anyway; the step would have no gradient). A line may leave
+    `[name]` to the caption (`[filewords]` with captions such as "a large [name] on a gray background": A1111
+    fills `[filewords]` before `[name]`), then every caption must hold it."""
+    unnamed = [c for c in captions if "[name]" not in c]
     for number, line in enumerate(lines, 1):
-        if "[name]" not in line:
+        if "[name]" in line or ("[filewords]" in line and captions and not unnamed):
+            continue
+        if "[filewords]" in line and captions:
             raise UserError(
-                f"data.template={quote(template)}: line {number} ({quote(line)}) lacks [name], so its samples "
-                "would not train the embedding; put [name] in every line (e.g. the subject or style template)"
+                f"data.template={quote(template)}: line {number} ({quote(line)}) leaves [name] to the captions, but "
+                f"{len(unnamed)} of {len(captions)} captions lack it (e.g. {quote(unnamed[0])}); write [name] where "
+                "the concept is in every caption, or put [name] in the template line"
             )
+        raise UserError(
+            f"data.template={quote(template)}: line {number} ({quote(line)}) lacks [name], so its samples "
+            "would not train the embedding; put [name] in every line (e.g. the subject or style template)"
+        )
 
 
 def without_filewords(template: str, lines: list[str]) -> list[str]:

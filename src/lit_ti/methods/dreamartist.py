@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from lit_ti import losses
-from lit_ti.errors import check_choice, check_number
+from lit_ti.data import ConceptDataModule
+from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io.embeddings import to_file
 from lit_ti.io.paths import STEP
 from lit_ti.methods.textual_inversion import TextualInversion, check_vectors
@@ -142,6 +143,18 @@ class DreamArtist(TextualInversion):
         return self.reconstruction
 
     # ----------------------------------------------------------------- step
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.positive_filewords_only and isinstance(datamodule, ConceptDataModule):
+            datamodule.setup("fit")
+            if not all("[name]" in line for line in datamodule.plain_templates):
+                raise UserError(
+                    f"method.positive_filewords_only=true, but data.template={datamodule.template!r} leaves [name] to "
+                    "the captions, so the negative prompt (the template without [filewords]) would never hold "
+                    f"{self.neg_name!r}; set method.positive_filewords_only=false or put [name] in the template"
+                )
+        super().on_fit_start()
+
     def negative_prompts(self, batch: dict) -> list[str]:
         if self.positive_filewords_only and "template_plain" in batch:
             return [line.replace("[name]", self.neg_name) for line in batch["template_plain"]]

@@ -165,7 +165,7 @@ class TextualInversion(DiffusionMethod):
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, ConceptDataModule):
             datamodule.setup("fit")
-            check_names(datamodule.template, datamodule.templates)
+            check_names(datamodule.template, datamodule.templates, datamodule.captions)
         super().on_fit_start()
 
     def optimizer_step(self, *args, **kwargs) -> None:

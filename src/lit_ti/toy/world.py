@@ -131,15 +131,24 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_concept(concept: str, folder: str | Path, n: int = 16, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
-    """Render `n` images of a concept with sidecar captions: a ready training folder."""
+def write_concept(
+    concept: str, folder: str | Path, n: int = 16, seed: int = 0, size: int = IMAGE_SIZE, named: bool = False
+) -> Path:
+    """Render `n` images of a concept with sidecar captions: a ready training folder.
+
+    named: the captions say `[name]` for the concept's words ("a large [name] on a gray background"), so that
+    `data.template=filewords` prompts the learned token with the rest of each render's true caption.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{concept}-{seed}")
     for i in range(n):
         scene = random_scene(rng, concept)
         render(scene, size).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+        caption = scene.caption()
+        if named:
+            caption = caption.replace(f"{scene.colour} {scene.shape}", "[name]")
+        (folder / f"{i:04d}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
 
