@@ -47,6 +47,9 @@ def test_world_is_deterministic_and_captioned(tmp_path):
     assert (folder / "0000.png").read_bytes() == (again / "0000.png").read_bytes()
     caption = (folder / "0000.txt").read_text()
     assert "purple star on a" in caption
+    named = write_concept("purple_star", tmp_path / "named", n=3, seed=1, named=True)  # toy_prompts=captions
+    assert (named / "0002.png").read_bytes() == (folder / "0002.png").read_bytes()
+    assert (named / "0000.txt").read_text() == caption.replace("purple star", "[name]")
     assert Image.open(folder / "0000.png").size == (64, 64)
     scene = Scene("cross", "red", "black", "small", 0.5, 0.5)
     assert scene.caption() == "a small red cross on a black background" and scene.caption("object") == "a red cross"

@@ -184,8 +184,9 @@ def main() -> None:
     parser.add_argument("folder")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--named", action="store_true", help="captions say [name] for the concept's words")
     args = parser.parse_args()
-    print(write_concept(args.concept, args.folder, args.n, args.seed))
+    print(write_concept(args.concept, args.folder, args.n, args.seed, named=args.named))
 
 
 if __name__ == "__main__":
