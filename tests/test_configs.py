@@ -174,8 +174,8 @@ def test_every_experiment_on_the_toy_world_is_toy_sized(experiment):
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("hypernetwork")])
 def test_toy_prompts_reach_every_embedding_experiment(tmp_path, monkeypatch, experiment):
-    """`toy_prompts=captions` prompts each render with its own caption, the concept as the token, whatever the
-    experiment's or the toy tuning's template; the default keeps the toy template's lines."""
+    """`toy_prompts=captions` prompts each render with its own caption (or `a <token>`), the concept as the
+    token, whatever the experiment's or the toy tuning's template; the default keeps the toy template's lines."""
     import random
 
     from lit_ti.data.dataset import ConceptDataset
@@ -184,16 +184,20 @@ def test_toy_prompts_reach_every_embedding_experiment(tmp_path, monkeypatch, exp
     plain = compose(f"experiment={experiment}", "toy_images=2")
     assert plain.data.template == "toy", experiment
     cfg = compose(f"experiment={experiment}", "toy_images=2", "toy_prompts=captions", "toy_concept=orange_cross")
-    assert cfg.data.template == "filewords", experiment
+    assert cfg.data.template == "toy_captions", experiment
     dm = instantiate(cfg.data)
     dm.setup()
     truth = [c.replace("[name]", "orange cross") for c in dm.captions]
     assert len(truth) == 2 and all(c.count("[name]") == 1 and "orange" not in c for c in dm.captions)
     dm.mean = [torch.zeros(1, 4, 8, 8)] * 2  # prompts only: no VAE pass
     dataset = ConceptDataset(dm)
-    for seed in random.Random(0).sample(range(10**6), 8):
+    seen = set()
+    for seed in random.Random(0).sample(range(10**6), 16):
         sample = dataset[(seed % 2, seed)]
-        assert sample["prompt"].replace(cfg.name, "orange cross") == truth[sample["index"]]
+        prompt = sample["prompt"].replace(cfg.name, "orange cross")
+        assert prompt in (truth[sample["index"]], "a orange cross")  # its caption, or the token alone
+        seen.add(prompt == "a orange cross")
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,7 @@ def test_shipped_templates():
         "hypernetwork": 27,
         "none": 1,
         "toy": 9,
+        "toy_captions": 2,
         "filewords": 1,
     }
     assert all("[name]" in line for line in load_templates("subject"))

@@ -34,7 +34,7 @@ def _asset(name: str) -> str:
     return str(resources.files("lit_ti").joinpath("assets", name))
 
 
-TOY_PROMPTS = {"template": "toy", "captions": "filewords"}  # toy_prompts -> data.template
+TOY_PROMPTS = {"template": "toy", "captions": "toy_captions"}  # toy_prompts -> data.template
 
 
 def _toy_data(concept: str, images: int = 16, prompts: str = "template") -> str:
