@@ -7,7 +7,17 @@ from pathlib import Path
 
 from lit_ti.errors import UserError, quote
 
-SHIPPED = ("subject", "subject_filewords", "style", "style_filewords", "hypernetwork", "none", "toy", "toy_captions", "filewords")
+SHIPPED = (
+    "subject",
+    "subject_filewords",
+    "style",
+    "style_filewords",
+    "hypernetwork",
+    "none",
+    "toy",
+    "toy_captions",
+    "filewords",
+)
 
 
 def load_templates(template: str) -> list[str]:
