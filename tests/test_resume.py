@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_ti import io
-from lit_ti.callbacks import GracefulStop
+from lit_ti.callbacks import EarlyStop, GracefulStop
 from lit_ti.methods import DreamArtist, HypernetworkMethod, PivotalTuning
 from tests.conftest import NAME
 
@@ -80,3 +80,32 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, concept_dir, kw
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
     assert not torch.equal(a[next(iter(a))], trained_state(stopped)[next(iter(a))])  # it did train after the stop
+
+
+class LearnedAtThree(EarlyStop):
+    """The verdict at the 3rd measurement (step 3), so that the cooldown (steps 4-7) is where a run stops."""
+
+    def stops(self, snapshots):
+        return len(self.values) >= 3
+
+
+def test_a_run_stopped_in_its_cooldown_resumes_to_the_same_end(tmp_path, concept_dir, fit):
+    """The lowered rates and the cooldown's end survive a resume: neither lowered twice nor forgotten."""
+
+    def early():
+        return LearnedAtThree(every_n_steps=1, min_steps=0, draws=1, cooldown_steps=4, cooldown_factor=0.1)
+
+    common = dict(max_steps=40, every=100, dm_kw=DATA)
+    straight, trainer = fit(tmp_path / "straight", concept_dir, extra_callbacks=[early()], **common)
+    assert trainer.global_step == 7
+    stop = GracefulStop(str(tmp_path / "unused"))
+    fit(tmp_path / "run", concept_dir, extra_callbacks=[SignalAt(5, signal.SIGINT), stop, early()], **common)
+    assert stop.received == signal.SIGINT and stop.checkpoint.is_file()
+    resumed_stop = early()
+    resumed, trainer = fit(
+        tmp_path / "run", concept_dir, ckpt_path=stop.checkpoint, extra_callbacks=[resumed_stop], **common
+    )
+    assert trainer.global_step == 7 and resumed_stop.cooldown_from == 3 and "step 7's tensors" in resumed_stop.reason
+    a, b = trained_state(straight), trained_state(resumed)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"

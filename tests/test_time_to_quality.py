@@ -191,6 +191,45 @@ def test_early_stop_ends_a_run_that_cannot_learn_and_says_why(concept_dir, metho
         assert len(stop.snapshots) == 4 and all(torch.equal(s, stop.snapshots[0]) for s in stop.snapshots)
 
 
+class RateLog(L.Callback):
+    """The learning rate of every param group at each optimizer step, as the optimizer saw it."""
+
+    def __init__(self):
+        self.rates: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rates.append([g["lr"] for g in optimizer.param_groups])
+
+
+class StopAtSix(EarlyStop):
+    """The verdict at the 6th measurement whatever the loss, so the rates can be real ones."""
+
+    def stops(self, snapshots):
+        return len(self.values) >= 6
+
+
+@pytest.mark.parametrize("schedule", [None, "0.02:8, 0.01"], ids=["constant", "a1111-schedule"])
+@pytest.mark.parametrize("method_cls", [TextualInversion, DreamArtist])
+def test_cooldown_trains_its_steps_at_the_lowered_rate_then_ends(concept_dir, method_cls, schedule):
+    """After the verdict the run goes on `cooldown_steps` more steps at `cooldown_factor` x the rate it would
+    have had, in every param group (DreamArtist's negative has its own rate), without compounding the factor
+    step after step, and through a scheduler that sets the rate each step (the schedule changes mid-cooldown)."""
+    stop = StopAtSix(every_n_steps=1, min_steps=0, draws=1, cooldown_steps=4, cooldown_factor=0.25)
+    rates, plain = RateLog(), RateLog()
+    fit(concept_dir, max_steps=40, callbacks=[plain], method_cls=method_cls, lr_schedule=schedule)
+    _, trainer = fit(concept_dir, 40, callbacks=[stop, rates], method_cls=method_cls, lr_schedule=schedule)
+    k = stop.cooldown_from
+    assert k is not None and trainer.global_step == k + 4 and len(rates.rates) == k + 4
+    assert f"early stop at step {k}" in stop.reason and "4 steps at 0.25 x" in stop.reason
+    assert rates.rates[:k] == plain.rates[:k]
+    assert rates.rates[k:] == [[r * 0.25 for r in rs] for rs in plain.rates[k : k + 4]]
+    assert len({tuple(rs) for rs in plain.rates[k : k + 4]}) == (2 if schedule else 1)
+    restored = EarlyStop(cooldown_steps=4)
+    restored.load_state_dict(stop.state_dict())
+    assert restored.cooldown_from == k and restored.lowered == stop.lowered, "a resumed cooldown must not lower twice"
+    assert f"step {k + 4}'s tensors" in restored.reason and f"step {k + 4}'s tensors" in stop.reason
+
+
 def test_early_stop_waits_while_the_tensors_travel(concept_dir):
     """The first steps of Adam at a large rate go one way: the window sees a straight path and the run goes on,
     however the loss looks (ratio 1 accepts any flat window)."""
@@ -267,8 +306,13 @@ def test_learning_guard_warns_on_a_zero_rate_and_not_on_a_normal_run(concept_dir
 def test_toy_ti_stops_when_learned_and_real_runs_are_left_alone():
     toy = compose()
     assert toy.callbacks.early_stop._target_ == "lit_ti.callbacks.EarlyStop" and toy.trainer.max_steps == 600
+    assert toy.callbacks.early_stop.cooldown_steps == 30
     real = compose("model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz")
     assert real.callbacks.get("early_stop") is None, "early stopping was chosen on the toy world only"
+    asked = compose(
+        "model=diffusers", "model.path=/m", "data=concept", "data.dir=/d", "name=zz", "callbacks=[default,early_stop]"
+    )
+    assert asked.callbacks.early_stop.cooldown_steps == 0, "the toy's cooldown must not leak into a real run"
     assert real.callbacks.learning_guard._target_ == "lit_ti.callbacks.LearningGuard"  # a warning, everywhere
 
 
@@ -281,3 +325,7 @@ def test_early_stop_errors_name_its_own_keys():
         EarlyStop(max_drift=0)
     with pytest.raises(UserError, match=r"^callbacks\.early_stop\.drift_window"):
         EarlyStop(drift_window=1)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.cooldown_steps"):
+        EarlyStop(cooldown_steps=-1)
+    with pytest.raises(UserError, match=r"^callbacks\.early_stop\.cooldown_factor"):
+        EarlyStop(cooldown_factor=1.5)

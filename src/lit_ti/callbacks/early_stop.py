@@ -18,6 +18,11 @@ the method. A longer drift window than the loss's tells slow travel from jitter 
 
 The run ends with the tensors of the step where it stopped (the last step, as for a run that reached
 max_steps): on a plateau they score like the best measured step, and a final step needs no extra files.
+With `cooldown_steps`, the verdict does not end the run at once: it goes on for that many steps at
+`cooldown_factor` × its learning rate, and the files hold the tensors at the end of that. A constant rate keeps
+Adam's steps as large at the plateau as at the start, so the tensors jitter around where they settled; a short
+low-rate phase at the end is the cooldown of warmup-stable-decay schedules (Hägele et al., arXiv 2405.18392),
+which recovers what a decaying schedule gets without fixing the run's length in advance (docs/results.md).
 """
 
 from collections import deque
@@ -78,6 +83,8 @@ class EarlyStop(ValidationLoss):
         max_drift: also require the trained tensors' drift (see the module) below this; null = the loss alone
             decides. Between 1 (jitter) and √drift_window (a straight path).
         drift_window: measurements the drift is taken over; null = `window`.
+        cooldown_steps: once learned, train this many more steps at the lower rate before ending; 0 = end at once.
+        cooldown_factor: the cooldown's learning rate as a share of the rate at the verdict (every param group).
     """
 
     key = "callbacks.early_stop"
@@ -93,6 +100,8 @@ class EarlyStop(ValidationLoss):
         min_steps: int = 60,
         max_drift: float | None = None,
         drift_window: int | None = None,
+        cooldown_steps: int = 0,
+        cooldown_factor: float = 0.1,
     ) -> None:
         super().__init__(dir, draws, every_n_steps, seed)
         if self.every_n_steps is None:
@@ -106,6 +115,10 @@ class EarlyStop(ValidationLoss):
         if drift_window is not None:
             drift_window = check_number("callbacks.early_stop.drift_window", drift_window, 2, 10_000, integer=True)
         self.drift_window = drift_window or self.window
+        self.cooldown_steps = check_period("callbacks.early_stop.cooldown_steps", cooldown_steps, low=0)
+        self.cooldown_factor = check_number("callbacks.early_stop.cooldown_factor", cooldown_factor, 0, 1)
+        self.cooldown_from: int | None = None  # the verdict's step, once a cooldown runs
+        self.lowered: dict[str, float] = {}  # "optimizer.group" -> the rate this callback set
         self.values: list[float] = []
         # flat CPU copies of the trained tensors at the last drift_window + 1 measurements; not checkpointed (a
         # hypernetwork's would weigh that many times its size), so after a resume the drift test waits for them
@@ -135,24 +148,64 @@ class EarlyStop(ValidationLoss):
                     f"is under {self.ratio:g} of all {len(self.values)}, with no descent beyond their scatter)" + moved
                 )
                 self.handed_over = True
-                if pl_module.learned(step):
+                if not pl_module.learned(step):
+                    rank_zero_info(f"[lit_ti] learned at step {step}: {why}; the method's next phase starts")
+                elif self.cooldown_steps:
+                    self.cooldown_from = step
+                    self.reason = f"early stop at step {step}: {why}; {self.cooled()}"
+                    rank_zero_info(
+                        f"[lit_ti] learned at step {step}: {why}; {self.cooldown_steps} more steps at "
+                        f"{self.cooldown_factor:g} x the learning rate"
+                    )
+                else:
                     self.reason = f"early stop at step {step}: {why}; the files hold this step's tensors"
                     trainer.should_stop = True
                     rank_zero_info(f"[lit_ti] {self.reason}")
-                else:
-                    rank_zero_info(f"[lit_ti] learned at step {step}: {why}; the method's next phase starts")
         return value
 
+    def cooled(self) -> str:
+        end = self.cooldown_from + self.cooldown_steps
+        rate = f"{self.cooldown_factor:g} x the learning rate"
+        return f"then {self.cooldown_steps} steps at {rate}; the files hold step {end}'s tensors"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.cooldown_from is None:
+            return
+        # every param group at cooldown_factor x the rate it would have: a rate a scheduler has set since the
+        # last batch (not the one this callback left) is lowered again; one this callback set is left alone
+        for i, optimizer in enumerate(trainer.optimizers):
+            for j, group in enumerate(optimizer.param_groups):
+                if self.lowered.get(f"{i}.{j}") != group["lr"]:
+                    group["lr"] *= self.cooldown_factor
+                    self.lowered[f"{i}.{j}"] = group["lr"]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.handed_over:  # once the method took a verdict as the end of a phase, it needs no more
+        if self.cooldown_from is not None:
+            if trainer.global_step >= self.cooldown_from + self.cooldown_steps and not trainer.should_stop:
+                trainer.should_stop = True
+                rank_zero_info(f"[lit_ti] {self.reason}")
+        elif not self.handed_over:  # once the method took a verdict as the end of a phase, it needs no more
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def state_dict(self) -> dict:
-        return {"values": list(self.values), "handed_over": self.handed_over}  # a resumed run keeps its history
+    def state_dict(self) -> dict:  # a resumed run keeps its history, and a cooldown its lowered rates
+        return {
+            "values": list(self.values),
+            "handed_over": self.handed_over,
+            "cooldown_from": self.cooldown_from,
+            "lowered": dict(self.lowered),
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.values = list(state_dict.get("values", []))
         self.handed_over = bool(state_dict.get("handed_over", False))
+        self.cooldown_from = state_dict.get("cooldown_from")
+        self.lowered = dict(state_dict.get("lowered", {}))
+        if self.cooldown_from is not None:  # resumed inside the cooldown: the summary still says why it ends
+            self.reason = f"early stop at step {self.cooldown_from} (before the resume); {self.cooled()}"
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        pass  # callbacks.val_loss measures the end; this one only decides when it is
+    def on_train_end(self, trainer, pl_module) -> None:  # callbacks.val_loss measures the end, not this one
+        if self.cooldown_from is not None and trainer.global_step < self.cooldown_from + self.cooldown_steps:
+            self.reason = (
+                f"learned at step {self.cooldown_from}; the cooldown at {self.cooldown_factor:g} x the learning "
+                f"rate ended early at step {trainer.global_step} (trainer.max_steps or a stop)"
+            )
