@@ -13,6 +13,10 @@ For each run and rule it scores, with the toy evaluation of `evaluate.py` (recov
 * `mean<k>`: the mean of the copies at the last k measurements up to the stop (tail averaging);
 and as references the copy at the last step, the mean of the last 12 copies of the run, and the best copy
 among every `--every` steps (by accuracy, then recovery).
+
+With `--measures FILE` (what `benchmarks/stop_measures.py` wrote for these runs) the rules also run on other
+loss series than the logged `val/loss`: held-out renders, and the training renders' loss restricted to a
+timestep range or weighted in x0 space (`measures`); each measure × rule is scored as above.
 """
 
 import argparse
@@ -29,6 +33,20 @@ RULES = {  # name -> learned()'s arguments (the callback's defaults, and the dri
     "drift": {"window": 6, "ratio": 0.15, "max_drift": 1.4, "drift_window": 12},
 }
 MIN_STEPS = 60
+HIGH_T = 500  # the noisier half of the schedule: where a sample's colour and shape are decided
+
+
+def measures(scores: dict, alphas_cumprod) -> dict[str, float]:
+    """Candidate stop measures of one copy from its per-draw losses (`stop_measures.score_copy`)."""
+    out = {}
+    for part in ("train", "heldout"):
+        grid, t = scores[f"{part}/grid"], scores[f"{part}/grid_t"]  # [images, draws] each
+        out[part] = float(scores[f"{part}/callback"].mean())  # train: the logged val/loss
+        out[f"{part}_t200"] = float(grid[t >= 200].mean())  # the toy methods' training range
+        out[f"{part}_t{HIGH_T}"] = float(grid[t >= HIGH_T].mean())
+        a = alphas_cumprod[t]
+        out[f"{part}_x0"] = float((grid * (1 - a) / a).mean())  # ε-MSE · σ²/α²: the x0 error
+    return out
 
 
 def val_losses(run: Path) -> dict[int, float]:
@@ -87,29 +105,71 @@ def score(path: Path, concept: str, samples: int) -> list[float]:
     return [round(s["recovery"], 3), round(s["accuracy"], 3)]
 
 
-def replay(run: Path, concept: str, samples: int, every: int, means: list[int], tmp: Path) -> dict:
-    losses, files = val_losses(run), copies(run)
-    steps = sorted(s for s in losses if s in files)
+def replay(
+    run: Path, concept: str, samples: int, every: int, means: list[int], tmp: Path, series=None, rules=RULES
+) -> dict:
+    """Score `run`'s stops under every rule, on its logged `val/loss` or on each of `series` ({measure: {step:
+    loss}}); every copy is scored once however many rules stop on it."""
+    files = copies(run)
+    series = series or {"loss": val_losses(run)}
+    steps = sorted(s for s in next(iter(series.values())) if s in files)
+    scored: dict[int, list[float]] = {}
+
+    def at(step: int) -> list[float]:
+        if step not in scored:
+            scored[step] = score(files[step], concept, samples)
+        return scored[step]
+
     last = steps[-1]
-    out = {"last_step": last, "at_last": score(files[last], concept, samples)}
-    tail = [files[s] for s in steps[-12:]]
-    out["mean12_at_last"] = score(mean_file(tail, tmp / f"{run.name}-tail.safetensors"), concept, samples)
-    periodic = {s: score(files[s], concept, samples) for s in steps if every > 0 and s % every == 0}
+    out = {"last_step": last, "at_last": at(last)}
+    if means:
+        tail = [files[s] for s in steps[-12:]]
+        out["mean12_at_last"] = score(mean_file(tail, tmp / f"{run.name}-tail.safetensors"), concept, samples)
+    periodic = {s: at(s) for s in steps if every > 0 and s % every == 0}
     if periodic:
         best = max(periodic, key=lambda s: (periodic[s][1], periodic[s][0]))
         out["periodic"], out["best"] = periodic, [best, *periodic[best]]
     flats = {s: flat(files[s]) for s in steps}  # read once for every rule
-    for name, rule in RULES.items():
-        step = stop_step({s: losses[s] for s in steps}, flats, rule)
-        if step is None:
-            out[name] = None
-            continue
-        row = {"step": step, "last": periodic.get(step) or score(files[step], concept, samples)}
-        for k in means:
-            window = [files[s] for s in steps if s <= step][-k:]
-            row[f"mean{k}"] = score(mean_file(window, tmp / f"{run.name}-{name}-{k}.safetensors"), concept, samples)
-        out[name] = row
+    for measure, losses in series.items():
+        for name, rule in rules.items():
+            key = name if measure == "loss" else f"{measure}/{name}"
+            step = stop_step({s: losses[s] for s in steps}, flats, rule)
+            if step is None:
+                out[key] = None
+                continue
+            row = {"step": step, "last": at(step)}
+            for k in means:
+                window = [files[s] for s in steps if s <= step][-k:]
+                row[f"mean{k}"] = score(mean_file(window, tmp / f"{run.name}-{key}-{k}.safetensors"), concept, samples)
+            out[key] = row
     return out
+
+
+def stops(run: Path, series=None) -> dict[str, int | None]:
+    """Only the stop step of every measure × rule."""
+    files = copies(run)
+    series = series or {"loss": val_losses(run)}
+    steps = sorted(s for s in next(iter(series.values())) if s in files)
+    flats = {s: flat(files[s]) for s in steps}
+    return {
+        f"{measure}/{name}": stop_step({s: losses[s] for s in steps}, flats, rule)
+        for measure, losses in series.items()
+        for name, rule in RULES.items()
+    }
+
+
+def measure_series(path: Path, run: str, names: list[str] | None) -> dict[str, dict[int, float]]:
+    """{measure: {step: loss}} of one run from `benchmarks/stop_measures.py`'s file."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from lit_ti.train import _asset
+
+    alphas = DDPMScheduler.from_pretrained(_asset("toy_base"), subfolder="scheduler").alphas_cumprod
+    found = torch.load(path)[run]
+    per_step = [measures(s, alphas) for s in found["scores"]]
+    names = names or list(per_step[0])
+    return {m: dict(zip(found["steps"], (p[m] for p in per_step))) for m in names}
 
 
 def main() -> None:
@@ -121,12 +181,21 @@ def main() -> None:
     )
     parser.add_argument("--means", type=int, nargs="*", default=[6, 12], help="tail lengths averaged at a stop")
     parser.add_argument("--json", type=Path, help="append one line per run here")
+    parser.add_argument("--measures", type=Path, help="benchmarks/stop_measures.py's file for these runs")
+    parser.add_argument("--only", nargs="*", help="with --measures: these measures (default: all)")
+    parser.add_argument("--rules", nargs="*", choices=list(RULES), default=list(RULES), help="none: references only")
+    parser.add_argument("--stops-only", action="store_true", help="print the stop steps, score nothing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.runs:
             run, concept, *label = spec.split(":")
             row = {"run": label[0] if label else run, "concept": concept}
-            row.update(replay(Path(run), concept, args.samples, args.every, args.means, Path(tmp)))
+            series = measure_series(args.measures, run, args.only) if args.measures else None
+            if args.stops_only:
+                row.update(stops(Path(run), series))
+            else:
+                rules = {name: RULES[name] for name in args.rules}
+                row.update(replay(Path(run), concept, args.samples, args.every, args.means, Path(tmp), series, rules))
             print(json.dumps(row), flush=True)
             if args.json:
                 with args.json.open("a") as f:

@@ -28,6 +28,8 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
     "python benchmarks/early_stop_replay.py": "scores every copy of a 600-step run (about 30 s each); the rule it "
     "replays is the callback's own `learned`, tested in tests/test_time_to_quality.py",
+    "python benchmarks/stop_measures.py": "scores every copy of a logged run on 640 fixed draws (about 9 min a "
+    "run) and checks its draws against the run's logged val/loss at every copy",
 }
 
 
