@@ -105,14 +105,21 @@ def score(path: Path, concept: str, samples: int) -> list[float]:
     return [round(s["recovery"], 3), round(s["accuracy"], 3)]
 
 
+def logged(run: Path, series=None) -> tuple[dict, dict, list[int], dict]:
+    """A run's copies, its loss series (the logged `val/loss` unless `series` is given), the steps that have
+    both, and each such copy's flat tensors (read once for every rule)."""
+    files = copies(run)
+    series = series or {"loss": val_losses(run)}
+    steps = sorted(s for s in next(iter(series.values())) if s in files)
+    return files, series, steps, {s: flat(files[s]) for s in steps}
+
+
 def replay(
     run: Path, concept: str, samples: int, every: int, means: list[int], tmp: Path, series=None, rules=RULES
 ) -> dict:
     """Score `run`'s stops under every rule, on its logged `val/loss` or on each of `series` ({measure: {step:
     loss}}); every copy is scored once however many rules stop on it."""
-    files = copies(run)
-    series = series or {"loss": val_losses(run)}
-    steps = sorted(s for s in next(iter(series.values())) if s in files)
+    files, series, steps, flats = logged(run, series)
     scored: dict[int, list[float]] = {}
 
     def at(step: int) -> list[float]:
@@ -129,7 +136,6 @@ def replay(
     if periodic:
         best = max(periodic, key=lambda s: (periodic[s][1], periodic[s][0]))
         out["periodic"], out["best"] = periodic, [best, *periodic[best]]
-    flats = {s: flat(files[s]) for s in steps}  # read once for every rule
     for measure, losses in series.items():
         for name, rule in rules.items():
             key = name if measure == "loss" else f"{measure}/{name}"
@@ -147,10 +153,7 @@ def replay(
 
 def stops(run: Path, series=None) -> dict[str, int | None]:
     """Only the stop step of every measure × rule."""
-    files = copies(run)
-    series = series or {"loss": val_losses(run)}
-    steps = sorted(s for s in next(iter(series.values())) if s in files)
-    flats = {s: flat(files[s]) for s in steps}
+    _, series, steps, flats = logged(run, series)
     return {
         f"{measure}/{name}": stop_step({s: losses[s] for s in steps}, flats, rule)
         for measure, losses in series.items()

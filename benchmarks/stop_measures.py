@@ -25,33 +25,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 
-def draws(method, latents: torch.Tensor, draws: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """The fixed problems of one image `[4, h, w]`: noisy `[draws, 4, h, w]`, timesteps `[draws]`, target; the
-    generator calls of `lit_ti.losses.denoising_loss`, so the mean loss over them is that function's value."""
-    objective = method.objective
-    g = torch.Generator().manual_seed(seed)
-    x0 = latents[None].repeat(draws, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=g).to(x0)
-    t = ((torch.arange(draws) + torch.rand(draws, generator=g)) / draws * objective.num_timesteps).long()
-    t = t[torch.randperm(draws, generator=g)]
-    return objective.noisy(x0, noise, t), t, objective.target(x0, noise, t)
-
-
 def image_set(method, folder: str, grid: int) -> dict:
     """A folder's images as two batches of fixed problems: `callback` (4 draws per image, seed 0 + image, as
     `callbacks.early_stop`) and `grid` (`grid` draws per image, seed 1000 + image)."""
-    import random
-
+    from lit_ti.callbacks.val_loss import fixed_prompts
     from lit_ti.data.datamodule import ConceptDataModule
-    from lit_ti.data.templates import fill
+    from lit_ti.losses import fixed_draws
 
     data = ConceptDataModule(folder, method.name, "toy", latent_sampling="deterministic", buckets=False)
     data.cache_latents(method.encode_images, method.backbone.resolution)
-    line = next((t for t in data.templates if "[name]" in t), data.templates[0])
-    prompts = [fill(line, data.name, caption, random.Random(0)) for caption in data.captions]
+    prompts = fixed_prompts(data)
     out = {}
     for kind, n, offset in (("callback", 4, 0), ("grid", grid, 1000)):
-        parts = [draws(method, data.latent(i), n, offset + i) for i in range(len(prompts))]
+        parts = [fixed_draws(method.objective, data.latent(i)[None], n, offset + i) for i in range(len(prompts))]
         noisy, t, target = (torch.cat(x) for x in zip(*parts))
         out[kind] = (noisy, t, target, [p for p in prompts for _ in range(n)], len(prompts))
     return out

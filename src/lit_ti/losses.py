@@ -96,23 +96,29 @@ def draw_noise(
     return noise, torch.tensor(timesteps, device=latents.device)
 
 
-@torch.no_grad()
-def denoising_loss(predict, objective, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
-    """Mean MSE to the model's target over `draws` fixed (noise, timestep) pairs per image: a denoising loss
-    that is the same problem for every model and run (evaluation, validation).
-
-    predict(noisy [n, c, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
-    objective: the model's training objective (`lit_ti.objectives`: noising and target).
-    """
+def fixed_draws(objective, latents: Tensor, draws: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The same `draws` (noise, timestep) problems per image for every model and run: noisy latents and the
+    target `[n, c, h, w]` and timesteps `[n]` (n = images × draws), stratified over the whole schedule."""
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0] * draws
     x0 = latents.repeat(draws, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=g).to(x0)
-    # stratified timesteps: every draw covers the whole schedule
     t = ((torch.arange(n) + torch.rand(n, generator=g)) / n * objective.num_timesteps).long()
     t = t[torch.randperm(n, generator=g)].to(x0.device)
-    pred = predict(objective.noisy(x0, noise, t), t, {"prompt": [prompt] * n})
-    return float(((pred.float() - objective.target(x0, noise, t).float()) ** 2).mean())
+    return objective.noisy(x0, noise, t), t, objective.target(x0, noise, t)
+
+
+@torch.no_grad()
+def denoising_loss(predict, objective, latents: Tensor, prompt: str, draws: int = 4, seed: int = 0) -> float:
+    """Mean MSE to the model's target over `fixed_draws`: a denoising loss that is the same problem for every
+    model and run (evaluation, validation).
+
+    predict(noisy [n, c, h, w], t [n], batch) -> prediction: a method's `predict` (guided for DreamArtist).
+    objective: the model's training objective (`lit_ti.objectives`: noising and target).
+    """
+    noisy, t, target = fixed_draws(objective, latents, draws, seed)
+    pred = predict(noisy, t, {"prompt": [prompt] * len(t)})
+    return float(((pred.float() - target.float()) ** 2).mean())
 
 
 # ----------------------------------------------------------------------------- flow matching (SD3)

@@ -20,6 +20,12 @@ from lit_ti.data.templates import fill
 from lit_ti.errors import UserError, check_number, check_period, check_seed
 
 
+def fixed_prompts(data: ConceptDataModule) -> list[str]:
+    """One prompt per image: its caption in the first template line that names the concept, no shuffling."""
+    line = next((t for t in data.templates if "[name]" in t), data.templates[0])
+    return [fill(line, data.name, caption, random.Random(0)) for caption in data.captions]
+
+
 class ValidationLoss(L.Callback):
     """Logs `val/loss` at the end of training (and every `every_n_steps` steps when set).
 
@@ -51,8 +57,7 @@ class ValidationLoss(L.Callback):
                     self.dir, train.name, train.template, train.resolution, train.crop, latent_sampling="deterministic"
                 )
                 data.cache_latents(pl_module.encode_images, pl_module.backbone.resolution)
-            line = next((t for t in data.templates if "[name]" in t), data.templates[0])
-            prompts = [fill(line, data.name, caption, random.Random(0)) for caption in data.captions]
+            prompts = fixed_prompts(data)
             self.images = [data.latent(i) for i in range(len(prompts))], prompts  # unflipped; sizes may differ
         return self.images
 
