@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lit_ti.errors import UserError
 from lit_ti.methods import TextualInversion
 from lit_ti.models import TinyBackbone, compiled
 
@@ -67,3 +68,19 @@ def test_compile_unet_keeps_loss_and_gradient():
     assert method.compiled_unet is not None
     assert loss2 == pytest.approx(loss, rel=1e-5)
     assert torch.allclose(grad2, grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("value", "mode"), [(True, None), ("default", None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_unet_takes_a_mode(monkeypatch, value, mode):
+    """`method.compile_unet=reduce-overhead` reaches torch.compile (CUDA graphs: batch-1 GPU steps wait on
+    kernel launches); true is torch.compile's default mode."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    method = TextualInversion(TinyBackbone(), name="zz-thing", init_text="thing", compile_unet=value)
+    method.configure_model()
+    assert method.compiled_unet is not None and seen == {"backend": "inductor", "dynamic": False, "mode": mode}
+
+
+def test_compile_unet_refuses_an_unknown_mode():
+    with pytest.raises(UserError, match=r"method.compile_unet='fast'.*reduce-overhead"):
+        TextualInversion(TinyBackbone(), name="zz-thing", init_text="thing", compile_unet="fast")

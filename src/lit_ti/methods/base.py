@@ -48,7 +48,8 @@ class DiffusionMethod(L.LightningModule, ABC):
         (less memory, about a third more compute; see docs/benchmarks.md).
     channels_last: UNet weights and inputs in channels-last memory format.
     compile_unet: run training steps through `torch.compile`d UNet (sampling and evaluation stay eager; the
-        first step pays the compilation, see docs/benchmarks.md).
+        first step pays the compilation, see docs/benchmarks.md): false, true (torch.compile's default mode)
+        or a mode name, e.g. `reduce-overhead` (CUDA graphs, for batch-1 steps on a GPU).
     min_timestep / max_timestep: train on timesteps in [min, max) only (kohya's `--min_timestep` /
         `--max_timestep`); null max = the scheduler's last. The default is SD's uniform [0, T).
     timestep_sampling: the density of training timesteps within that range: `uniform`, `logit_normal` (SD3's),
@@ -73,7 +74,7 @@ class DiffusionMethod(L.LightningModule, ABC):
         clip_skip: int = 1,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
         min_timestep: int = 0,
         max_timestep: int | None = None,
         timestep_sampling: str = "uniform",
@@ -94,6 +95,8 @@ class DiffusionMethod(L.LightningModule, ABC):
         check_choice("method.timestep_sampling", timestep_sampling, losses.TIMESTEP_SAMPLING)
         check_number("method.min_snr_gamma", min_snr_gamma, 0, 1e6, low_open=True, optional=True, hint="kohya: 5")
         self.flow_weighting = check_choice("method.flow_weighting", flow_weighting, losses.FLOW_WEIGHTINGS)
+        if not isinstance(compile_unet, bool):
+            check_choice("method.compile_unet", compile_unet, compiled.MODES)  # (or true / false)
         self.timestep_sampling = timestep_sampling
         self.min_snr_gamma = min_snr_gamma
         self.objective: objectives.Objective | None = None  # set when the backbone loads
@@ -204,7 +207,8 @@ class DiffusionMethod(L.LightningModule, ABC):
         self.objective = objectives.build(bb.scheduler, self.min_snr_gamma, self.flow_weighting)
         self.build_trainables(bb)
         if self.compile_unet:  # after build_trainables: hypernetworks swap the attention processors
-            self.compiled_unet = compiled.compile_unet(self.unet)
+            mode = "default" if self.compile_unet is True else self.compile_unet
+            self.compiled_unet = compiled.compile_unet(self.unet, mode=mode)
 
     def train(self, mode: bool = True) -> "DiffusionMethod":
         super().train(mode)

@@ -12,16 +12,24 @@ from collections.abc import Callable
 
 import torch
 
+# `method.compile_unet` values: True = torch.compile's default mode; "reduce-overhead" replays the step as
+# CUDA graphs (for GPUs, where batch-1 steps wait on kernel launches; on a CPU it equals the default)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-def compile_unet(unet: torch.nn.Module, backend: str | Callable = "inductor") -> Callable:
+
+def compile_unet(
+    unet: torch.nn.Module, backend: str | Callable = "inductor", mode: str = "default", eager_upsamplers: bool = True
+) -> Callable:
     """A compiled version of `unet.forward` (a plain function, so it is not registered as a submodule);
     `unet` itself stays eager for sampling and evaluation.
 
     Static shapes: a training run sees one batch shape (and the last partial batch); dynamic shapes failed to
-    compile across the upsamplers' graph breaks.
+    compile across the upsamplers' graph breaks. `eager_upsamplers=False` compiles them too (benchmarks only:
+    it checks whether a device's code generation has the fault described above).
     """
     for module in unet.modules():
-        if type(module).__name__ == "Upsample2D" and not getattr(module, "_lit_ti_eager", False):
+        if eager_upsamplers and type(module).__name__ == "Upsample2D" and not getattr(module, "_lit_ti_eager", False):
             module.forward = torch.compiler.disable(module.forward)
             module._lit_ti_eager = True
-    return torch.compile(unet.forward, backend=backend, dynamic=False)
+    mode = None if backend != "inductor" or mode == "default" else mode  # modes are inductor's
+    return torch.compile(unet.forward, backend=backend, dynamic=False, mode=mode)
