@@ -11,7 +11,8 @@ on CPU, `torch.cuda.max_memory_allocated` on GPU. `naive` is the step of diffuse
 (`naive_baseline.py`: decode + VAE-encode every image every step, AdamW over the whole token table with a
 row restore); the other rows go through lit_ti's real Trainer. Columns: steady-state samples/s after
 warm-up, `x naive` (samples/s over the naive row's at the same batch), `x TI` (step time over TI's), time to
-the first step, peak memory and its ratio to naive, how much the row grew the process beyond what the
+the first step, peak memory and its ratio to naive (on GPU also `step GiB`: the peak of the training
+steps alone, without the VAE pass that caches the latents first), how much the row grew the process beyond what the
 imports hold (`+MiB`, CPU) and its ratio, and forward+backward FLOPs per sample
 (`torch.utils.flop_counter`) with the FLOP rate they imply (and its share of `--peak-tflops` on GPU).
 """
@@ -71,6 +72,11 @@ class Timer(L.Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module):
+        # the latents are cached by now (a VAE pass over every image, in fp32): its memory is the run's, not
+        # the training step's, so the GPU's peak is read here and again after the timed steps
+        if torch.cuda.is_available():
+            self.setup_peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         self.start = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -134,9 +140,13 @@ def measure(
             "samples/s": timer.timed * batch / timer.elapsed,
             "ms/step": 1000 * timer.elapsed / timer.timed,
             "first step s": timer.first,
+            # read before the FLOP count, which runs a step of its own outside the Trainer
+            "step GiB": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+            "peak GiB": max(_peak(gpu), timer.setup_peak) if gpu else _peak(gpu),
             "flops": flops_per_sample(method, dm) if name == "ti" else None,
         }
-    row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else _vm("VmHWM") / 2**30
+    row.setdefault("peak GiB", _peak(gpu))
+    row.setdefault("step GiB", None)
     row["grown MiB"] = 0.0 if gpu else (_vm("VmHWM") - rss0) / 2**20
     row["device"] = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     return row
@@ -148,6 +158,11 @@ def _vm(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak(gpu: bool) -> float:
+    """GiB: the device's peak allocation on a GPU, the process's peak RSS on a CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if gpu else _vm("VmHWM") / 2**30
 
 
 def _vm_rss() -> int:
@@ -195,7 +210,7 @@ def main() -> None:
     names = ([] if args.no_baseline else ["naive"]) + args.methods
     switches = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     header = f"{'method':>7} {'batch':>5} {'samples/s':>10} {'x naive':>8} {'ms/step':>9} {'x TI':>6} "
-    header += f"{'first s':>8} {'peak GiB':>9} {'x naive':>8} {'+MiB':>6} {'x naive':>8} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'of peak':>8}"
+    header += f"{'first s':>8} {'peak GiB':>9} {'step GiB':>9} {'x naive':>8} {'+MiB':>6} {'x naive':>8} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'of peak':>8}"
     printed = False
     for batch in args.batch:
         rows: dict[str, dict] = {}
@@ -221,6 +236,7 @@ def main() -> None:
             mem = f"{r['peak GiB'] / naive['peak GiB']:>8.2f}" if naive and name != "naive" else f"{'':>8}"
             grown = f"{r['grown MiB'] / naive['grown MiB']:>8.2f}" if naive and name != "naive" else f"{'':>8}"
             flops = tflops = share = ""
+            step_peak = f"{r['step GiB']:.3f}" if r["step GiB"] is not None else ""
             if r["flops"]:
                 flops = f"{r['flops'] / 1e9:.3g}"
                 rate = r["flops"] * r["samples/s"] / 1e12
@@ -229,7 +245,7 @@ def main() -> None:
                 share = f"{rate / peak:.1%}" if peak and torch.cuda.is_available() else ""
             print(
                 f"{name:>7} {batch:>5} {r['samples/s']:>10.2f} {speed} {r['ms/step']:>9.1f} {step} "
-                f"{r['first step s']:>8.2f} {r['peak GiB']:>9.3f} {mem} {r['grown MiB']:>6.0f} {grown} {flops:>10} {tflops:>8} {share:>8}",
+                f"{r['first step s']:>8.2f} {r['peak GiB']:>9.3f} {step_peak:>9} {mem} {r['grown MiB']:>6.0f} {grown} {flops:>10} {tflops:>8} {share:>8}",
                 flush=True,
             )
 

@@ -26,6 +26,10 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     ". .venv/bin/activate && python -m pytest": "the test suite itself",
     "python train.py -m cluster=slurm": "needs a SLURM cluster (cluster=local runs the same path in tests/test_sweeps.py)",
     "bash benchmarks/gpu_targets.sh": "needs CUDA (its CPU dry run below runs)",
+    "python benchmarks/ti_speed.py --backbone sd15": "a GPU row (SD1.5 shapes at 512 px); the tiny and small rows run",
+    "python benchmarks/compile_check.py --backbone sd15": "needs CUDA; its CPU dry run compiles for minutes, and "
+    "tests/test_speed_switches.py checks the compiled gradient",
+    "python -m pytest -m gpu": "needs CUDA",
     "python benchmarks/early_stop_replay.py": "scores every copy of a 600-step run (about 30 s each); the rule it "
     "replays is the callback's own `learned`, tested in tests/test_time_to_quality.py",
     "python benchmarks/stop_measures.py": "scores every copy of a logged run on 640 fixed draws (about 9 min a "
