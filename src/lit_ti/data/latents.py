@@ -98,10 +98,11 @@ class Encoded:
     broken: list[str] = field(default_factory=list)
 
 
-# Pixels the VAE encoder takes in one call. Its fp32 activations, not the training step, set a run's peak
-# memory otherwise: 8 images at 512 px peaked at 8.2 GiB on a GPU (SD1.5 shapes) where the batch-1 step needs
-# 3.2 GiB, and at 5.1 GiB of RSS on a CPU against 0.7 GiB one image at a time, which was no slower.
-ENCODE_PIXELS = 512 * 512
+# Pixels the VAE encoder takes in one call (sampling decodes one image at a time: `Backbone.pipeline`). Its
+# fp32 activations, not the training step, set a run's peak memory otherwise: 8 images at 512 px peaked at
+# 8.2 GiB on a GPU (SD1.5 shapes) where the batch-1 step needs 3.2 GiB, and at 5.1 GiB of RSS on a CPU against
+# 0.7 GiB one image at a time, which was no slower.
+VAE_PIXELS = 512 * 512
 
 
 def encode_folder(
@@ -115,7 +116,7 @@ def encode_folder(
     keep_pixels: bool = False,
 ) -> Encoded:
     """Latents of every image at its training size, encoded `batch_size` images at a time but never more
-    than `ENCODE_PIXELS` pixels (one size per batch), views plain (and mirrored when `views` = 2); unreadable
+    than `VAE_PIXELS` pixels (one size per batch), views plain (and mirrored when `views` = 2); unreadable
     images are listed in `broken`."""
     out: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
     broken: list[str] = []
@@ -126,7 +127,7 @@ def encode_folder(
         for size, members in sorted(by_size.items()):
             store: tuple[Tensor, Tensor] | None = None  # this size's moments [n, V, 4, h, w], one block each
             rows = {i: row for row, i in enumerate(members)}
-            step = max(1, min(batch_size, ENCODE_PIXELS // (size[0] * size[1])))
+            step = max(1, min(batch_size, VAE_PIXELS // (size[0] * size[1])))
             for start in range(0, len(members), step):
                 chunk = members[start : start + step]
                 for i, (mean, std, pixels) in _encode_batch(
