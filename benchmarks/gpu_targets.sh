@@ -25,5 +25,10 @@ run --batch 1 --methods ti --no-baseline --set gradient_checkpointing=true
 # DreamArtist's step time over TI's (target: <= 2.2x without reconstruction) and the share of the bf16 peak
 # at large batches (target: >= 50%)
 run --batch 8 32 --methods ti da --no-baseline
-# what channels-last and torch.compile buy at the large batch
-run --batch 32 --methods ti ti_compiled --no-baseline --set channels_last=true
+# what channels-last buys at the large batch
+run --batch 32 --methods ti --no-baseline --set channels_last=true
+# last, as the longest (each compiled variant compiles cold for minutes on SD1.5 shapes): what CUDA graphs buy
+# at batch 1, and whether the compiled step's gradient is eager's on the GPU
+echo "\$ python benchmarks/compile_check.py --backbone $backbone --precision $precision --batch 1" | tee -a "$log"
+python benchmarks/compile_check.py --backbone "$backbone" --precision "$precision" --batch 1 \
+    --variants eager reduce-overhead 2>&1 | tee -a "$log" || echo "(failed)" | tee -a "$log"
