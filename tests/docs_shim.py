@@ -7,9 +7,12 @@ script. It rewrites the command's arguments and runs the real script from the re
   command says `model=single_file` (the tiny SD3 folder for `model=sd3`; for `model=sd3_single_file` the tiny
   SD3 as one file, its encoders as ComfyUI-style files and its T5 tokenizer folder); a local tagger (`caption.tagger=`) -> a tiny tagger;
 * `data.dir=/data/x` (and held-out folders) -> small concept folders, made on first use;
-* steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), sweeps to two values per key,
+* steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), toy evaluations to debug=smoke's
+  2 samples, sweeps to two jobs (the first swept key's first two values),
   Optuna to two trials, GPUs to the CPU, run folders into the test's folder;
 * `outputs/<name>/<run>` -> the newest run of that name made earlier in the test.
+
+tests/test_docs.py also turns `torch.compile` off for every command (`TORCH_COMPILE_DISABLE=1`).
 
 The test's folder is the working directory; `DOCS_WORLD` (JSON) names the test models.
 """
@@ -58,6 +61,7 @@ def rewrite(script: str, args: list[str]) -> list[str]:
         "single_file" if single else "sd3_single_file" if sd3_single else "sd3" if "model=sd3" in args else "diffusers"
     )
     sweep = "-m" in args or "--multirun" in args
+    swept = False  # the first swept key keeps two values, the others their first
     out = []
     for a in args:
         a = re.sub(r"outputs/([\w.-]+)/RUN_PLACEHOLDER", newest_run, a)  # `<run>` in the docs (tests/test_docs.py)
@@ -78,8 +82,11 @@ def rewrite(script: str, args: list[str]) -> list[str]:
             a = "trainer.devices=2"
         elif key in ("trainer.max_steps", "steps", "n_iter", "batch_size", "hydra.sweeper.n_trials"):
             continue  # replaced below
+        elif key in ("callbacks.toy_eval.samples", "callbacks.toy_style_eval.samples"):
+            continue  # debug=smoke's 2 samples: 64 cost minutes a run, and the lane must fit CI's time
         elif sweep and "," in value and not re.search(r"[\s:()\[\]]", value):
-            a = f"{key}={','.join(value.split(',')[:2])}"
+            a = f"{key}={','.join(value.split(',')[: 1 if swept else 2])}"  # two jobs: the sweep path, not the grid
+            swept = True
         out.append(a)
     if script == "train.py":
         out += ["trainer.max_steps=2", "debug=smoke"] if "debug" not in keys else ["trainer.max_steps=2"]
