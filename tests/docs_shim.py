@@ -7,8 +7,8 @@ script. It rewrites the command's arguments and runs the real script from the re
   command says `model=single_file` (the tiny SD3 folder for `model=sd3`; for `model=sd3_single_file` the tiny
   SD3 as one file, its encoders as ComfyUI-style files and its T5 tokenizer folder); a local tagger (`caption.tagger=`) -> a tiny tagger;
 * `data.dir=/data/x` (and held-out folders) -> small concept folders, made on first use;
-* steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), toy evaluations to debug=smoke's
-  2 samples, sweeps to two jobs (the first swept key's first two values),
+* steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), the toy evaluation to its loss
+  measures (`callbacks.toy_eval.samples=0`; a style evaluation keeps debug=smoke's 2 samples), sweeps to two jobs (the first swept key's first two values),
   Optuna to two trials, GPUs to the CPU, run folders into the test's folder;
 * `outputs/<name>/<run>` -> the newest run of that name made earlier in the test.
 
@@ -83,13 +83,15 @@ def rewrite(script: str, args: list[str]) -> list[str]:
         elif key in ("trainer.max_steps", "steps", "n_iter", "batch_size", "hydra.sweeper.n_trials"):
             continue  # replaced below
         elif key in ("callbacks.toy_eval.samples", "callbacks.toy_style_eval.samples"):
-            continue  # debug=smoke's 2 samples: 64 cost minutes a run, and the lane must fit CI's time
+            continue  # replaced below: 64 samples a run took CI's lane past its time
         elif sweep and "," in value and not re.search(r"[\s:()\[\]]", value):
             a = f"{key}={','.join(value.split(',')[: 1 if swept else 2])}"  # two jobs: the sweep path, not the grid
             swept = True
         out.append(a)
     if script == "train.py":
         out += ["trainer.max_steps=2", "debug=smoke"] if "debug" not in keys else ["trainer.max_steps=2"]
+        if "callbacks.toy_eval=null" not in args:  # the loss measures only: sampling is most of a smoke run's time
+            out.append("callbacks.toy_eval.samples=0")  # (smoke keeps an entry for it in every run)
         if any(a.startswith("trainer.devices=") for a in out):
             out.append("trainer.accelerator=cpu")
         if "hparams_search" in keys:

@@ -82,8 +82,8 @@ def test_every_documented_and_configured_target_is_installed_by_the_test_install
 
 
 def test_the_shim_cuts_a_documented_run_to_seconds(tmp_path, monkeypatch):
-    """What makes the documented commands fit CI's lane: a few steps, debug=smoke's 2 evaluation samples in
-    place of the command's, a sweep cut to two jobs (a 5 x 3 grid with 64 samples a run took CI's whole lane)."""
+    """What makes the documented commands fit CI's lane: a few steps, no samples in the toy evaluation (the
+    command's 64 a run took CI past its time), a sweep cut to two jobs."""
     from tests.docs_shim import rewrite
 
     monkeypatch.chdir(tmp_path)  # the shim counts its run folders in the working folder
@@ -92,8 +92,12 @@ def test_the_shim_cuts_a_documented_run_to_seconds(tmp_path, monkeypatch):
         "train.py", [*documented.split(), "callbacks.toy_eval.samples=64", "callbacks.toy_style_eval.samples=8"]
     )
     assert args[:3] == ["-m", "toy_concept=a,b", "seed=0"]
-    assert not [a for a in args if "samples" in a or a == "trainer.max_steps=600"]
-    assert {"trainer.max_steps=2", "debug=smoke", "callbacks=[default,early_stop]"} <= set(args)
+    assert [a for a in args if "samples" in a or "max_steps" in a] == [
+        "trainer.max_steps=2",
+        "callbacks.toy_eval.samples=0",
+    ]
+    assert {"debug=smoke", "callbacks=[default,early_stop]"} <= set(args)
+    assert "callbacks.toy_eval.samples=0" not in rewrite("train.py", ["callbacks.toy_eval=null"])
     assert args[-1].startswith("hydra.sweep.dir=outputs/")
 
 
