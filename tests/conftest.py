@@ -154,8 +154,9 @@ class TrainCommand:
         assert run.returncode == 0, run.stderr[-3000:]
         return run
 
-    def start(self, run_dir, *args: str, timeout: float = 180) -> subprocess.Popen:
-        """`python train.py` in the background, returned once it has logged 3 steps (loss CSV rows)."""
+    def start(self, run_dir, *args: str, timeout: float = 180, ready: str | None = None) -> subprocess.Popen:
+        """`python train.py` in the background, returned once it has logged 3 steps (loss CSV rows), or once the
+        file `ready` names exists in `run_dir` (the final exports: the end-of-run work has begun)."""
         proc = subprocess.Popen(
             [sys.executable, "train.py", *args, "callbacks.loss_csv.every_n_steps=1", f"hydra.run.dir={run_dir}"],
             cwd=ROOT,
@@ -166,7 +167,9 @@ class TrainCommand:
         )
         csv = run_dir / "textual_inversion_loss.csv"
         deadline = time.monotonic() + timeout
-        while not (csv.is_file() and len(csv.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / ready).is_file() if ready else csv.is_file() and len(csv.read_text().splitlines()) > 3:
+                break
             time.sleep(0.2)
         return proc
 

@@ -2,6 +2,7 @@
 
 import json
 import signal
+import subprocess
 import time
 
 import pytest
@@ -183,3 +184,35 @@ def test_signal_saves_and_exits_cleanly_then_the_printed_command_resumes(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]  # in the same folder, as printed
     rows = csv.read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, step + 3))
+
+
+# The class: slow work after the last step that a stop waited for (the flag was only read between steps). The
+# toy evaluations stand for it here: at 512 samples they take minutes; a stop must take seconds.
+@pytest.mark.parametrize(
+    ("args", "final"),
+    [
+        (["callbacks.toy_eval.samples=512", "callbacks.early_stop=null"], "toy-concept.pt"),
+        pytest.param(
+            ["experiment=hypernetwork_style", "callbacks.toy_style_eval.samples=512"],
+            "toy-night.pt",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_a_signal_during_the_end_of_run_evaluation_stops_it_in_seconds(tmp_path, args, final, cli):
+    proc = cli.start(tmp_path, *args, "trainer.max_steps=3", "callbacks.preview=null", ready=final)
+    assert proc.poll() is None, "the run ended before its evaluation could be interrupted"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the stop waited for the evaluation (over a minute)")
+    assert time.monotonic() - sent < 15, "the stop waited for the evaluation"
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "evaluation skipped (interrupted)" in out + err
+    assert "stopped by SIGTERM at step 3" in out + err and "resume:" not in out + err  # training had ended
+    results = json.loads((tmp_path / "metrics.json").read_text())
+    assert results["status"] == "interrupted" and not any(k.startswith("eval/") for k in results["metrics"])
+    assert torch.load(tmp_path / final, weights_only=True)["step"] == 3  # the final file stays whole

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from functools import partial
 
 import lightning as L
@@ -109,3 +110,34 @@ def test_a_run_stopped_in_its_cooldown_resumes_to_the_same_end(tmp_path, concept
     a, b = trained_state(straight), trained_state(resumed)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+
+
+class SignalInPreview(L.Callback):
+    """Sends SIGTERM from inside the preview's sampling at step `step`, as if a slow sampler were mid-way."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.sampling_finished = step, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        sample = pl_module.sample
+
+        def slow_sample(*args, **kwargs):
+            if trainer.global_step == self.step:
+                self.sampling_finished = False
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)  # minutes of sampling on a real model: the stop must not wait for them
+                self.sampling_finished = True
+            return sample(*args, **kwargs)
+
+        pl_module.sample = slow_sample
+
+
+def test_a_signal_during_a_preview_gives_it_up_and_stops_at_that_step(tmp_path, concept_dir, fit):
+    stop, signal_in = GracefulStop(str(tmp_path / "unused")), SignalInPreview(step=6)
+    start = time.monotonic()
+    _, trainer = fit(tmp_path, concept_dir, max_steps=12, every=3, extra_callbacks=[signal_in, stop])
+    assert time.monotonic() - start < 50 and signal_in.sampling_finished is False
+    assert stop.received == signal.SIGTERM and trainer.global_step == 6 and stop.checkpoint.is_file()
+    previews = sorted(p.name for p in (tmp_path / "previews").glob("*.png"))
+    assert previews == [f"{NAME}-3.png"]  # step 6's was given up, and nothing half-written stays
+    assert torch.load(stop.checkpoint, weights_only=True)["global_step"] == 6

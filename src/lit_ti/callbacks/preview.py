@@ -17,10 +17,10 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from PIL import Image
 
-from lit_ti.callbacks.interrupt import interrupted
+from lit_ti.callbacks.interrupt import Stopped, interrupted, stoppable
 from lit_ti.callbacks.preview_grid import labelled_grid
 from lit_ti.errors import UserError, check_choice, check_number, check_period, check_seed
 from lit_ti.io.atomic import atomic_path
@@ -94,28 +94,32 @@ class PreviewImages(L.Callback):
             self.render_or_warn(trainer, pl_module, trainer.global_step)
 
     def render_or_warn(self, trainer, pl_module, step: int) -> None:
-        """A preview the system refuses to write (disk full, read-only) is not worth stopping the training."""
+        """A preview the system refuses to write (disk full, read-only) is not worth stopping the training; one
+        that Ctrl-C or SIGTERM interrupts is given up (sampling a real model can take a minute on a CPU)."""
         try:
             with evaluation_weights(trainer.optimizers):  # a schedule-free optimizer's average, as exported
                 self.render(trainer, pl_module, step)
         except WriteFailed as e:
             rank_zero_warn(f"{e}. Training goes on without the preview of step {step}")
+        except Stopped:
+            rank_zero_info(f"[lit_ti] preview of step {step} skipped (interrupted)")
 
     @torch.no_grad()
     def render(self, trainer, pl_module, step: int) -> Path:
         self.last_step = step
         name = pl_module.name
         bb = pl_module.backbone
-        images = pl_module.sample(
-            self.prompt.replace("[name]", name),
-            self.negative_prompt.replace("[name]", name),
-            n=self.num_images,
-            steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            seed=self.seed,
-            scheduler=bb.sampler(SAMPLERS[self.sampler]),
-            size=self.size,
-        )  # [n, 3, H, W] in [0, 1]
+        with stoppable(trainer, "preview"):  # the sampling only: the files below are written whole or not at all
+            images = pl_module.sample(
+                self.prompt.replace("[name]", name),
+                self.negative_prompt.replace("[name]", name),
+                n=self.num_images,
+                steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                seed=self.seed,
+                scheduler=bb.sampler(SAMPLERS[self.sampler]),
+                size=self.size,
+            )  # [n, 3, H, W] in [0, 1]
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
         row = np.concatenate(list(images), axis=1)  # the saved file: the images at their own size
         path = self.dirpath / "previews" / f"{name or 'preview'}-{step}.png"

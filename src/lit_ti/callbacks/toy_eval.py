@@ -4,7 +4,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lit_ti.callbacks.interrupt import interrupted
+from lit_ti.callbacks.interrupt import Stopped, stoppable
 from lit_ti.errors import check_choice
 from lit_ti.methods import HypernetworkMethod
 from lit_ti.toy.evaluation import check_concept, check_samples, evaluate
@@ -43,20 +43,21 @@ class ToyEvaluation(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if pl_module.concept_bank is None:
             return  # not a concept-embedding method (hypernetworks are judged by lit_ti.toy.style)
-        if interrupted(trainer):
-            files = f"{trainer.default_root_dir}/{pl_module.name}.pt"
-            rank_zero_info(
-                f"[lit_ti] toy evaluation skipped (interrupted); to run it: python evaluate.py {files} {self.concept}"
-            )
-            return
         if pl_module.backbone.name != TOY_MODEL:
             rank_zero_info(
                 f"[lit_ti] toy evaluation skipped: the model is not the toy base ({pl_module.backbone.name})"
             )
             return
         init = {k: v.to(pl_module.device) for k, v in self.init.items()}
-        with pl_module.as_exported():  # judge the files the run wrote (DreamArtist: the EMA pair)
-            self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        try:  # a stop, before or during it, gives it up: it takes minutes, and evaluate.py runs it on the files
+            with stoppable(trainer, "toy evaluation"), pl_module.as_exported():  # judge what the files hold
+                self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
+        except Stopped:
+            files = f"{trainer.default_root_dir}/{pl_module.name}.pt"
+            rank_zero_info(
+                f"[lit_ti] toy evaluation skipped (interrupted); to run it: python evaluate.py {files} {self.concept}"
+            )
+            return
         # results, not points on a curve: RunResults logs them with the run's settings (final/eval/*)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -82,10 +83,12 @@ class ToyStyleEvaluation(L.Callback):
         if not isinstance(pl_module, HypernetworkMethod) or pl_module.backbone.name != TOY_MODEL:
             rank_zero_info("[lit_ti] toy style evaluation skipped: needs a hypernetwork on the toy base model")
             return
-        if interrupted(trainer):
+        try:
+            with stoppable(trainer, "toy style evaluation"):
+                self.results = evaluate_style(pl_module, style=self.style, samples=self.samples)
+        except Stopped:
             rank_zero_info("[lit_ti] toy style evaluation skipped (interrupted)")
             return
-        self.results = evaluate_style(pl_module, style=self.style, samples=self.samples)
         # results, not points on a curve: RunResults logs them with the run's settings (final/eval/*)
         metrics = {f"eval/{k}": v for k, v in self.results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

@@ -103,15 +103,17 @@ def evaluate_style(method, style: str = "topleft", samples: int = 32, guidance: 
     scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
     hn = method.hypernetwork
     results = {}
-    for tag, strength in (("", method.strength), ("_base", 0.0)):
-        hn.set_strength(strength)
-        styled_count = hits = 0
-        for i, (prompt, concept) in enumerate(eval_prompts(samples, style)):
-            image = method.sample(prompt, "", 1, steps=20, guidance_scale=guidance, seed=i, scheduler=scheduler)
-            styled_count += int(in_style(image * 2 - 1, style)[0])
-            hits += judge.read(image * 2 - 1)[0] == concept
-        results[f"style_rate{tag}"] = styled_count / samples
-        results[f"accuracy{tag}"] = hits / samples
-    hn.set_strength(method.strength)
+    try:  # a stop mid-way (lit_ti.callbacks.interrupt.Stopped) leaves the trained strength in place
+        for tag, strength in (("", method.strength), ("_base", 0.0)):
+            hn.set_strength(strength)
+            styled_count = hits = 0
+            for i, (prompt, concept) in enumerate(eval_prompts(samples, style)):
+                image = method.sample(prompt, "", 1, steps=20, guidance_scale=guidance, seed=i, scheduler=scheduler)
+                styled_count += int(in_style(image * 2 - 1, style)[0])
+                hits += judge.read(image * 2 - 1)[0] == concept
+            results[f"style_rate{tag}"] = styled_count / samples
+            results[f"accuracy{tag}"] = hits / samples
+    finally:
+        hn.set_strength(method.strength)
     results["accuracy_drop"] = results["accuracy_base"] - results["accuracy"]
     return results
