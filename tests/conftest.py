@@ -395,6 +395,8 @@ class Entry:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
+            except KeyboardInterrupt:  # escaping, it would end pytest's session, and print a traceback for the user
+                pytest.fail("a Ctrl-C escaped the entry point as a KeyboardInterrupt")
         captured = self.capsys.readouterr()
         err = captured.err
         assert "Traceback" not in err, err[-3000:]

@@ -167,10 +167,12 @@ def run(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         try:
             trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        except SystemExit:  # Lightning's answer to a second Ctrl-C: its clean-up, then exit(1)
-            if not interrupted(trainer):
-                raise
-            _second_interrupt(checkpoint_dirs)
+        except SystemExit as e:  # Lightning's answer to Ctrl-C it saw itself: its clean-up, then exit(1)
+            if interrupted(trainer):
+                _second_interrupt(checkpoint_dirs)
+            if isinstance(e.__context__, KeyboardInterrupt) and not folder.training:
+                raise KeyboardInterrupt from None  # while the model loaded or latents were cached: see _run_undoing
+            raise
         except paths.WriteFailed as e:  # the trained state is in the last checkpoint: say how to go on
             last = next((d / "last.ckpt" for d in checkpoint_dirs if (d / "last.ckpt").is_file()), None)
             if last is None or not folder.training:
@@ -268,9 +270,15 @@ def _caused_by_user(error: BaseException) -> bool:
 
 
 def _run_undoing(cfg: DictConfig, folder: RunFolder) -> float | None:
-    """`run`; a user error before training began removes what this process made in the run folder."""
+    """`run`; a user error or Ctrl-C before training began removes what this process made in the run folder."""
     try:
         return run(cfg, folder)
+    except KeyboardInterrupt:  # loading a model or caching latents can take minutes: a stop there keeps nothing
+        if folder.training:
+            raise
+        folder.undo()
+        rank_zero_info("[lit_ti] stopped (Ctrl-C) before training began; nothing was trained, nothing kept")
+        sys.exit(130)
     except Exception as e:
         if _caused_by_user(e):
             folder.undo()

@@ -63,6 +63,7 @@ class ExportEmbeddings(L.Callback):
 
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and pl_module.backbone is not None:
+        # a stop before the first step (a model still loading) has nothing trained to write
+        if isinstance(exception, KeyboardInterrupt) and pl_module.backbone is not None and trainer.global_step > 0:
             with evaluation_weights(trainer.optimizers):
                 self.final_files = pl_module.export(self.dirpath, trainer.global_step, formats=self.formats)
