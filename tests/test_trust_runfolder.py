@@ -174,29 +174,6 @@ def test_a_refused_run_in_a_users_folder_removes_only_its_own_traces(entry):
     assert sorted(p.name for p in entry.out.iterdir()) == ["notes.txt"]
 
 
-def ctrl_c(*args, **kwargs):
-    raise KeyboardInterrupt  # what Python's SIGINT handler raises wherever the main thread is
-
-
-# before fit (the writability check), and inside it: the model's load, the data's preparation (latent caching)
-@pytest.mark.parametrize(
-    "target",
-    [
-        "lit_ti.run_folder.RunFolder.check_writable",
-        "lit_ti.models.TinyBackbone.load",
-        "lit_ti.data.ConceptDataModule.setup",
-    ],
-)
-def test_ctrl_c_before_training_began_is_one_line_and_leaves_only_the_users_files(entry, monkeypatch, caplog, target):
-    entry.out.mkdir(parents=True)
-    (entry.out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(target, ctrl_c)
-    outcome = entry.train("name=zz-concept", *QUICK)
-    assert outcome.code == 130, outcome.stderr[-2000:]
-    assert "stopped (Ctrl-C) before training began" in caplog.text  # Lightning's info line, not an error
-    assert sorted(p.name for p in entry.out.iterdir()) == ["notes.txt"]
-
-
 # ---------------------------------------------------------------- 3. never overwrite; resume is the same run
 def test_a_fresh_run_into_a_finished_run_is_refused_and_resume_is_offered(entry):
     assert entry.train("name=zz-concept", *QUICK, *CKPT).code == 0

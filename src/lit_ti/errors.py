@@ -17,9 +17,13 @@ class UserError(Exception):
 
 
 def report_user_errors(fn: Callable, *args):
-    """`fn(*args)`, with a UserError anywhere in the exception chain printed as one `error:` line (exit 2)."""
+    """`fn(*args)`, with a UserError anywhere in the exception chain printed as one `error:` line (exit 2), and
+    Ctrl-C as one line (exit 130): every file is written whole or not at all, so what was written stays."""
     try:
         return fn(*args)
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); the files written before it are complete", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, UserError):
