@@ -197,7 +197,8 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, results: RunRe
     out = Path(cfg.paths.output_dir)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in final_suffixes())
     rank_zero_info(
-        f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} steps in {time.time() - start:.0f} s"
+        f"\n[lit_ti] trained '{cfg.name}' for {trainer.global_step} step{'s' * (trainer.global_step != 1)}"
+        + f" in {time.time() - start:.0f} s"
         + (f"; {cfg.optimized_metric} = {float(metric):.4f}" if metric is not None else "")
         + "".join(f"\n[lit_ti] {line}" for line in results.lines())
         + (f"\n[lit_ti] results: {results.path}" if results.path.is_file() else "")
