@@ -19,9 +19,11 @@ from lit_ti.toy.world import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,
+    NOVEL_SHAPES,
     SHAPES,
     Scene,
     concept_parts,
+    oracle_words,
     random_scene,
     render,
     seen_concepts,
@@ -72,6 +74,31 @@ def test_shipped_classifier_reads_renders():
     assert classifier.accuracy(judge, n=300, seed=7) >= 0.95
     shapes = [render(Scene(s, "blue", "white", "large", 0.5, 0.5)) for s in SHAPES]
     assert judge.read(classifier.to_tensor(shapes)) == [f"blue_{s}" for s in SHAPES]
+
+
+def test_novel_shapes_are_outside_the_base_models_world_and_judged_by_their_own_classifier(tmp_path):
+    """A shape the base never saw (the test pivotal tuning is for): not in any concept pretraining renders,
+    judged only by the second classifier, which reads the known shapes as the shipped one does; its recovery's
+    "true words" are the nearest known shape's."""
+    assert NOVEL_SHAPES and not set(NOVEL_SHAPES) & set(SHAPES)
+    rng = random.Random(0)
+    assert not any(random_scene(rng).shape in NOVEL_SHAPES for _ in range(500))  # pretraining's scenes
+    assert not any(c.split("_")[1] in NOVEL_SHAPES for c in seen_concepts() + list(HELD_OUT))
+    assert oracle_words("red_ring") == "red circle" and oracle_words("purple_star") == "purple star"
+    write_concept("red_ring", tmp_path / "ring", n=1)
+    assert (tmp_path / "ring" / "0000.txt").read_text().split(" on ")[0].endswith("red ring")
+
+    shipped, novel = classifier.judge("purple_star"), classifier.judge("red_ring")
+    assert shipped.shapes == SHAPES and novel.shapes == SHAPES + NOVEL_SHAPES
+    assert classifier.accuracy(novel, n=300, seed=7) >= 0.95
+    both = [Scene(s, c, bg, "large", 0.5, 0.5) for s in SHAPES + NOVEL_SHAPES for c in COLOURS for bg in BACKGROUNDS]
+    read = novel.read(classifier.to_tensor([render(s) for s in both]))
+    assert sum(r == s.concept for r, s in zip(read, both)) >= 0.95 * len(both)
+    rings = [s for s in both if s.shape in NOVEL_SHAPES]
+    assert all(r == s.concept for r, s in zip(novel.read(classifier.to_tensor([render(s) for s in rings])), rings))
+    assert not any(r.endswith(NOVEL_SHAPES) for r in shipped.read(classifier.to_tensor([render(s) for s in rings])))
+    classifier.save(novel, tmp_path / "judge.safetensors")  # the file names the shapes its head reads
+    assert classifier.load(tmp_path / "judge.safetensors").shapes == novel.shapes
 
 
 def test_shipped_base_model_loads_generically_and_fits_the_budget():

@@ -2,7 +2,9 @@
 
 * **recovery** = (L_init − L_learned) / (L_init − L_oracle): the denoising loss of held-out images of the
   concept (fixed images, noise and timesteps) when prompted with the initial vectors, the learned vectors
-  and the oracle caption ("a purple star"). 0 = nothing learned, 1 = as good as the true words. For
+  and the oracle caption ("a purple star"; for a shape the base model never saw, `world.NOVEL_SHAPES`, the
+  nearest shape it knows: "a red circle" for `red_ring`). 0 = nothing learned, 1 = as good as the true words;
+  nan where the oracle's loss is not below the initial one (then compare `loss_learned` with `loss_init`). For
   DreamArtist the learned and initial losses are those of its guided prediction (ε_neg + w·(ε_pos − ε_neg)
   at the training guidance, what the pair was trained to predict); the oracle's is the plain caption's.
 * **accuracy**: the share of samples generated with the learned token that the toy classifier reads as the
@@ -35,7 +37,7 @@ from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.style import background, object_extent
-from lit_ti.toy.world import BACKGROUNDS, SIZES, concept_parts, random_scene, render
+from lit_ti.toy.world import BACKGROUNDS, SIZES, concept_parts, oracle_words, random_scene, render
 
 EVAL_SEED = 12345  # held-out images: never the training renders (those use seeds 0..)
 MAX_SAMPLES = 4096  # generated images per measure (32 take about a minute on a CPU)
@@ -77,7 +79,7 @@ def evaluate(
     """Recovery and classifier accuracy of `method`'s concept (its `name`; its `concept_bank` is what
     `init_vectors` stand in for) against the toy `concept`; `extras`: also editability and the oracle's samples
     (three more sample sets: a quarter of the time without them)."""
-    colour, shape = concept_parts(concept)
+    words = oracle_words(concept)  # `purple star`; for a novel shape the nearest known: `red circle`
     pixels = heldout_pixels(concept)
     mean, _ = method.encode_images(pixels)
     prompt = f"a {method.name}"
@@ -92,10 +94,10 @@ def evaluate(
     with method.base_model():
         with swapped(method.concept_bank, init_vectors):
             initial = loss(prompt)
-        oracle = loss(f"a {colour} {shape}", conditional)
+        oracle = loss(f"a {words}", conditional)
         other = next(c for c in ("green_circle", "red_square") if c != concept).replace("_", " ")
         unrelated = loss(f"a {other}", conditional)
-    recovery = (initial - learned) / (initial - oracle) if initial != oracle else float("nan")
+    recovery = _recovery(initial, learned, oracle)
 
     negative = method.negative_prompts({"prompt": [prompt]})[0]  # DreamArtist: `a <name>-neg`
     accuracy = sample_accuracy(method, prompt, concept, samples, guidance, negative)
@@ -103,8 +105,8 @@ def evaluate(
     if extras:
         edit, edit_concept = editability(method, method.name, concept, samples, guidance, negative)
         with method.base_model():
-            oracle_accuracy = sample_accuracy(method, f"a {colour} {shape}", concept, samples, guidance)
-            edit_oracle, edit_concept_oracle = editability(method, f"{colour} {shape}", concept, samples, guidance)
+            oracle_accuracy = sample_accuracy(method, f"a {words}", concept, samples, guidance)
+            edit_oracle, edit_concept_oracle = editability(method, words, concept, samples, guidance)
         results |= {
             "accuracy_oracle": oracle_accuracy,
             "editability": edit,
@@ -119,9 +121,15 @@ def evaluate(
         with swapped(method.concept_bank, init_vectors):
             initial_alone = loss(prompt, conditional)
         alone = loss(prompt, conditional)
-        results["recovery_positive_only"] = (initial_alone - alone) / (initial_alone - oracle)
+        results["recovery_positive_only"] = _recovery(initial_alone, alone, oracle)
         results["accuracy_positive_only"] = sample_accuracy(method, prompt, concept, samples, guidance)
     return results
+
+
+def _recovery(initial: float, learned: float, oracle: float) -> float:
+    """The share of the way from the initial loss to the oracle's; undefined (nan) where the oracle's words are
+    no better than the start (a shape the base model never saw: its nearest known words only mislead)."""
+    return (initial - learned) / (initial - oracle) if oracle < initial else float("nan")
 
 
 @torch.no_grad()
@@ -132,7 +140,7 @@ def sample_accuracy(
     if not samples:
         return float("nan")
     scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
-    judge = toy_classifier.load().to(method.device)
+    judge = toy_classifier.judge(concept).to(method.device)
     hits = 0
     for start in range(0, samples, 16):
         n = min(16, samples - start)
@@ -158,7 +166,7 @@ def editability(
     if not samples:
         return float("nan"), float("nan")
     scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
-    judge = toy_classifier.load().to(method.device)
+    judge = toy_classifier.judge(concept).to(method.device)
     cases = [(size, bg) for size in SIZES for bg in BACKGROUNDS]
     per = -(-samples // len(cases))
     obeyed = both = 0

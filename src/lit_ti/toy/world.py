@@ -17,6 +17,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Shapes the toy base model never saw, in any colour or caption: a concept such as `red_ring` is one the frozen
+# model cannot draw, so textual inversion can only point at the nearest shape it knows (a disc), and a method
+# that changes the model (pivotal tuning) has something to add. Judged by a second classifier that knows them.
+NOVEL_SHAPES = ("ring",)
+NEAREST_KNOWN = {"ring": "circle"}  # the words that come closest for a novel shape: its evaluation's "true words"
+RING_HOLE = 0.5  # the hole's radius as a share of the ring's
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -63,9 +69,18 @@ class Scene:
 
 def concept_parts(concept: str) -> tuple[str, str]:
     colour, _, shape = concept.partition("_")
-    if colour not in COLOURS or shape not in SHAPES:
-        raise ValueError(f"unknown toy concept {concept!r}: use <colour>_<shape> from {list(COLOURS)} x {SHAPES}")
+    if colour not in COLOURS or shape not in SHAPES + NOVEL_SHAPES:
+        raise ValueError(
+            f"unknown toy concept {concept!r}: use <colour>_<shape> from {list(COLOURS)} x {SHAPES + NOVEL_SHAPES}"
+        )
     return colour, shape
+
+
+def oracle_words(concept: str) -> str:
+    """The words that draw `concept` best on the base model: its own (`purple star`), or for a shape the model
+    never saw, those of the nearest shape it knows (`red circle` for `red_ring`)."""
+    colour, shape = concept_parts(concept)
+    return f"{colour} {NEAREST_KNOWN.get(shape, shape)}"
 
 
 def seen_concepts() -> list[str]:
@@ -124,8 +139,11 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
     cx, cy, r = scene.x * big, scene.y * big, SIZES[scene.size] * big
-    if scene.shape == "circle":
+    if scene.shape in ("circle", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[scene.colour])
+        if scene.shape == "ring":
+            h = r * RING_HOLE
+            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUNDS[scene.background])
     else:
         draw.polygon(_polygon(scene.shape, cx, cy, r), fill=COLOURS[scene.colour])
     return im.resize((size, size), Image.Resampling.LANCZOS)
