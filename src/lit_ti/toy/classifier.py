@@ -22,10 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lit_ti.io.atomic import atomic_path
-from lit_ti.toy.world import COLOURS, NOVEL_SHAPES, SHAPES, concept_parts, random_scene, render
+from lit_ti.toy.world import ALL_SHAPES, COLOURS, NOVEL_SHAPES, SHAPES, concept_parts, random_scene, render
 
-ALL_CONCEPTS = [f"{c}_{s}" for c in COLOURS for s in SHAPES]
-FILES = {SHAPES: "toy_classifier.safetensors", SHAPES + NOVEL_SHAPES: "toy_classifier_novel.safetensors"}
+FILES = {SHAPES: "toy_classifier.safetensors", ALL_SHAPES: "toy_classifier_novel.safetensors"}
 
 
 class ToyClassifier(nn.Module):
@@ -121,7 +120,7 @@ def load(path: str | Path | None = None, shapes: tuple[str, ...] = SHAPES) -> To
 def judge(concept: str) -> ToyClassifier:
     """The classifier that judges `concept`: the shipped one, or for a shape the base model never saw, the one
     that also knows those shapes."""
-    return load(shapes=SHAPES + NOVEL_SHAPES if concept_parts(concept)[1] in NOVEL_SHAPES else SHAPES)
+    return load(shapes=ALL_SHAPES if concept_parts(concept)[1] in NOVEL_SHAPES else SHAPES)
 
 
 def main() -> None:
@@ -130,7 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--novel", action="store_true", help="also read the shapes the base model never saw")
     args = parser.parse_args()
-    model = train(args.steps, shapes=SHAPES + NOVEL_SHAPES if args.novel else SHAPES)
+    model = train(args.steps, shapes=ALL_SHAPES if args.novel else SHAPES)
     save(model, args.out)
     print(f"accuracy on fresh renders: {accuracy(model):.3f} -> {args.out}")
 

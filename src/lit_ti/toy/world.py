@@ -21,6 +21,7 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 # model cannot draw, so textual inversion can only point at the nearest shape it knows (a disc), and a method
 # that changes the model (pivotal tuning) has something to add. Judged by a second classifier that knows them.
 NOVEL_SHAPES = ("ring",)
+ALL_SHAPES = SHAPES + NOVEL_SHAPES
 NEAREST_KNOWN = {"ring": "circle"}  # the words that come closest for a novel shape: its evaluation's "true words"
 RING_HOLE = 0.5  # the hole's radius as a share of the ring's
 COLOURS = {
@@ -69,10 +70,8 @@ class Scene:
 
 def concept_parts(concept: str) -> tuple[str, str]:
     colour, _, shape = concept.partition("_")
-    if colour not in COLOURS or shape not in SHAPES + NOVEL_SHAPES:
-        raise ValueError(
-            f"unknown toy concept {concept!r}: use <colour>_<shape> from {list(COLOURS)} x {SHAPES + NOVEL_SHAPES}"
-        )
+    if colour not in COLOURS or shape not in ALL_SHAPES:
+        raise ValueError(f"unknown toy concept {concept!r}: use <colour>_<shape> from {list(COLOURS)} x {ALL_SHAPES}")
     return colour, shape
 
 
