@@ -1,11 +1,8 @@
-import hashlib
 import os
-import stat
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +12,9 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Fixture groups kept in their own modules: runs and fits, the trust harness, hostile files.
+pytest_plugins = ("tests.fits", "tests.trust_harness", "tests.hostile_files")
 
 # ---------------------------------------------------------------- paths, test lanes, the tiny backbone, data, configs
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,13 @@ def compose(*overrides: str, hydra: bool = False, config: str = "train"):
         return hydra_compose(config, overrides=list(overrides), return_hydra_config=hydra)
 
 
+# The concept every short fit (`fit`, tests/fits.py) trains; its files are named after it.
+NAME = "zz-thing"
+FIT_METHOD = dict(
+    name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0)
+)
+
+
 # ---------------------------------------------------------------- `python train.py` as a user runs it
 class TrainCommand:
     """`python train.py ARGS` in a subprocess from the project root, with Hydra's short errors (what a user sees)."""
@@ -210,103 +217,6 @@ def sd3_single_file(tmp_path_factory):
     return make
 
 
-# ---------------------------------------------------------------- measured runs (slow lane)
-def _train_measured(args: list[str], log: Path, timeout: float = 3600) -> tuple[int, float]:
-    """`python train.py ARGS` in a subprocess: (exit status, its peak RSS in GiB)."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    peak = log.with_suffix(".peak")
-    with open(log, "w") as out:
-        cmd = [sys.executable, "-c", _LAUNCH, str(peak), str(timeout), sys.executable, "train.py", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=out, env=env)
-    return proc.returncode, (int(peak.read_text()) / 2**20 if peak.exists() else float("nan"))  # none: timed out
-
-
-# train.py is started by a small launcher, which reports its child's peak RSS (KiB). Measured from pytest directly,
-# ru_maxrss would include pytest's own high-water mark: Linux carries it into a child across fork and exec.
-_LAUNCH = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[3:], timeout=float(sys.argv[2])).returncode;"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
-)
-
-
-@pytest.fixture(scope="session")
-def train_measured():
-    """`train_measured(args, log, timeout=3600) -> (exit status, peak RSS GiB)`: `python train.py ARGS` in its
-    own process, output into `log` (see _train_measured)."""
-    return _train_measured
-
-
-# ---------------------------------------------------------------- short in-process fits on the tiny backbone
-NAME = "zz-thing"  # the concept every short fit trains (its files are named after it)
-FIT_METHOD = dict(
-    name=NAME, num_vectors=2, init_text="square thing", optimizer=partial(torch.optim.AdamW, lr=0.05, weight_decay=0.0)
-)
-
-
-def _fit(
-    tmp_path,
-    concept_dir,
-    max_steps=6,
-    ckpt_path=None,
-    precision="32-true",
-    accumulate=1,
-    every=3,
-    accelerator="cpu",
-    extra_callbacks=(),
-    trainer_kw=None,
-    method_cls=None,
-    dm_kw=None,
-    base_kw=FIT_METHOD,
-    backbone=None,
-    backbone_kw=None,
-    **method_kw,
-):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lit_ti.callbacks import ExportEmbeddings, LossCSV, PreviewImages
-    from lit_ti.data import ConceptDataModule
-    from lit_ti.methods import TextualInversion
-    from lit_ti.models import TinyBackbone
-
-    L.seed_everything(0, verbose=False)
-    method = (method_cls or TextualInversion)(
-        backbone or TinyBackbone(**(backbone_kw or {})), **{**base_kw, **method_kw}
-    )
-    dm = ConceptDataModule(dir=str(concept_dir), name=NAME, **{"template": "subject", **(dm_kw or {})})
-    callbacks = [
-        ExportEmbeddings(str(tmp_path), every_n_steps=every),
-        PreviewImages(str(tmp_path), every_n_steps=every, num_inference_steps=2),
-        LossCSV(str(tmp_path)),
-        ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=True),
-        *extra_callbacks,
-    ]
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=max_steps,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
-        logger=TensorBoardLogger(str(tmp_path), name="tb", version=""),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **(trainer_kw or {}),
-    )
-    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
-    return method, trainer
-
-
-@pytest.fixture(scope="session")
-def fit():
-    """`fit(folder, concept_dir, max_steps=6, ...) -> (method, trainer)`: a seeded fit of `NAME` (textual
-    inversion with FIT_METHOD unless `method_cls`/`base_kw` say otherwise, on `backbone` if given, else
-    `TinyBackbone(**backbone_kw)`) writing the run's files into `folder` every `every` steps."""
-    return _fit
-
-
 # ---------------------------------------------------------------- generation and the webui's file check
 @pytest.fixture
 def generate(tmp_path):
@@ -345,247 +255,3 @@ def a1111_lora():
     import tests.a1111_lora
 
     return tests.a1111_lora
-
-
-# ---------------------------------------------------------------- the trust harness
-@dataclass
-class Outcome:
-    """What one entry-point run did, as its user would see it."""
-
-    code: int  # exit status (0 = finished)
-    stderr: str
-    stdout: str
-    errors: list[str]  # the `error: ...` lines
-    warnings: list[str]  # warnings.warn messages and `warning: ...` lines
-    out: Path  # the run folder
-
-
-def _snapshot(root: Path, skip: Path) -> dict[str, str]:
-    """sha256 of every file under `root` outside `skip` (symlinks by their target text)."""
-    seen = {}
-    for p in sorted(root.rglob("*")):
-        if p == skip or skip in p.parents or not (p.is_file() or p.is_symlink()):
-            continue
-        if p.is_symlink():
-            seen[str(p)] = "link:" + os.readlink(p)
-        elif stat.S_ISREG(p.lstat().st_mode):
-            seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return seen
-
-
-class Entry:
-    """Runs lit_ti's four entry points in-process, as their command lines would, and checks the trust rules
-    on every run: no traceback, nothing outside the run folder changed, nothing the user put into the run
-    folder deleted or changed. The neighbourhood is `root` (a tmp folder); the run folder is
-    `root/user/projects/run`, deep enough that `../../x` still lands inside what is watched."""
-
-    def __init__(self, root: Path, capsys):
-        self.root, self.capsys = root, capsys
-        self.out = root / "user" / "projects" / "run"
-
-    def _guarded(self, out: Path, fn) -> Outcome:
-        before = _snapshot(self.root, out)
-        user_files = _snapshot(out, out / ".lit_ti-none") if out.is_dir() else {}
-        code = 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                fn()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-            except KeyboardInterrupt:  # escaping, it would end pytest's session, and print a traceback for the user
-                pytest.fail("a Ctrl-C escaped the entry point as a KeyboardInterrupt")
-        captured = self.capsys.readouterr()
-        err = captured.err
-        assert "Traceback" not in err, err[-3000:]
-        assert _snapshot(self.root, out) == before, "a file outside the run folder was written or deleted"
-        after = _snapshot(out, out / ".lit_ti-none") if out.is_dir() else {}
-        lost = {p for p in user_files if p not in after}
-        assert not lost, f"files the user put in the run folder were deleted: {sorted(lost)}"
-        lines = err.splitlines()
-        errors = [line for line in lines if line.startswith("error: ")]
-        warned = [str(w.message) for w in caught] + [line for line in lines if line.startswith("warning: ")]
-        return Outcome(code, err, captured.out, errors, warned, out)
-
-    def train(self, *overrides: str) -> Outcome:
-        import lit_ti.train
-
-        cfg = compose(f"paths.output_dir={self.out}", *overrides)
-        return self._guarded(self.out, lambda: lit_ti.train.main(cfg))
-
-    def generate(self, *overrides: str) -> Outcome:
-        import lit_ti.generate
-        from lit_ti.errors import report_user_errors
-
-        cfg = compose(f"out_dir={self.out}", *overrides, config="generate")
-        return self._guarded(self.out, lambda: report_user_errors(lit_ti.generate.run, cfg))
-
-    def preprocess(self, *overrides: str) -> Outcome:
-        import lit_ti.preprocess
-        from lit_ti.errors import report_user_errors
-
-        cfg = compose(f"dst={self.out}", "progress=false", *overrides, config="preprocess")
-        return self._guarded(self.out, lambda: report_user_errors(lit_ti.preprocess.run, cfg))
-
-    def evaluate(self, *argv: str) -> Outcome:
-        """`python evaluate.py ARGV` (it writes nothing; its run folder is only watched)."""
-        import runpy
-
-        def call():
-            old = sys.argv
-            sys.argv = ["evaluate.py", *argv]
-            try:
-                runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
-            finally:
-                sys.argv = old
-
-        return self._guarded(self.out, call)
-
-
-@pytest.fixture
-def entry(tmp_path, capsys) -> Entry:
-    """The four entry points under the trust rules (see Entry)."""
-    return Entry(tmp_path, capsys)
-
-
-# ---------------------------------------------------------------- hostile files (readers' trust tests)
-def _zip_bomb(path: Path, inflated: int) -> Path:
-    """A torch zip whose storage entry deflates `inflated` bytes of zeros into a few KB (what a loader
-    that trusts the zip directory allocates)."""
-    import zipfile
-
-    buffer = __import__("io").BytesIO()
-    torch.save({"string_to_param": {"*": torch.zeros(2, 8)}}, buffer)
-    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
-        for info in src.infolist():
-            if info.filename.endswith("/data/0"):
-                entry = zipfile.ZipInfo(info.filename)
-                entry.compress_type = zipfile.ZIP_DEFLATED
-                with out.open(entry, "w", force_zip64=True) as f:
-                    chunk = bytes(2**24)
-                    for _ in range(inflated // len(chunk)):
-                        f.write(chunk)
-            else:
-                out.writestr(info.filename, src.read(info))
-    return path
-
-
-def _legacy_storage_lie(path: Path, numel: int) -> Path:
-    """torch's legacy format, declaring one float storage of `numel` elements and holding 64 bytes."""
-    import collections
-    import pickle
-
-    class Marker:
-        pass
-
-    class Tensor_:
-        def __reduce__(self):
-            return torch._utils._rebuild_tensor_v2, (Marker, 0, (numel,), (1,), False, collections.OrderedDict())
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is Marker else None
-
-    with open(path, "wb") as f:
-        for record in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
-            pickle.dump(record, f, protocol=2)
-        Pickler(f, protocol=2).dump({"emb_params": Tensor_()})
-        pickle.dump(["0"], f, protocol=2)
-        f.write((16).to_bytes(8, "little") + bytes(64))
-    return path
-
-
-def _png_zlib_bomb(path: Path, inflated: int) -> Path:
-    """An A1111 pixel-only embedding PNG whose payload inflates to `inflated` bytes of JSON whitespace."""
-    import zlib
-
-    import numpy as np
-
-    from lit_ti.io.png_embeddings import encode_blocks
-
-    deflate = zlib.compressobj(9)
-    chunk = b" " * 2**24
-    payload = b"".join(deflate.compress(chunk) for _ in range(inflated // len(chunk))) + deflate.flush()
-    low, high = encode_blocks(payload, 64, torch.ones(8))
-    gap = np.zeros((64, 1, 3), dtype=np.uint8)
-    grey = np.full((64, 64, 3), 128, dtype=np.uint8)
-    Image.fromarray(np.concatenate([low, gap, grey, gap, high], axis=1)).save(path)
-    return path
-
-
-def _png_text(path: Path, data: dict) -> Path:
-    """An A1111 PNG embedding carrying `data` in its text chunk only (NaN allowed, as json writes it)."""
-    import base64
-
-    from PIL import PngImagePlugin
-
-    from lit_ti.io.png_embeddings import to_json
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("sd-ti-embedding", base64.b64encode(to_json(data)).decode("ascii"))
-    Image.new("RGB", (32, 32), (90, 90, 90)).save(path, pnginfo=info)
-    return path
-
-
-@pytest.fixture(scope="session")
-def hostile(tmp_path_factory) -> dict[str, Path]:
-    """Files a stranger could hand us, each small: bombs, lying sizes, non-finite values, and the one odd but
-    honest layout (an original-TI `.pt` with `string_to_param` as an `nn.ParameterDict`). Width 32 (tiny)."""
-    import json
-    import struct
-
-    from lit_ti import io
-    from lit_ti.io.embeddings import a1111_dict
-    from lit_ti.modules.hypernetwork import Hypernetwork
-
-    d = tmp_path_factory.mktemp("hostile")
-    nan = torch.randn(2, 32)
-    nan[0, 3] = float("nan")
-    files = {
-        "zip_bomb": _zip_bomb(d / "zipbomb.pt", 2**27),
-        "legacy_lie": _legacy_storage_lie(d / "legacylie.pt", 10**11),
-        "png_bomb": _png_zlib_bomb(d / "pngbomb.png", 2**26),
-        "nan_pt": d / "nanvec.pt",
-        "nan_safetensors": d / "nanvec.safetensors",
-        "nan_png": _png_text(d / "nanpng.png", a1111_dict(nan, "nanpng")),
-        "stride0": d / "stride0.pt",
-        "st_lie": d / "stlie.safetensors",
-        "hn_structure": d / "hnbomb.pt",
-        "hn_nan": d / "hnnan.pt",
-        "huge": d / "overflow.pt",
-        "parameterdict": d / "origti.pt",
-    }
-    torch.save(a1111_dict(nan, "nanvec"), files["nan_pt"])
-    from safetensors.torch import save_file
-
-    save_file({"emb_params": nan}, files["nan_safetensors"])
-    torch.save({"emb_params": torch.zeros(1).expand(10**9)}, files["stride0"])
-    header = json.dumps({"emb_params": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}).encode()
-    files["st_lie"].write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
-    hn = Hypernetwork([32], layer_structure=[1, 2, 1])
-    io.save_hypernetwork(files["hn_structure"], hn)
-    data = torch.load(files["hn_structure"], weights_only=True)
-    widths = {1280: data.pop(32), "layer_structure": [1, 4000, 1]}  # KBs of weights declaring 100 GB of modules
-    torch.save({**data, **widths}, files["hn_structure"])
-    data[32] = widths[1280]
-    with torch.no_grad():
-        hn.pair(32)[0].linear[0].weight[0, 0] = float("inf")
-    torch.save({**data, 32: (hn.pair(32)[0].state_dict(), hn.pair(32)[1].state_dict())}, files["hn_nan"])
-    io.save_embedding(files["huge"], torch.full((2, 32), 1e30))  # finite, but overflows any model
-    vectors = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(2, 32))})
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": vectors}, files["parameterdict"])
-    return files
-
-
-@pytest.fixture(scope="session")
-def big_hostile(tmp_path_factory, hostile) -> dict[str, Path]:
-    """The bombs at full size (seconds to build): a 6 GiB zip bomb (~6 MB), a PNG whose pixels inflate to
-    2.4 GB, next to the small hostile files."""
-    d = tmp_path_factory.mktemp("big_hostile")
-    return {
-        **hostile,
-        "zip_bomb": _zip_bomb(d / "zipbomb6g.pt", 6 * 2**30),
-        "png_bomb": _png_zlib_bomb(d / "pngbomb2g.png", 144 * 2**24),
-    }

@@ -1,7 +1,8 @@
 """Files from strangers, through the entry points a user runs: bombs, lying sizes, non-finite values and odd
 layouts as `method.init_file`, in generate's `embeddings_dir` / `hypernetwork`, and given to evaluate.py.
 Each case: the exit status, exactly one `error:` line naming the file (or key), and (via the `entry`
-fixture) no traceback and nothing outside the run folder touched. The files come from conftest's `hostile`."""
+fixture) no traceback and nothing outside the run folder touched. The files come from the `hostile` fixture
+(tests/hostile_files.py)."""
 
 import pytest
 
