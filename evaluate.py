@@ -1,7 +1,10 @@
 """Score an embedding trained on the toy model: `python evaluate.py outputs/.../toy-concept.pt purple_star`.
 
-A DreamArtist pair is recognised by its `-neg` file next to the given one. Prints recovery, classifier accuracy (and the oracle's) and the four denoising losses as JSON; see
-lit_ti.toy.evaluation for the definitions.
+A DreamArtist pair is recognised by its `-neg` file next to the given one. A pivotal-tuning run is scored with
+its bundle as both the embedding and the LoRA, at a strength as A1111's `<lora:name:0.7>`:
+`python evaluate.py RUN/toy-concept-lora.safetensors blue_ring --lora RUN/toy-concept-lora.safetensors
+--lora-strength 0.7`. Prints recovery, classifier accuracy (and the oracle's), editability and the four denoising
+losses as JSON; see lit_ti.toy.evaluation for the definitions.
 """
 
 import argparse
@@ -20,7 +23,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(args: argparse.Namespace) -> None:
-    scores = evaluate_file(args.embedding, args.concept, args.samples, args.init_text, args.cfg_scale)
+    scores = evaluate_file(
+        args.embedding, args.concept, args.samples, args.init_text, args.cfg_scale, True, args.lora, args.lora_strength
+    )
     print(json.dumps(scores, indent=1))
 
 
@@ -31,4 +36,6 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--init-text", default="*", help="what recovery is measured from (the run's init text)")
     parser.add_argument("--cfg-scale", default="3.0", help="DreamArtist pairs: the training guidance")
+    parser.add_argument("--lora", help="a LoRA file applied for the learned measures (pivotal tuning's bundle)")
+    parser.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's multiplier (-10 to 10)")
     report_user_errors(main, parser.parse_args())

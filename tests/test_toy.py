@@ -224,3 +224,32 @@ def test_evaluate_file_scores_an_untrained_embedding_as_zero(tmp_path):
     quick = evaluate_file(str(path), "orange_cross", samples=0, extras=False)
     assert quick["recovery"] == r["recovery"] and quick["loss_learned"] == r["loss_learned"]
     assert "editability" not in quick and "accuracy_oracle" not in quick  # the three extra sample sets skipped
+
+
+def test_evaluate_file_scores_a_lora_at_its_strength_against_the_base_models_floor_and_ceiling(tmp_path):
+    """`python evaluate.py EMB CONCEPT --lora FILE --lora-strength S`: the LoRA acts on the learned measures at S
+    (0 = the embedding alone), never on the initial and oracle ones (the base model's, as in training)."""
+    from lit_ti import io
+    from lit_ti.errors import UserError
+    from lit_ti.modules import lora
+    from lit_ti.modules.text_conditioning import init_vectors
+    from lit_ti.toy.evaluation import evaluate_file
+
+    bb = DiffusersFolder(TOY).load()
+    emb = io.save_embedding(tmp_path / "toy-concept.pt", init_vectors(bb.tokenizer, bb.text_encoder, "*", 2))
+    found = lora.attach(bb.unet, lora.lora_config(4, 4.0, 0.0, ["attn2.to_k", "attn2.to_v"]))
+    torch.manual_seed(0)
+    for layer in found.values():
+        torch.nn.init.normal_(layer.lora_B[lora.ADAPTER].weight, std=0.5)  # a LoRA that changes the samples
+    path = io.save_lora(tmp_path / "toy-concept-lora.safetensors", lora.to_kohya({"unet": found}, False, torch.float32))
+
+    plain = evaluate_file(str(emb), "orange_cross", samples=0)
+    off = evaluate_file(str(emb), "orange_cross", samples=0, lora=str(path), lora_strength=0.0)
+    on = evaluate_file(str(emb), "orange_cross", samples=0, lora=str(path), lora_strength=1.0)
+    assert off["loss_learned"] == pytest.approx(plain["loss_learned"], rel=1e-6)
+    assert abs(on["loss_learned"] - plain["loss_learned"]) > 0.01 * plain["loss_learned"]
+    for key in ("loss_init", "loss_oracle", "loss_unrelated"):
+        assert on[key] == pytest.approx(plain[key], rel=1e-6), key
+    (tmp_path / "notes.txt").write_text("not a LoRA")
+    with pytest.raises(UserError, match="^--lora: .*notes.txt"):
+        evaluate_file(str(emb), "orange_cross", samples=0, lora=str(tmp_path / "notes.txt"))

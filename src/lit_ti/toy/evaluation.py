@@ -20,6 +20,7 @@ so they are the same ceiling and floor for every method.
 """
 
 import random
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from lit_ti.losses import denoising_loss
 from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
 from lit_ti.methods.dreamartist import check_cfg
 from lit_ti.models import DiffusersFolder
+from lit_ti.modules import lora as lora_layers
 from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
@@ -183,25 +185,74 @@ def editability(
     return obeyed / (per * len(cases)), both / (per * len(cases))
 
 
+class WithLora(TextualInversion):
+    """An embedding with a LoRA file on the backbone at `strength` (A1111's `<lora:name:strength>`): a finished
+    pivotal-tuning run as the webui or `generate.py` applies it. Its base model has the LoRA off, as in
+    training's own evaluation, so the oracle and initial measures are those of every other method."""
+
+    def __init__(self, backbone, name: str, init_file: str, lora: str, strength: float) -> None:
+        super().__init__(backbone, name=name, init_file=init_file)
+        self.lora, self.strength = Path(lora), strength
+
+    def configure_model(self) -> None:
+        from lit_ti.generate import apply_lora
+
+        super().configure_model()
+        try:
+            apply_lora(self.backbone, self.lora, self.strength)
+        except UserError as e:
+            raise UserError(f"--lora: {e}") from None
+
+    @contextmanager
+    def base_model(self):
+        roots = [self.backbone.unet, *(encoder for _, encoder in self.backbone.text_encoders.values())]
+        for root in roots:
+            lora_layers.set_strength(root, 0.0)
+        try:
+            yield
+        finally:
+            for root in roots:
+                lora_layers.set_strength(root, self.strength)
+
+
 def evaluate_file(
-    path: str, concept: str, samples: int = 32, init_text: str = "*", cfg_scale: str = "3.0", extras: bool = True
+    path: str,
+    concept: str,
+    samples: int = 32,
+    init_text: str = "*",
+    cfg_scale: str = "3.0",
+    extras: bool = True,
+    lora: str | None = None,
+    lora_strength: float = 1.0,
 ) -> dict:
     """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`.
 
     A DreamArtist pair is recognised by its `<stem>-neg` file next to `path`; its denoising loss is the
-    guided one at `cfg_scale` (the training guidance) and its samples use the negative.
+    guided one at `cfg_scale` (the training guidance) and its samples use the negative. `lora`: a LoRA file
+    (pivotal tuning's `<name>-lora.safetensors`, which may also be `path`: its bundled embedding) applied at
+    `lora_strength` for the learned measures.
     """
     path = Path(path)
     check_concept("concept", concept)
     samples = check_samples("--samples", samples)
     check_cfg(cfg_scale, "--cfg-scale")
+    if lora is None and lora_strength != 1.0:
+        raise UserError("--lora-strength: there is no LoRA to scale; add --lora FILE")
+    if lora is not None:
+        check_number("--lora-strength", lora_strength, -10, 10)
+        if not Path(lora).is_file():
+            raise UserError(f"--lora: {quote(lora)}: no such LoRA file")
     try:
         name = io.read_embedding(path)[0].name
     except UserError as e:
         raise UserError(f"embedding: {e}") from None
     neg = path.with_name(f"{path.stem}-neg{path.suffix}")
     backbone = DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
-    if neg.is_file():
+    if lora is not None:
+        if neg.is_file():
+            raise UserError(f"--lora: {path} is a DreamArtist pair; a LoRA is scored with a single embedding")
+        method = WithLora(backbone, name=name, init_file=str(path), lora=lora, strength=lora_strength)
+    elif neg.is_file():
         method = DreamArtist(backbone, name=name, init_file=str(path), neg_init_file=str(neg), cfg_scale=cfg_scale)
     else:
         method = TextualInversion(backbone, name=name, init_file=str(path))
