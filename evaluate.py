@@ -24,7 +24,13 @@ class Parser(argparse.ArgumentParser):
 
 def main(args: argparse.Namespace) -> None:
     scores = evaluate_file(
-        args.embedding, args.concept, args.samples, args.init_text, args.cfg_scale, True, args.lora, args.lora_strength
+        args.embedding,
+        args.concept,
+        args.samples,
+        args.init_text,
+        args.cfg_scale,
+        lora=args.lora,
+        lora_strength=args.lora_strength,
     )
     print(json.dumps(scores, indent=1))
 

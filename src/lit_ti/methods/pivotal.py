@@ -7,7 +7,6 @@ has found the nearest thing it can express. Everything about the embedding (bank
 toy evaluation) is textual inversion's; this class adds the adapters, the two phases and the LoRA files.
 """
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,16 +125,9 @@ class PivotalTuning(TextualInversion):
                 layer.lora_dropout[lora.ADAPTER].train(mode)  # the adapters' dropout follows training
         return self
 
-    @contextmanager
     def base_model(self):
         roots = [getattr(self.backbone, model) for model in self.adapted]  # the UNet, the text encoders
-        for root in roots:
-            lora.set_strength(root, 0.0)
-        try:
-            yield
-        finally:
-            for root in roots:
-                lora.set_strength(root, 1.0)  # training's (and the exports') strength
+        return lora.switched_off(roots, 1.0)  # then back at training's (and the exports') strength
 
     # ----------------------------------------------------------------- the two phases
     def configure_optimizers(self):

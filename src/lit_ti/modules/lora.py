@@ -7,7 +7,8 @@ changes nothing). The adapter weights are kept in float32 whatever the frozen we
 input to the adapter's dtype and the sum back.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -62,6 +63,18 @@ def set_strength(model: nn.Module, strength: float, adapter: str = ADAPTER) -> N
     """Scale every adapted layer's update by `strength` (A1111's `<lora:name:strength>`); 1 = as trained."""
     for layer in layers(model, adapter).values():
         layer.set_scale(adapter, strength)
+
+
+@contextmanager
+def switched_off(models: list[nn.Module], strength: float = 1.0, adapter: str = ADAPTER) -> Iterator[None]:
+    """The models' adapters at strength 0 inside the block (the base model), back at `strength` after it."""
+    for model in models:
+        set_strength(model, 0.0, adapter)
+    try:
+        yield
+    finally:
+        for model in models:
+            set_strength(model, strength, adapter)
 
 
 def detach(model: nn.Module, adapter: str = ADAPTER) -> None:

@@ -20,7 +20,6 @@ so they are the same ceiling and floor for every method.
 """
 
 import random
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -203,16 +202,9 @@ class WithLora(TextualInversion):
         except UserError as e:
             raise UserError(f"--lora: {e}") from None
 
-    @contextmanager
     def base_model(self):
         roots = [self.backbone.unet, *(encoder for _, encoder in self.backbone.text_encoders.values())]
-        for root in roots:
-            lora_layers.set_strength(root, 0.0)
-        try:
-            yield
-        finally:
-            for root in roots:
-                lora_layers.set_strength(root, self.strength)
+        return lora_layers.switched_off(roots, self.strength)
 
 
 def evaluate_file(
