@@ -20,6 +20,7 @@ from lit_ti.io.loras import kohya_name
 from lit_ti.methods.textual_inversion import TextualInversion
 from lit_ti.models import Backbone
 from lit_ti.modules import lora
+from lit_ti.modules.text_conditioning import replace_names
 
 LORA_SUFFIX = "-lora.safetensors"  # kohya/A1111 layout, the embedding bundled (A1111's models/Lora)
 DIFFUSERS_SUFFIX = "-lora-diffusers.safetensors"  # `pipe.load_lora_weights(folder, weight_name=...)`
@@ -48,6 +49,11 @@ class PivotalTuning(TextualInversion):
         (pivotal tuning's usual choice), 1 = unchanged.
     lora_dtype: the dtype of the LoRA files' tensors (float16 halves them, as kohya's scripts usually save);
         training and checkpoints stay float32, the bundled and separate embeddings are textual inversion's.
+    preservation_word: while the LoRA trains, each prompt is also run with the concept's name replaced by this
+        word (the class: "person", "dog"; "" drops the name), and the LoRA is taught to leave the base model's
+        prediction for it unchanged (ai-toolkit's "differential output preservation", a prior-preservation
+        term without class images); null = off.
+    preservation_weight: that term's weight in the loss (logged as `train/loss_preservation`).
     """
 
     checkpointed = ("bank", "lora")
@@ -68,6 +74,8 @@ class PivotalTuning(TextualInversion):
         lora_lr: float = 1e-4,
         embedding_lr_after: float = 0.0,
         lora_dtype: str = "float32",
+        preservation_word: str | None = None,
+        preservation_weight: float = 1.0,
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
@@ -85,6 +93,8 @@ class PivotalTuning(TextualInversion):
         self.lora_lr = check_number("method.lora_lr", lora_lr, 0, 1, low_open=True)
         self.embedding_lr_after = check_number("method.embedding_lr_after", embedding_lr_after, 0, 1, hint="0 = frozen")
         self.lora_dtype = LORA_DTYPES[check_choice("method.lora_dtype", lora_dtype, LORA_DTYPES)]
+        self.preservation_word = check_word(preservation_word, self.name)
+        self.preservation_weight = check_number("method.preservation_weight", preservation_weight, 0, 1e6)
         # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
         self.switch_step: int | None = None
         self.announced = False  # the switch was said on the console
@@ -176,6 +186,25 @@ class PivotalTuning(TextualInversion):
             rank_zero_info(f"[lit_ti] the LoRA trains from step {self.switch_step} for {self.lora_steps} steps{note}")
             self.announced = True
 
+    def step_loss(self, out: dict) -> torch.Tensor:
+        loss = super().step_loss(out)
+        if self.preservation_word is None or out["skipped"] or not self.lora_trains():
+            return loss  # (before the switch the LoRA is untouched, and the term would be zero)
+        term = self.preservation_loss(out)
+        if self.log_now:
+            self.log("train/loss_preservation", term, batch_size=out["noisy"].shape[0], sync_dist=True)
+        return loss + self.preservation_weight * term
+
+    def preservation_loss(self, out: dict) -> torch.Tensor:
+        """MSE between the LoRA's and the base model's predictions for the batch's prompts with the concept's
+        name replaced by `preservation_word`, on the step's own noisy latents `[B, c, h, w]` and timesteps."""
+        prompts = [replace_names(p, self.bank.names, self.preservation_word) for p in out["batch"]["prompt"]]
+        noisy, timesteps = out["noisy"], out["timesteps"]
+        with torch.no_grad(), self.base_model():  # the text encoders' LoRA off too (text_encoder_lora)
+            target = self.call_unet(noisy, timesteps, self.encode_prompts(prompts))
+        pred = self.call_unet(noisy, timesteps, self.encode_prompts(prompts))
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         # a group without gradients gets no optimizer update at all (no Adam momentum, no weight decay)
@@ -243,6 +272,18 @@ def check_ti_steps(ti_steps) -> float | int | str:
     if isinstance(ti_steps, float) and not ti_steps.is_integer():
         return check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps, or auto")
     return check_number("method.ti_steps", ti_steps, 0, 10**9, integer=True, hint="or a share in (0, 1), or auto")
+
+
+def check_word(word, name: str) -> str | None:
+    """`method.preservation_word`: null, or words that do not name the concept itself."""
+    if word is None:
+        return None
+    if not isinstance(word, str) or replace_names(word, [name], "") != word.strip():
+        raise UserError(
+            f"method.preservation_word={word!r}: write the concept's class as plain words (e.g. person, dog), "
+            f'without the concept\'s name {name!r}; "" drops the name, null turns the term off'
+        )
+    return word.strip()
 
 
 def check_targets(targets) -> tuple[str, ...]:

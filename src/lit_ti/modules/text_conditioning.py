@@ -77,6 +77,25 @@ def shorten(ids: list[int], slots: list[int], limit: int) -> tuple[list[int], li
     return [ids[i] for i in keep], [slots[i] for i in keep]
 
 
+def name_pattern(names: list[str]) -> re.Pattern | None:
+    """Where a prompt names a concept: the whole word, any case (None for no names). Longest first, so that
+    "x-neg" is found before "x"."""
+    if not names:
+        return None
+    names = sorted(names, key=len, reverse=True)
+    return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])", re.IGNORECASE)
+
+
+def replace_names(prompt: str, names: list[str], word: str) -> str:
+    """`prompt` with every concept name in it replaced by `word` ("" drops it, with the space before it)."""
+    pattern = name_pattern(names)
+    if pattern is None:
+        return prompt
+    if word:
+        return pattern.sub(word, prompt)
+    return re.sub(r"\s{2,}", " ", pattern.sub("", prompt)).strip()
+
+
 class PromptTokenizer:
     """Tokenizes prompts whose concept names stand for their bank vectors.
 
@@ -94,13 +113,8 @@ class PromptTokenizer:
         # a concept without vectors for this encoder leaves no token in its prompts (as ComfyUI skips them)
         self.served = {name for name in bank.names if encoder is None or encoder in bank.get(name)}
         self.offsets = bank.offsets()
-        names = sorted(self.counts, key=len, reverse=True)  # longest first: "x-neg" before "x"
-        self.pattern = (
-            re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])", re.IGNORECASE)
-            if names
-            else None
-        )
-        self.lower = {name.lower(): name for name in names}
+        self.pattern = name_pattern(list(self.counts))
+        self.lower = {name.lower(): name for name in self.counts}
         self.cache: dict[str, tuple[list[int], list[int]]] = {}
         self.warned = False
 
