@@ -253,3 +253,39 @@ def test_evaluate_file_scores_a_lora_at_its_strength_against_the_base_models_flo
     (tmp_path / "notes.txt").write_text("not a LoRA")
     with pytest.raises(UserError, match="^--lora: .*notes.txt"):
         evaluate_file(str(emb), "orange_cross", samples=0, lora=str(tmp_path / "notes.txt"))
+
+
+def test_neighbours_are_four_concepts_the_base_model_draws_next_to_the_concept():
+    """`eval/accuracy_neighbours`: its shape (or a novel shape's nearest known one) in other colours, other shapes
+    in its colour; only methods that change the model pay for the measure."""
+    from lit_ti.methods import PivotalTuning
+    from lit_ti.toy.evaluation import neighbours
+    from lit_ti.toy.world import NEAREST_KNOWN, concept_parts, seen_concepts
+
+    for concept in (*HELD_OUT, "red_ring", "purple_ring"):
+        colour, shape = concept_parts(concept)
+        shape = NEAREST_KNOWN.get(shape, shape)
+        found = neighbours(concept)
+        assert len(set(found)) == 4 and set(found) <= set(seen_concepts()), concept
+        assert [c.endswith(f"_{shape}") for c in found] == [True, True, False, False], found
+        assert [c.startswith(f"{colour}_") for c in found] == [False, False, True, True], found
+    assert PivotalTuning.changes_model and not TextualInversion.changes_model
+
+
+@pytest.mark.slow  # about 2 minutes: 24 samples on the toy base
+def test_neighbour_accuracy_drops_when_a_lora_breaks_the_base_model():
+    """It would catch a LoRA that redraws everything, and reads the base model's own when the LoRA is off."""
+    from lit_ti.modules import lora
+    from lit_ti.toy.evaluation import neighbour_accuracy
+
+    method = TextualInversion(DiffusersFolder(TOY), name="toy-concept")
+    method.configure_model()
+    base = neighbour_accuracy(method, "red_ring", samples=8)
+    found = lora.attach(method.backbone.unet, lora.lora_config(4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for layer in found.values():
+        torch.nn.init.normal_(layer.lora_B[lora.ADAPTER].weight, std=1.0)  # a LoRA that redraws everything
+    with lora.switched_off([method.backbone.unet]):
+        assert neighbour_accuracy(method, "red_ring", samples=8) == base
+    broken = neighbour_accuracy(method, "red_ring", samples=8)
+    assert base >= 0.5 and broken <= base - 0.25  # (measured: 0.625 and 0.25, seeds fixed)

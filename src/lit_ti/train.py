@@ -21,7 +21,7 @@ from lit_ti.callbacks import EarlyStop, GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.callbacks.results import run_params
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run, config_error
-from lit_ti.errors import UserError, check_choice, report_user_errors
+from lit_ti.errors import UserError, check_choice, check_number, report_user_errors
 from lit_ti.io import paths
 from lit_ti.io.checkpoint_io import read_checkpoint
 from lit_ti.io.formats import final_suffixes
@@ -76,11 +76,26 @@ def _toy_style(style: str) -> str:
     return str(folder.resolve())
 
 
+def _toy_prior(images: int) -> str | None:
+    """`${lit_ti.toy_prior:${toy_prior}}`: `images` renders of concepts the base model knows, captioned with their
+    true words ("a large red square on a black background"), as prior images; 0 = none."""
+    from lit_ti.toy.world import write_style
+
+    images = check_number("toy_prior", images, 0, 4096, integer=True, hint="renders of other concepts; 0 = none")
+    if not images:
+        return None
+    folder = Path("outputs") / "toy_data" / f"prior-{images}"
+    if not folder.is_dir():
+        write_style("plain", folder, n=images, seed=1)  # seed 1: not the plain renders of other folders
+    return str(folder.resolve())
+
+
 RESOLVERS = {
     "lit_ti.asset": _asset,
     "lit_ti.toy_data": _toy_data,
     "lit_ti.toy_template": _toy_template,
     "lit_ti.toy_style": _toy_style,
+    "lit_ti.toy_prior": _toy_prior,
     "lit_ti.safe": component,  # run-folder names (configs/hydra/default.yaml): one safe path component
     "lit_ti.label": label,
 }

@@ -18,6 +18,7 @@ from lit_ti.data import buckets as bk
 from lit_ti.data import images as img
 from lit_ti.data.dataset import ConceptDataset
 from lit_ti.data.latents import Encoder, LatentCache, encode_folder, vae_fingerprint
+from lit_ti.data.prior import PriorImages
 from lit_ti.data.sampler import EpochSampler
 from lit_ti.data.settings import check_samples, validate
 from lit_ti.data.templates import load_templates, without_filewords
@@ -52,6 +53,9 @@ class ConceptDataModule(L.LightningDataModule):
         bucket_step: bucket sides are multiples of this (kohya's `bucket_reso_steps`, 64).
         bucket_min_side / bucket_max_side: limits of a bucket's sides; null = resolution/2 and 2·resolution.
         cache_dir: a folder for the on-disk latent cache (null = off); see data/latents.py.
+        prior_dir: a folder of prior images (DreamBooth's class images, kohya's regularisation images) with their
+            own captions; each sample gets one as `prior_*` (data/prior.py). null = none.
+        prior_prompt: the prompt of prior images without a `.txt` caption (null = their file name's words).
     """
 
     def __init__(
@@ -79,6 +83,8 @@ class ConceptDataModule(L.LightningDataModule):
         bucket_min_side: int | None = None,
         bucket_max_side: int | None = None,
         cache_dir: str | None = None,
+        prior_dir: str | None = None,
+        prior_prompt: str | None = None,
     ) -> None:
         super().__init__()
         validate(locals())
@@ -105,6 +111,9 @@ class ConceptDataModule(L.LightningDataModule):
         self.bucket_min_side = bucket_min_side
         self.bucket_max_side = bucket_max_side
         self.cache_dir = cache_dir
+        self.prior_dir = None if prior_dir is None else Path(prior_dir).expanduser()
+        self.prior_prompt = prior_prompt
+        self.prior: PriorImages | None = None
         self.paths: list[Path] = []
         self.captions: list[str] = []
         self.templates: list[str] = []
@@ -129,6 +138,8 @@ class ConceptDataModule(L.LightningDataModule):
                 f"data.template={self.template!r} uses [filewords] but no image in {img.quote(str(self.dir))} has "
                 "a caption; add <image>.txt files, name the images after their content, or use a template without it"
             )
+        if self.prior_dir is not None:
+            self.prior = PriorImages(self.prior_dir, self.prior_prompt)
 
     def training_sizes(self, resolution: int) -> list[tuple[int, int]]:
         """Each image's training (width, height): its bucket, or the square `resolution`."""
@@ -178,6 +189,8 @@ class ConceptDataModule(L.LightningDataModule):
         self.pixel_list = done.pixels if keep_pixels else None
         self.weight_list = self._weights(views)
         self.mean, self.std = done.mean, done.std
+        if self.prior is not None:
+            self.prior.cache(encode, size, self.crop, self.latent_sampling, self.seed, cache)
         if self.latent_sampling == "deterministic":
             self.std = None
         elif self.latent_sampling == "once":  # one draw per image, frozen

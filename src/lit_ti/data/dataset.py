@@ -22,6 +22,7 @@ class ConceptDataset(Dataset):
         self.name = dm.name
         self.flip_p, self.shuffle, self.dropout, self.keep = dm.flip_p, dm.shuffle_tags, dm.tag_dropout, dm.keep_tokens
         self.repeats = dm.repeats
+        self.prior = dm.prior  # PriorImages or None
 
     def __len__(self) -> int:
         return len(self.captions) * self.repeats
@@ -56,4 +57,6 @@ class ConceptDataset(Dataset):
             sample["weight"] = self.weights[i][view]  # [1, h, w]
         if self.pixels is not None:
             sample["pixels"] = self.pixels[i][view].float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+        if self.prior is not None:  # drawn last: the sample's other draws are those of a run without a prior
+            sample |= self.prior.draw(g)
         return sample

@@ -21,14 +21,12 @@ CAPTION_BYTES = 64 * 1024  # CLIP reads 77 tokens; a longer "caption" is a wrong
 SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, key: str = "data.dir") -> list[Path]:
     """Image files of `folder` (not recursive, sorted). Anything Pillow cannot open, and special files (never
     opened: a FIFO would block), are skipped with one warning naming them; subfolders are not searched (one
     warning names them); multi-frame images train on their first frame (one warning)."""
     if not folder.is_dir():
-        raise UserError(
-            f"data.dir: {quote(str(folder))} is not a folder; point data.dir at a folder of training images"
-        )
+        raise UserError(f"{key}: {quote(str(folder))} is not a folder; point {key} at a folder of training images")
     images, skipped, subfolders, animated = [], [], [], []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in SIDECAR_SUFFIXES or path.name.startswith(".") or path.stem.endswith(MASK_SUFFIXES):
@@ -53,18 +51,18 @@ def list_images(folder: Path) -> list[Path]:
             animated.append(f"{shown(path)} ({frames} frames)")
     if subfolders:
         warnings.warn(
-            f"data.dir: {len(subfolders)} subfolder(s) not searched: {listing(subfolders)}; move their images "
-            "into data.dir itself to train on them",
+            f"{key}: {len(subfolders)} subfolder(s) not searched: {listing(subfolders)}; move their images "
+            f"into {key} itself to train on them",
             stacklevel=2,
         )
     if animated and images:
-        warnings.warn(f"data.dir: training on the first frame of {listing(animated)}", stacklevel=2)
+        warnings.warn(f"{key}: training on the first frame of {listing(animated)}", stacklevel=2)
     if skipped and images:
-        warnings.warn(f"data.dir: skipped {len(skipped)} file(s): {listing(skipped, '; ')}", stacklevel=2)
+        warnings.warn(f"{key}: skipped {len(skipped)} file(s): {listing(skipped, '; ')}", stacklevel=2)
     if not images:
         found = f" (skipped: {listing(skipped, '; ')})" if skipped else ""
         raise UserError(
-            f"data.dir: {quote(str(folder))} holds no images Pillow can read{found}; add .png/.jpg/.webp files"
+            f"{key}: {quote(str(folder))} holds no images Pillow can read{found}; add .png/.jpg/.webp files"
         )
     return images
 

@@ -37,6 +37,8 @@ def validate(a: dict) -> None:
     _int_in("bucket_step", a["bucket_step"], 8, 1024, ", a multiple of 8")
     if a["bucket_step"] % 8:
         raise UserError(f"data.bucket_step={a['bucket_step']}: use a multiple of 8 (the VAE's downscale)")
+    if a["prior_prompt"] is not None and not isinstance(a["prior_prompt"], str):
+        raise UserError(f"data.prior_prompt={a['prior_prompt']!r}: write the prompt as text, or null")
     for key in ("bucket_min_side", "bucket_max_side"):
         if a[key] is not None:
             _int_in(key, a[key], 8, MAX_SIDE, " (a multiple of data.bucket_step), or null")

@@ -61,6 +61,12 @@ class DiffusionMethod(L.LightningModule, ABC):
     """
 
     needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
+    # whether the trained tensors act inside the UNet or text encoders, not only through the prompt's tokens:
+    # then `base_model()` switches them off, and the toy evaluation also checks what else they change
+    changes_model = False
+    # whether `step_loss` trains on the datamodule's prior images (`data.prior_dir`, the `prior_*` batch keys):
+    # they never name the concept, so they serve only a method whose tensors act without the concept's token
+    learns_prior = False
     strict_loading = False  # checkpoints deliberately lack the frozen backbone
     stem_suffixes: tuple[str, ...] = (f"{paths.STEP}.safetensors",)  # the longest file name derived from `name`
 
@@ -289,17 +295,22 @@ class DiffusionMethod(L.LightningModule, ABC):
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, ConceptDataModule):
+            if datamodule.prior_dir is not None and not self.learns_prior:
+                raise UserError(
+                    f"data.prior_dir: {type(self).__name__} trains only through the concept's token, which prior "
+                    "images never hold, so they would cost steps and teach nothing; drop data.prior_dir (prior "
+                    "images serve method=pivotal, whose LoRA changes the model)"
+                )
             datamodule.cache_latents(
                 self.encode_images, self.backbone.resolution, keep_pixels=self.needs_pixels, vae=self.vae
             )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # the noise seeds stay on the host: reading them back from a GPU would stall every step
-        seeds = batch.pop("noise_seed", None) if isinstance(batch, dict) else None
+        keys = ("noise_seed", "prior_noise_seed")
+        seeds = {k: batch.pop(k) for k in keys if k in batch} if isinstance(batch, dict) else {}
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if seeds is not None:
-            batch["noise_seed"] = seeds
-        return batch
+        return batch | seeds if seeds else batch
 
     # ----------------------------------------------------------------- step (methods may override the hooks
     # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lit_ti import io
+from lit_ti import io, losses
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.io.loras import kohya_name
@@ -54,9 +54,13 @@ class PivotalTuning(TextualInversion):
         prediction for it unchanged (ai-toolkit's "differential output preservation", a prior-preservation
         term without class images); null = off.
     preservation_weight: that term's weight in the loss (logged as `train/loss_preservation`).
+    prior_weight: with `data.prior_dir`, the weight of the prior images' own denoising loss under their captions
+        while the LoRA trains (DreamBooth's prior_loss_weight, kohya's prior_loss_weight; `train/loss_prior`).
     """
 
     checkpointed = ("bank", "lora")
+    changes_model = True
+    learns_prior = True
     periodic_dirname = "loras"
     stem_suffixes = (f"{paths.STEP}{DIFFUSERS_SUFFIX}",)
 
@@ -76,6 +80,7 @@ class PivotalTuning(TextualInversion):
         lora_dtype: str = "float32",
         preservation_word: str | None = None,
         preservation_weight: float = 1.0,
+        prior_weight: float = 1.0,
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
@@ -95,6 +100,7 @@ class PivotalTuning(TextualInversion):
         self.lora_dtype = LORA_DTYPES[check_choice("method.lora_dtype", lora_dtype, LORA_DTYPES)]
         self.preservation_word = check_word(preservation_word, self.name)
         self.preservation_weight = check_number("method.preservation_weight", preservation_weight, 0, 1e6)
+        self.prior_weight = check_number("method.prior_weight", prior_weight, 0, 1e6)
         # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
         self.switch_step: int | None = None
         self.announced = False  # the switch was said on the console
@@ -188,12 +194,31 @@ class PivotalTuning(TextualInversion):
 
     def step_loss(self, out: dict) -> torch.Tensor:
         loss = super().step_loss(out)
-        if self.preservation_word is None or out["skipped"] or not self.lora_trains():
-            return loss  # (before the switch the LoRA is untouched, and the term would be zero)
-        term = self.preservation_loss(out)
-        if self.log_now:
-            self.log("train/loss_preservation", term, batch_size=out["noisy"].shape[0], sync_dist=True)
-        return loss + self.preservation_weight * term
+        if out["skipped"] or not self.lora_trains():
+            return loss  # (before the switch the LoRA is untouched, and these terms would train nothing)
+        size = out["noisy"].shape[0]
+        if self.preservation_word is not None:
+            term = self.preservation_loss(out)
+            if self.log_now:
+                self.log("train/loss_preservation", term, batch_size=size, sync_dist=True)
+            loss = loss + self.preservation_weight * term
+        if "prior_latents" in out["batch"]:
+            term = self.prior_loss(out["batch"])
+            if self.log_now:
+                self.log("train/loss_prior", term, batch_size=size, sync_dist=True)
+            loss = loss + self.prior_weight * term
+        return loss
+
+    def prior_loss(self, batch: dict) -> torch.Tensor:
+        """The plain denoising loss of the batch's prior images `[B, c, h, w]` under their own captions."""
+        latents = batch["prior_latents"]
+        noise, timesteps = losses.draw_noise(
+            latents, batch.get("prior_noise_seed"), *self.timestep_range, self.timestep_sampling
+        )
+        noisy = self.objective.noisy(latents, noise, timesteps)
+        pred = self.call_unet(noisy, timesteps, self.encode_prompts(batch["prior_prompt"]))
+        target = self.objective.target(latents, noise, timesteps)
+        return losses.diffusion_mse(pred, target, None, self.objective.weights(timesteps))
 
     def preservation_loss(self, out: dict) -> torch.Tensor:
         """MSE between the LoRA's and the base model's predictions for the batch's prompts with the concept's

@@ -10,6 +10,10 @@
 * **accuracy**: the share of samples generated with the learned token that the toy classifier reads as the
   concept (`accuracy_oracle`: the same for the oracle caption, the ceiling the base model allows).
   DreamArtist samples put `a <name>-neg` in the negative prompt, as it is meant to be used.
+* **accuracy_neighbours** (methods that change the model, `changes_model`: pivotal tuning): the accuracy of
+  the true captions of four concepts the base model draws, next to the concept (its shape in two other colours,
+  two other shapes in its colour: `neighbours`), with the trained tensors on; `_base`: with them off. A LoRA
+  that redraws every circle as the ring it learned ("class bleed") scores below its base here.
 * **editability**: the share of samples for "a {small|large} <name> on a {white|black|gray} background" (the
   six prompts equally) that obey the rest of the prompt: the object's size and the background as asked
   (`editability_concept`: and the classifier reads the concept; `_oracle`: the same with the true words).
@@ -38,7 +42,16 @@ from lit_ti.modules.embedding_bank import swapped
 from lit_ti.modules.text_conditioning import init_vectors
 from lit_ti.toy import classifier as toy_classifier
 from lit_ti.toy.style import background, object_extent
-from lit_ti.toy.world import BACKGROUNDS, SIZES, concept_parts, oracle_words, random_scene, render
+from lit_ti.toy.world import (
+    BACKGROUNDS,
+    NEAREST_KNOWN,
+    SIZES,
+    concept_parts,
+    oracle_words,
+    random_scene,
+    render,
+    seen_concepts,
+)
 
 EVAL_SEED = 12345  # held-out images: never the training renders (those use seeds 0..)
 MAX_SAMPLES = 4096  # generated images per measure (32 take about a minute on a CPU)
@@ -108,6 +121,10 @@ def evaluate(
         with method.base_model():
             oracle_accuracy = sample_accuracy(method, f"a {words}", concept, samples, guidance)
             edit_oracle, edit_concept_oracle = editability(method, words, concept, samples, guidance)
+        if method.changes_model:  # a LoRA may also redraw what it was not trained on (class bleed)
+            results["accuracy_neighbours"] = neighbour_accuracy(method, concept, samples, guidance)
+            with method.base_model():
+                results["accuracy_neighbours_base"] = neighbour_accuracy(method, concept, samples, guidance)
         results |= {
             "accuracy_oracle": oracle_accuracy,
             "editability": edit,
@@ -150,6 +167,24 @@ def sample_accuracy(
     return hits / samples
 
 
+def neighbours(concept: str) -> list[str]:
+    """Concepts the base model draws that a LoRA for `concept` is likeliest to redraw: its shape (a novel
+    shape's nearest known one) in two other colours, and two other shapes in its colour."""
+    colour, shape = concept_parts(concept)
+    shape = NEAREST_KNOWN.get(shape, shape)
+    seen = seen_concepts()
+    same_shape = [c for c in seen if c.endswith(f"_{shape}") and not c.startswith(f"{colour}_")]
+    same_colour = [c for c in seen if c.startswith(f"{colour}_") and not c.endswith(f"_{shape}")]
+    return same_shape[:2] + same_colour[:2]
+
+
+def neighbour_accuracy(method, concept: str, samples: int, guidance: float = 5.0) -> float:
+    """Mean accuracy of the true captions of `neighbours(concept)` ("a red circle"), about `samples` images."""
+    others = neighbours(concept)
+    per = -(-samples // len(others))
+    return sum(sample_accuracy(method, f"a {c.replace('_', ' ')}", c, per, guidance) for c in others) / len(others)
+
+
 def obeys(images: Tensor, size: str, background_name: str) -> Tensor:
     """`[B]` bool: the images `[B, 3, H, W]` in [-1, 1] show an object of `size` on `background_name`."""
     large = object_extent(images) > SIZE_SPLIT
@@ -188,6 +223,8 @@ class WithLora(TextualInversion):
     """An embedding with a LoRA file on the backbone at `strength` (A1111's `<lora:name:strength>`): a finished
     pivotal-tuning run as the webui or `generate.py` applies it. Its base model has the LoRA off, as in
     training's own evaluation, so the oracle and initial measures are those of every other method."""
+
+    changes_model = True
 
     def __init__(self, backbone, name: str, init_file: str, lora: str, strength: float) -> None:
         super().__init__(backbone, name=name, init_file=init_file)
