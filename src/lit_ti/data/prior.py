@@ -38,9 +38,6 @@ class PriorImages:
             )
         self.latents: list[Tensor] = []  # per image [4, h, w]
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def cache(self, encode: Encoder, size: int, crop: str, sampling: str, seed: int, cache: LatentCache | None):
         """Encode every prior image at `size`² once; `deterministic` keeps the posterior mean, else one draw."""
         done = encode_folder(self.paths, [(size, size)] * len(self.paths), encode, crop, 1, 8, cache)

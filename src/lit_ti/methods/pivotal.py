@@ -212,9 +212,7 @@ class PivotalTuning(TextualInversion):
     def prior_loss(self, batch: dict) -> torch.Tensor:
         """The plain denoising loss of the batch's prior images `[B, c, h, w]` under their own captions."""
         latents = batch["prior_latents"]
-        noise, timesteps = losses.draw_noise(
-            latents, batch.get("prior_noise_seed"), *self.timestep_range, self.timestep_sampling
-        )
+        noise, timesteps = self.draw_noise({"latents": latents, "noise_seed": batch.get("prior_noise_seed")})
         noisy = self.objective.noisy(latents, noise, timesteps)
         pred = self.call_unet(noisy, timesteps, self.encode_prompts(batch["prior_prompt"]))
         target = self.objective.target(latents, noise, timesteps)
