@@ -1,19 +1,14 @@
-"""The method contract and the step every method shares: cached latents -> noisy latents at a random
-timestep -> frozen UNet conditioned on the method's text states -> MSE to the noise (or v) target.
+"""The base system every method is: `DiffusionMethod`, a LightningModule that loads the frozen backbone in
+`configure_model`, caches the concept's latents, samples, optimises and resumes, the same for every method.
 
-`DiffusionMethod`'s abstract members are the contract (see docs/architecture.md, "Adding a method"): what
-trains (`checkpointed`, `build_trainables`, `param_groups`), how prompts become UNet conditioning
-(`encode_prompts`), what it exports and where (`export`, `periodic_dirname`), and what previews and
-evaluations need (`export_images`, `concept_bank`). A subclass missing one cannot be constructed. The frozen
-backbone is loaded in `configure_model`, never in `__init__`, and checkpoints hold only the submodules named
-in `checkpointed` (kilobytes for TI, not the frozen model).
+What a method must provide is `methods/contract.py` (`MethodContract`); the training step every method shares is
+`methods/step.py` (`DenoisingStep`). Checkpoints hold only the submodules named in `checkpointed` (kilobytes
+for TI, not the frozen model).
 """
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,17 +19,17 @@ from lit_ti.data import ConceptDataModule
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.methods import resume
-from lit_ti.methods.untrained import UntrainedLedger, select, zero_loss
+from lit_ti.methods.contract import MethodContract
+from lit_ti.methods.step import DenoisingStep
+from lit_ti.methods.untrained import UntrainedLedger
 from lit_ti.models import Backbone, compiled, weight_dtype
-from lit_ti.modules.embedding_bank import EmbeddingBank
-from lit_ti.modules.text_conditioning import Conditioning
 from lit_ti.schedules import parse_schedule, schedule_end, schedule_lambda
 
 MAX_CLIP_SKIP = 32  # CLIP layers of the largest text encoder (SDXL's OpenCLIP bigG)
 MAX_TIMESTEPS = 10_000  # any diffusion schedule (SD's has 1000)
 
 
-class DiffusionMethod(L.LightningModule, ABC):
+class DiffusionMethod(DenoisingStep, MethodContract, L.LightningModule):
     """Base system. Args shared by every method:
 
     backbone: a backbone spec (`DiffusersFolder`, `TinyBackbone`, ...) with `.load(dtype)`.
@@ -60,13 +55,6 @@ class DiffusionMethod(L.LightningModule, ABC):
         timesteps, equal weights), `sigma_sqrt` or `cosmap` (`lit_ti.objectives.FlowMatching`).
     """
 
-    needs_pixels = False  # whether training steps need the images themselves (a pixel-space loss)
-    # whether the trained tensors act inside the UNet or text encoders, not only through the prompt's tokens:
-    # then `base_model()` switches them off, and the toy evaluation also checks what else they change
-    changes_model = False
-    # whether `step_loss` trains on the datamodule's prior images (`data.prior_dir`, the `prior_*` batch keys):
-    # they never name the concept, so they serve only a method whose tensors act without the concept's token
-    learns_prior = False
     strict_loading = False  # checkpoints deliberately lack the frozen backbone
     stem_suffixes: tuple[str, ...] = (f"{paths.STEP}.safetensors",)  # the longest file name derived from `name`
 
@@ -123,66 +111,6 @@ class DiffusionMethod(L.LightningModule, ABC):
         self.schedule_end: int | None = None
         self.log_now = True  # whether this step's metrics reach the loggers (set per batch)
         self.untrained = UntrainedLedger()
-
-    # ----------------------------------------------------------------- the contract: what trains
-    @property
-    @abstractmethod
-    def checkpointed(self) -> tuple[str, ...]:
-        """Prefixes of the submodules that train (made by `build_trainables`): Lightning checkpoints hold these
-        and nothing else, and `io.checkpoint_io.TRAINED` lists every method's. A class attribute in methods."""
-
-    @abstractmethod
-    def build_trainables(self, backbone: Backbone) -> None:
-        """Make the trainable modules, once the frozen `backbone` is loaded (and attach them to it when they act
-        inside the UNet or text encoder). Called once, by `configure_model`, before the optimizer exists."""
-
-    @abstractmethod
-    def param_groups(self) -> list[dict]:
-        """Optimizer groups; a group's optional `lr_weight` scales the optimizer's lr for it (kept by the
-        LR schedule)."""
-
-    # ----------------------------------------------------------------- the contract: prompts -> conditioning
-    @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """UNet conditioning (states `[B, 77, d]`, SDXL's pooled `[B, 1280]`) for a list of prompts, with the
-        trained tensors in it (training steps, previews and evaluations all go through here)."""
-
-    # ----------------------------------------------------------------- the contract: exports
-    @property
-    @abstractmethod
-    def periodic_dirname(self) -> str:
-        """Folder (under the run folder) of the periodic copies `callbacks.export` writes. A class attribute."""
-
-    @abstractmethod
-    def export(self, directory: Path, step: int, tag: str = "", formats=("pt", "safetensors")) -> list[Path]:
-        """Write what trained as files other tools load, `<directory>/<name><tag>.<format>` for each of
-        `formats` (names from `io.formats`; a UserError naming `callbacks.export.formats` for one this method
-        cannot write). `tag` (`-<step>`) marks periodic copies. Returns the paths written (rank zero only)."""
-
-    # ----------------------------------------------------------------- the contract: previews and evaluations
-    @abstractmethod
-    def export_images(self, directory: Path, step: int, preview) -> list[Path]:
-        """Files that carry the trained tensors inside the preview image (PIL), A1111's "embedding in PNG";
-        [] when the method has no such format. Called by `callbacks.preview` after each preview."""
-
-    @property
-    @abstractmethod
-    def concept_bank(self) -> EmbeddingBank | None:
-        """The trained prompt tokens, which concept measures (`callbacks.toy_eval`) snapshot and swap for their
-        initial values; None when the method trains no token (its measures are of another kind)."""
-
-    def base_model(self) -> AbstractContextManager:
-        """A context in which the backbone acts as it did before training: what the trained tensors change
-        inside the UNet or text encoders (pivotal tuning's LoRA) is switched off, so evaluations can score
-        the base model's captions. Methods whose tensors act only through the prompt keep the default."""
-        return nullcontext()
-
-    # ----------------------------------------------------------------- the contract: a stop rule's verdict
-    def learned(self, step: int) -> bool:
-        """A stop rule (`callbacks.early_stop`) finds the trained tensors learned after `step` optimizer steps;
-        return whether the run ends there. A method with phases may end a phase instead (pivotal tuning's
-        `ti_steps: auto`), and the rule then stops measuring."""
-        return True
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -311,106 +239,6 @@ class DiffusionMethod(L.LightningModule, ABC):
         seeds = {k: batch.pop(k) for k in keys if k in batch} if isinstance(batch, dict) else {}
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         return batch | seeds if seeds else batch
-
-    # ----------------------------------------------------------------- step (methods may override the hooks
-    # trained_samples, negative_prompts, predict and step_loss; the order is training_step's docstring)
-    def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Noise `[B, c, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
-        them, with the method's timestep density (`losses.draw_noise`)."""
-        return losses.draw_noise(
-            batch["latents"], batch.get("noise_seed"), *self.timestep_range, self.timestep_sampling
-        )
-
-    def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
-        """The model's prediction (epsilon, v, or SD3's flow velocity) `[B, c, h, w]` for the batch's prompts."""
-        return self.call_unet(noisy, timesteps, self.encode_prompts(batch["prompt"]))
-
-    def call_unet(self, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
-        """The frozen denoiser on noisy latents `[B, c, h, w]` at integer `timesteps`; SDXL also gets its pooled
-        text embedding and its size conditioning (original = target = the training size, no crop: what its
-        pipeline passes); SD3's MMDiT gets the pooled embedding and σ·1000 as its time."""
-        dtype = self.unet_dtype
-        unet = self.compiled_unet if self.compiled_unet is not None and torch.is_grad_enabled() else self.unet
-        if self.backbone.is_sd3:
-            return unet(
-                hidden_states=self.to_unet(noisy),
-                timestep=self.objective.model_time(timesteps).to(dtype),
-                encoder_hidden_states=cond.states.to(dtype),
-                pooled_projections=cond.pooled.to(dtype),
-            ).sample
-        extra = {}
-        if cond.pooled is not None:
-            h, w = (side * self.backbone.vae_scale_factor for side in noisy.shape[-2:])
-            time_ids = torch.tensor([h, w, 0, 0, h, w], device=noisy.device, dtype=dtype).expand(noisy.shape[0], 6)
-            extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
-        # (the compiled UNet only where gradients flow, training steps: other callers would compile again for
-        # their own batch shapes and no_grad mode)
-        return unet(self.to_unet(noisy), timesteps, cond.states.to(dtype), **extra).sample
-
-    def to_unet(self, x: Tensor) -> Tensor:
-        """Latents as the UNet takes them: its dtype, and channels-last when that switch is on."""
-        x = x.to(self.unet_dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def negative_prompts(self, batch: dict) -> list[str]:
-        """The negative prompt this method pairs with each prompt at sampling time ("" = unconditional)."""
-        return [""] * len(batch["prompt"])
-
-    def trained_samples(self, batch: dict) -> list[bool] | None:
-        """Which samples can train this method's tensors (their prompt holds a trained token); None = all."""
-        return None
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def shared_step(self, batch: dict) -> dict:
-        """Noise the cached latents, predict, and score against the target (weighted by masks if any).
-
-        Samples that cannot train (`trained_samples`) are left out first (returned `batch`: the rest); when none
-        is left the loss is a zero that still reaches the trained tensors and `skipped` is true.
-        """
-        keep = self.trained_samples(batch)
-        if keep is not None and not all(keep):
-            self.untrained.left_out(list(batch["prompt"]), keep)
-            if not any(keep):
-                return {"loss": zero_loss(self.trainable()), "skipped": True, "batch": batch}
-            batch = select(batch, keep)
-        self.untrained.trained_this_step += len(batch["prompt"])
-        latents = batch["latents"]  # [B, c, h, w] fp32, cached
-        objective = self.objective  # the model's: DDPM denoising or SD3's flow matching
-        noise, timesteps = self.draw_noise(batch)
-        noisy = objective.noisy(latents, noise, timesteps)
-        pred = self.predict(noisy, timesteps, batch)
-        target = objective.target(latents, noise, timesteps)
-        loss = losses.diffusion_mse(pred, target, batch.get("weight"), objective.weights(timesteps))
-        return {"loss": loss, "pred": pred, "noisy": noisy, "timesteps": timesteps, "batch": batch, "skipped": False}
-
-    def step_loss(self, out: dict) -> Tensor:
-        """The loss to minimise from `shared_step`'s output; a method with terms of its own adds them here
-        (and logs them as `train/loss_<term>`)."""
-        return out["loss"]
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """One step, every method: `shared_step` (`trained_samples`, `draw_noise`, `predict` ->
-        `encode_prompts` + `call_unet`, the MSE), then `step_loss`; `train/loss` is the total."""
-        out = self.shared_step(batch)
-        loss = self.step_loss(out)
-        if self.log_now:
-            size = out["batch"]["latents"].shape[0]
-            self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # a step none of whose samples could train changes nothing: tensors without a gradient are left alone
-        # by the optimizer (zero gradients would still move them through Adam's momentum and weight decay)
-        trained = self.untrained.trained_this_step > 0
-        self.untrained.trained_this_step = 0
-        if self.trainer.world_size > 1:  # every rank must take the same decision
-            trained = self.trainer.strategy.reduce_boolean_decision(trained, all=False)
-        if not trained:
-            self.untrained.step_skipped(self.trainer.global_step + 1)
-            for p in self.trainable():
-                p.grad = None
 
     def on_train_start(self) -> None:
         optimizers.start_training(self.trainer.optimizers)  # after a resume restored their state
