@@ -2,8 +2,9 @@
 UNet conditioned on the method's text states -> MSE to the noise (or v, or flow) target.
 
 A mixin of `DiffusionMethod` (`methods/base.py`), which sets the state it reads (`objective`,
-`timestep_range`, `backbone`, `unet_dtype`, `compiled_unet`, `channels_last`, `untrained`, `log_now`) when the
-backbone loads. Methods change the step only through the hooks below (the order is `training_step`'s docstring).
+`timestep_range`, `timestep_sampling`, `backbone`, `unet_dtype`, `compiled_unet`, `channels_last`, `untrained`,
+`log_now`) and supplies `encode_prompts` (the contract) and Lightning's `log` and `trainer`. Methods change the
+step only through the hooks below (the order is `training_step`'s docstring).
 """
 
 import torch
