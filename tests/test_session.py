@@ -46,7 +46,7 @@ MISTAKES = [
     (["experiment=ti_subjct"], "(did you mean ti_subject?)"),
     (["-m", "method.num_vectors=1,2", "trainer.max_stepz=3"], "trainer.max_stepz=3: no such key"),
     (["data.dirr=/x"], "data.dirr=/x: no such key; did you mean data.dir?"),
-    (["method.optimizer.lr=[1"], "the command line:"),
+    (["method.optimizer.lr=[1"], "method.optimizer.lr=[1: Hydra cannot read this value"),
     (["seed=1,2"], "seed=1,2: a comma makes this a sweep; for one value with a comma quote it"),
 ]
 
@@ -85,20 +85,67 @@ def test_a_prompt_reaches_the_config_exactly_as_typed(text):
     lists and escapes. Typed as `prompt=...` in a single run, the config holds exactly what was typed."""
     from hydra import compose, initialize_config_dir
 
-    from lit_ti.cli import quote_prompts
+    from lit_ti.cli import quote_literals
 
     assume("${" not in text and text == text.strip() and text[:1] not in "'\"")
-    [argv] = quote_prompts([f"prompt={text}"])
+    [argv] = quote_literals([f"prompt={text}"])
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         assert compose("generate", overrides=[argv]).prompt == text
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=40))
+def test_any_value_quoted_for_hydra_reads_back_as_typed(text):
+    """What lit_ti prints for the user to paste (the resume line's run folder) and what it suggests for a value
+    Hydra cannot read: one shell word whose value reaches the config exactly, whatever the characters."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from lit_ti.cli import hydra_literal, shell_word
+
+    assume("${" not in text)
+    [word] = shlex.split(shell_word(hydra_literal("lora", text)))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        assert compose("generate", overrides=[word]).lora == text
+
+
+@pytest.mark.parametrize("folder", ["0-pivotal-seed=0,lr=0.001", "it's [a run] {x}", "a,b=c d"])
+def test_a_pasted_path_into_a_run_folder_reaches_the_config(tmp_path, folder):
+    """Run folders are named `<time>-<method>-<key>=<value>,...`; a path into one typed bare (as the README's
+    `lora=outputs/<name>/<run>/<name>-lora.safetensors` invites) is that path in a single run, left to Hydra
+    under -m, and a path that does not exist gets one line with the quoted form to paste."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from lit_ti.cli import check, quote_literals
+    from lit_ti.errors import UserError
+
+    bundle = tmp_path / folder / "x-lora.safetensors"
+    bundle.parent.mkdir()
+    bundle.write_bytes(b"")
+    [argv] = quote_literals([f"lora={bundle}"])
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        assert compose("generate", overrides=[argv]).lora == str(bundle)
+    assert quote_literals(["-m", f"lora={bundle}"]) == ["-m", f"lora={bundle}"]
+    missing = f"lora={tmp_path / folder / 'typo.safetensors'}"
+    if "=" in folder or "'" in folder:  # (a bare `[`/`,` parses: as a list or a sweep, refused elsewhere)
+        with pytest.raises(UserError) as e:
+            check(ROOT / "configs", "generate", [missing])
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(missing) and "quote" in message
+        [word] = shlex.split(message.rsplit(": ", 1)[1])
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+            assert compose("generate", overrides=[word]).lora == missing.split("=", 1)[1]
 
 
 def test_a_preview_prompt_with_commas_and_weights_reaches_the_training_config():
     from hydra import compose, initialize_config_dir
 
-    from lit_ti.cli import quote_prompts
+    from lit_ti.cli import quote_literals
 
     text = r"a photo of [name], (detailed:1.2), \(artist\), it's 0"
-    [neg] = quote_prompts([f"callbacks.preview.negative_prompt={text}"])
+    [neg] = quote_literals([f"callbacks.preview.negative_prompt={text}"])
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         assert compose("train", overrides=[neg]).callbacks.preview.negative_prompt == text

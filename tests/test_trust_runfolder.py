@@ -449,8 +449,8 @@ def test_the_resume_line_names_any_run_folder_as_hydra_reads_it_back(folder):
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lit_ti.train import _override
+    from lit_ti.train import _shell_literal
 
-    [word] = shlex.split(_override("hydra.run.dir", folder))  # one shell word
+    [word] = shlex.split(_shell_literal("hydra.run.dir", folder))  # one shell word
     [parsed] = OverridesParser.create().parse_overrides([word])
     assert not parsed.is_sweep_override() and parsed.value() == folder

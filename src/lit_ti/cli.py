@@ -7,6 +7,7 @@ once up front (as `python train.py ... --cfg job` would); only when that succeed
 
 import difflib
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,22 +34,45 @@ def overrides_of(argv: list[str]) -> list[str] | None:
 
 
 PROMPT_KEYS = re.compile(r"^\+?(?:[\w.]+\.)?(?:negative_)?prompt=")
+BARE_VALUE = re.compile(r"[\w/.:+@%-]+")  # a value Hydra's grammar reads back as typed
 
 
-def quote_prompts(argv: list[str]) -> list[str]:
-    """Prompts as users write them (`prompt=a photo of my-cat, by my-style`, `(word:1.2)`, `[name]`, `0`) are
-    strings: quoted for Hydra, whose grammar reads a comma as a sweep, brackets as a list and `0` as a number.
-    Only in a single run; a value already quoted is left alone."""
+def hydra_literal(key: str, value: str, always: bool = False) -> str:
+    """`key=value` as an override Hydra reads back as the string `value`: quoted (Hydra's quoted strings: a
+    backslash run before a quote or at the end doubled, quotes escaped) unless it is a path of bare-safe
+    characters and not `always`. Run folders are named `...-seed=0,lr=0.01`: bare, `=` and `,` would be a parse error or a sweep."""
+    if BARE_VALUE.fullmatch(value) and "/" in value and not always:  # a path (bare `0`, `null` are no strings)
+        return f"{key}={value}"
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return f"{key}='" + value.replace("'", "\\'") + "'"
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word to paste: in double quotes when that needs no escapes (`"lora='a=b,c'"`, the
+    form Hydra's docs show), else `shlex.quote`."""
+    if text == shlex.quote(text) or any(c in text for c in '"$`\\!'):
+        return shlex.quote(text)
+    return f'"{text}"'
+
+
+def quote_literals(argv: list[str]) -> list[str]:
+    """Values users type as text, quoted for Hydra, whose grammar reads a comma as a sweep, `=` as a syntax
+    error, brackets as a list and `0` as a number. Only in a single run; a value already quoted is left alone.
+
+    * Prompts (`prompt=a photo of my-cat, by my-style`, `(word:1.2)`, `[name]`, `0`) are always strings.
+    * A value that names an existing file or folder is that path (`lora=outputs/x/<run>/x-lora.safetensors`,
+      where lit_ti's own run folders are named `...-seed=0,lr=0.01`).
+    """
     if "-m" in argv or "--multirun" in argv:
         return argv
     out = []
     for a in argv:
-        if PROMPT_KEYS.match(a):
-            key, value = a.split("=", 1)
-            if value and value[:1] not in "'\"":  # `prompt=1girl`, `prompt=0`, `prompt=null` are strings too
-                # Hydra's quoted strings: a backslash run before a quote or at the end is doubled, quotes escaped
-                value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-                a = f"{key}='" + value.replace("'", "\\'") + "'"
+        key, _, value = a.partition("=")
+        unquoted = bool(value) and value[:1] not in "'\"" and not a.startswith("-")
+        if unquoted and PROMPT_KEYS.match(a):  # `prompt=1girl`, `prompt=0`, `prompt=null` are strings too
+            a = hydra_literal(key, value, always=True)
+        elif unquoted and not BARE_VALUE.fullmatch(value) and "${" not in value and Path(value).exists():
+            a = hydra_literal(key, value)
         out.append(a)
     return out
 
@@ -129,7 +153,27 @@ def explain(error: Exception, overrides: list[str], compose: Callable, configs: 
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"{group}={option}: no such option; use one of {', '.join(names)}{hint}"
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if unreadable := unparsable(overrides):
+        key, _, value = unreadable.partition("=")
+        fix = ""
+        if "/" in value or "=" in value:  # a path (a run folder's name holds `=` and `,`), or text: quoting fixes it
+            fix = f"; quote a path or text with = , spaces, brackets or quotes: {shell_word(hydra_literal(key, value))}"
+        return f"{unreadable}: Hydra cannot read this value ({first}){fix}"
     return f"the command line: {first}"
+
+
+def unparsable(overrides: list[str]) -> str | None:
+    """The first `key=value` override Hydra's grammar cannot parse, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_override(text)
+        except Exception:
+            if "=" in text:
+                return text
+    return None
 
 
 def check(configs: Path, config_name: str, argv: list[str]) -> None:
@@ -158,9 +202,9 @@ def entry(task: Callable[[], object], script: str, config_name: str, argv: list[
     """Run a Hydra task function (`script` is the entry script's `__file__`; its `configs/` folder) after
     checking its command line; `--help` prints lit_ti's help."""
     if argv is None:
-        argv = sys.argv[1:] = quote_prompts(sys.argv[1:])  # Hydra reads sys.argv itself
+        argv = sys.argv[1:] = quote_literals(sys.argv[1:])  # Hydra reads sys.argv itself
     else:
-        argv = quote_prompts(argv)
+        argv = quote_literals(argv)
     configs = Path(script).resolve().parent / "configs"
     if any(a in ("--help", "-h") for a in argv):
         from lit_ti.cli_help import help_text

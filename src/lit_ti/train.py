@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_ti.callbacks import EarlyStop, GracefulStop, RunResults
 from lit_ti.callbacks.interrupt import interrupted
 from lit_ti.callbacks.results import run_params
+from lit_ti.cli import hydra_literal, shell_word
 from lit_ti.config_checks import check_hydra_scope, check_missing, check_run, config_error
 from lit_ti.errors import UserError, check_choice, check_number, report_user_errors
 from lit_ti.io import paths
@@ -233,7 +234,12 @@ def _report(cfg: DictConfig, trainer: L.Trainer, callbacks: list, results: RunRe
 
 
 def _resume_command(checkpoint: Path) -> str:
-    return f"python train.py {' '.join(_overrides())} {_override('ckpt_path', str(checkpoint))}"
+    return f"python train.py {' '.join(_overrides())} {_shell_literal('ckpt_path', str(checkpoint))}"
+
+
+def _shell_literal(key: str, value: str) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value` (`cli.hydra_literal`)."""
+    return shell_word(hydra_literal(key, value))
 
 
 def _overrides() -> list[str]:
@@ -243,17 +249,9 @@ def _overrides() -> list[str]:
 
         hydra = HydraConfig.get()
         kept = [shlex.quote(o) for o in hydra.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
-        return [*kept, _override("hydra.run.dir", hydra.runtime.output_dir)]  # resume into the same folder
+        return [*kept, _shell_literal("hydra.run.dir", hydra.runtime.output_dir)]  # resume into the same folder
     except ValueError:
         return []
-
-
-def _override(key: str, value: str) -> str:
-    """`key=value` as one shell word that Hydra reads back as `value`: run folders are named `...-seed=0,lr=0.01`,
-    and `=`/`,` in a bare value would make it a sweep; plain paths stay as they are."""
-    if re.fullmatch(r"[\w/.:+@%-]+", value):
-        return f"{key}={value}"
-    return shlex.quote(f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'")
 
 
 def _check_inside(root: Path, cfg: DictConfig, callbacks: list, loggers: list) -> None:
