@@ -13,7 +13,6 @@ least room for blur or halos. See docs/results.md (pivotal tuning on the ring, t
 import argparse
 import os
 import random
-from importlib import resources
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -21,14 +20,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from lit_ti.models import DiffusersFolder
 from lit_ti.toy import world
-from lit_ti.toy.evaluation import BACKGROUND_SPLITS, BACKGROUNDS, SIZE_SPLIT, SIZES, WithLora
-from lit_ti.toy.style import background, object_extent
-
-
-def toy_base() -> DiffusersFolder:
-    return DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+from lit_ti.toy.evaluation import BACKGROUNDS, SIZE_SPLIT, SIZES, WithLora, backgrounds_seen, sizes_seen, toy_base
+from lit_ti.toy.style import object_extent
 
 
 @torch.no_grad()
@@ -44,7 +38,7 @@ def margins(per_colour: int) -> None:
                 image = world.render(world.random_scene(rng, f"{colour}_{shape}")).convert("RGB")
                 x = torch.tensor(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1  # [1, 3, H, W]
                 trip = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-                size = "large" if float(object_extent(x)[0]) > SIZE_SPLIT else "small"
+                [size] = sizes_seen(x)
                 extents[size][0].append(float(object_extent(x)[0]))
                 extents[size][1].append(float(object_extent(trip)[0]))
         for size, (rendered, tripped) in extents.items():
@@ -68,14 +62,11 @@ def failures(run: str, per_prompt: int, strength: float) -> None:
         prompt = f"a {size} toy-concept on a {bg} background"
         images = method.sample(prompt, "", per_prompt, steps=20, guidance_scale=5.0, seed=1000 * i, scheduler=scheduler)
         images = images * 2 - 1
-        extent = object_extent(images)
-        levels = background(images).mean(dim=(1, 2, 3))
-        seen = [next(name for split, name in BACKGROUND_SPLITS if float(v) < split) for v in levels]
-        size_ok = float(((extent > SIZE_SPLIT) == (size == "large")).float().mean())
-        bg_ok = sum(s == bg for s in seen) / per_prompt
+        size_ok = sum(s == size for s in sizes_seen(images)) / per_prompt
+        bg_ok = sum(b == bg for b in backgrounds_seen(images)) / per_prompt
         print(
             f"{prompt:45s} size right {size_ok:.2f}  background right {bg_ok:.2f}  "
-            f"extents {' '.join(f'{float(e):.2f}' for e in extent)}"
+            f"extents {' '.join(f'{float(e):.2f}' for e in object_extent(images))}"
         )
 
 

@@ -69,21 +69,20 @@ def score_copy(method, sets: dict, chunk: int = 256) -> dict:
 
 
 def run_losses(run: Path, concept: str, draws: int, heldout_seed: int, max_step: int, tmp: Path) -> dict:
-    from importlib import resources
 
     from early_stop_replay import val_losses  # this folder's sibling script
 
     from lit_ti import io
     from lit_ti.methods import TextualInversion
-    from lit_ti.models import DiffusersFolder
     from lit_ti.modules.embedding_bank import swapped
+    from lit_ti.toy.evaluation import toy_base
     from lit_ti.toy.world import write_concept
     from lit_ti.train import _toy_data
 
     copies = {int(m.group(1)): p for p in run.glob("embeddings/*.safetensors") if (m := re.search(r"-(\d+)\.", p.name))}
     copies = {s: p for s, p in copies.items() if s <= max_step}
     first = copies[min(copies)]
-    backbone = DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+    backbone = toy_base()
     method = TextualInversion(backbone, name=io.read_embedding(first)[0].name, init_file=str(first))
     method.configure_model()
     method.eval()

@@ -185,12 +185,26 @@ def neighbour_accuracy(method, concept: str, samples: int, guidance: float = 5.0
     return sum(sample_accuracy(method, f"a {c.replace('_', ' ')}", c, per, guidance) for c in others) / len(others)
 
 
+def toy_base() -> DiffusersFolder:
+    """The embedded toy base model's spec (`model=toy`)."""
+    return DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+
+
+def sizes_seen(images: Tensor) -> list[str]:
+    """`small` or `large` for each image `[B, 3, H, W]` in [-1, 1]: its object's extent against `SIZE_SPLIT`."""
+    return ["large" if float(e) > SIZE_SPLIT else "small" for e in object_extent(images)]
+
+
+def backgrounds_seen(images: Tensor) -> list[str]:
+    """`black`, `gray` or `white` for each image `[B, 3, H, W]` in [-1, 1]: its border's level."""
+    level = background(images).mean(dim=(1, 2, 3))
+    return [next(name for split, name in BACKGROUND_SPLITS if float(v) < split) for v in level]
+
+
 def obeys(images: Tensor, size: str, background_name: str) -> Tensor:
     """`[B]` bool: the images `[B, 3, H, W]` in [-1, 1] show an object of `size` on `background_name`."""
-    large = object_extent(images) > SIZE_SPLIT
-    level = background(images).mean(dim=(1, 2, 3))
-    seen = [next(name for split, name in BACKGROUND_SPLITS if float(v) < split) for v in level]
-    return (large == (size == "large")) & torch.tensor([b == background_name for b in seen])
+    pairs = zip(sizes_seen(images), backgrounds_seen(images), strict=True)
+    return torch.tensor([s == size and b == background_name for s, b in pairs])
 
 
 @torch.no_grad()
@@ -276,7 +290,7 @@ def evaluate_file(
     except UserError as e:
         raise UserError(f"embedding: {e}") from None
     neg = path.with_name(f"{path.stem}-neg{path.suffix}")
-    backbone = DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+    backbone = toy_base()
     if lora is not None:
         if neg.is_file():
             raise UserError(f"--lora: {path} is a DreamArtist pair; a LoRA is scored with a single embedding")
