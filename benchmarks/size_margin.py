@@ -3,7 +3,7 @@ toy VAE's round trip (the closest any sampler's output can come to a render), an
 run, which of the editability prompts its samples fail on, size or background:
 
     python benchmarks/size_margin.py
-    python benchmarks/size_margin.py --run outputs/<run> --per-prompt 8
+    python benchmarks/size_margin.py --run outputs/toy-concept/<run> --per-prompt 8
 
 The editability measure (`lit_ti.toy.evaluation.editability`) calls an object large when its extent is above
 one split (`SIZE_SPLIT`) for every shape; a shape whose small renders come close to it leaves its samples the
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from lit_ti.errors import report_user_errors
 from lit_ti.toy import world
 from lit_ti.toy.evaluation import BACKGROUNDS, SIZE_SPLIT, SIZES, WithLora, backgrounds_seen, sizes_seen, toy_base
 from lit_ti.toy.style import object_extent
@@ -42,6 +43,9 @@ def margins(per_colour: int) -> None:
                 extents[size][0].append(float(object_extent(x)[0]))
                 extents[size][1].append(float(object_extent(trip)[0]))
         for size, (rendered, tripped) in extents.items():
+            if not rendered:  # a few renders per colour can miss a size
+                print(f"{shape:8s} {size:5s} n=  0")
+                continue
             r, t = np.array(rendered), np.array(tripped)
             margin = np.abs(t - SIZE_SPLIT).min()
             print(
@@ -77,7 +81,7 @@ if __name__ == "__main__":
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--strength", type=float, default=1.0, help="the LoRA's strength")
     args = parser.parse_args()
-    if args.run:
-        failures(args.run, args.per_prompt, args.strength)
+    if args.run:  # a wrong folder is one `error:` line
+        report_user_errors(failures, args.run, args.per_prompt, args.strength)
     else:
         margins(args.per_colour)

@@ -9,7 +9,7 @@ script. It rewrites the command's arguments and runs the real script from the re
 * `data.dir=/data/x` (and held-out folders) -> small concept folders, made on first use;
 * steps cut to a few (`trainer.max_steps`, sampling steps, benchmark steps), the toy evaluation to its loss
   measures (`callbacks.toy_eval.samples=0`; a style evaluation keeps debug=smoke's 2 samples), sweeps to two jobs (the first swept key's first two values),
-  Optuna to two trials, GPUs to the CPU, run folders into the test's folder;
+  Optuna to two trials, GPUs to the CPU, run folders into the test's folder; evaluate.py to 2 samples;
 * `outputs/<name>/<run>` -> the newest run of that name made earlier in the test.
 
 tests/test_docs.py also turns `torch.compile` off for every command (`TORCH_COMPILE_DISABLE=1`).
@@ -64,7 +64,6 @@ def rewrite(script: str, args: list[str]) -> list[str]:
     swept = False  # the first swept key keeps two values, the others their first
     out = []
     for a in args:
-        a = re.sub(r"outputs/([\w.-]+)/RUN_PLACEHOLDER", newest_run, a)  # `<run>` in the docs (tests/test_docs.py)
         key, _, value = a.partition("=")
         if key == "model.path":
             a = f"model.path={WORLD[kind]}"
@@ -103,17 +102,22 @@ def rewrite(script: str, args: list[str]) -> list[str]:
 
 
 def benchmark(script: str, args: list[str]) -> list[str]:
-    """Benchmark scripts: two steps, one repeat, a few small images in a fresh work folder."""
-    cut = {"--steps": "2", "--repeats": "1", "--work": next_run_dir("bench", "bench")}
+    """Benchmark scripts: two steps, one repeat, a few small images or samples, a fresh work folder."""
+    cut = {"--steps": "2", "--repeats": "1", "--work": next_run_dir("bench", "bench"), "--per-prompt": "1"}
     args = [cut.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    if script.endswith("size_margin.py") and "--run" not in args:
+        return [*args, "--per-colour", "1"]
     return [*args, "--counts", "3", "--size", "64"] if script.endswith("latent_cache.py") else args
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["-m"]:
         return subprocess.call([sys.executable, *argv])
-    script, args = argv[0], argv[1:]
-    if script in SCRIPTS:
+    # `<run>` in the docs (tests/test_docs.py): the newest run of that name made earlier in the test
+    script, args = argv[0], [re.sub(r"outputs/([\w.-]+)/RUN_PLACEHOLDER", newest_run, a) for a in argv[1:]]
+    if script == "evaluate.py":  # its samples are most of its time
+        args = [*(a for i, a in enumerate(args) if "--samples" not in args[max(i - 1, 0) : i + 1]), "--samples", "2"]
+    elif script in SCRIPTS:
         args = rewrite(script, args)
     elif script.startswith("benchmarks/"):
         args = benchmark(script, args)

@@ -101,6 +101,95 @@ def test_the_shim_cuts_a_documented_run_to_seconds(tmp_path, monkeypatch):
     assert args[-1].startswith("hydra.sweep.dir=outputs/")
 
 
+def checkable(command: str) -> bool:
+    """Runs in the docs test, or calls a script whose command line parses anywhere (a GPU row, a long replay)."""
+    return runnable(command) or bool(re.match(r"python (?!-m )", command))
+
+
+def documented_calls(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """Every `python SCRIPT ARGS` the runnable blocks make, as bash expands it (loops, variables, the scripts the
+    blocks call), recorded instead of run: `python` is a function that writes its arguments down."""
+    calls, record, folder = [], tmp_path / "calls", tmp_path / "work"  # what a block writes stays in the folder
+    folder.mkdir()
+    (folder / "benchmarks").symlink_to(ROOT / "benchmarks")  # documented as run from the repository root
+    for where, block in blocks():
+        script = "\n".join(
+            [
+                "set -eo pipefail",
+                f"python() {{ printf '%s\\x1f' \"$@\" >> {shlex.quote(str(record))}; printf '\\x1e' >> "
+                f"{shlex.quote(str(record))}; }}",
+                "export -f python",
+                *(c for c in block if checkable(c)),
+            ]
+        ).replace("<run>", "RUN_PLACEHOLDER")
+        done = subprocess.run(["bash", "-c", script], cwd=folder, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{where}: the block fails in bash itself: {done.stderr[-500:]}"
+        if record.exists():
+            calls += [(where, c.split("\x1f")[:-1]) for c in record.read_text().split("\x1e")[:-1]]
+            record.unlink()
+    return calls
+
+
+def parses(script: str, args: list[str]) -> str | None:
+    """Why `python script args` stops at its command line, or None: a Hydra entry point composes its config (as
+    it does before running), an argparse one parses its arguments and stops there."""
+    import argparse
+    import contextlib
+    import io
+    import runpy
+
+    from lit_ti.cli import check, quote_literals
+    from lit_ti.errors import UserError
+
+    hydra_entry = {"train.py": "train", "generate.py": "generate", "preprocess.py": "preprocess"}
+    if script in hydra_entry:
+        try:
+            check(ROOT / "configs", hydra_entry[script], quote_literals(args))
+        except UserError as e:
+            return str(e)
+        return None
+
+    class Parsed(Exception):
+        pass
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, *a, **k):
+        original(self, *a, **k)
+        raise Parsed
+
+    err, argv = io.StringIO(), sys.argv
+    try:
+        argparse.ArgumentParser.parse_args, sys.argv = parse_only, [script, *args]
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except Parsed:
+        return None
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1]
+    finally:
+        argparse.ArgumentParser.parse_args, sys.argv = original, argv
+    return "ran to the end without parsing a command line"
+
+
+def test_every_documented_command_line_parses(tmp_path):
+    """Each documented call gets past its command line as written: a wrong option or key fails here in seconds,
+    not in the slow lane's run of the block; and every `<run>` is one the docs test can find."""
+    calls = documented_calls(tmp_path)
+    assert len({c[1][0] for c in calls}) >= 8, "the blocks' scripts were not recorded"
+    wrong = []
+    for where, (script, *args) in calls:
+        for arg in args:
+            if "RUN_PLACEHOLDER" in arg and not re.search(r"outputs/[\w.-]+/RUN_PLACEHOLDER", arg):
+                wrong.append(
+                    f"{where}: {arg}: write a run folder as outputs/<name>/<run>, the form readers and the "
+                    "docs test resolve"
+                )
+        if script.endswith(".py") and (why := parses(script, args)):
+            wrong.append(f"{where}: python {script} {' '.join(args)}\n  {why}")
+    assert not wrong, "\n".join(wrong)
+
+
 @pytest.fixture(scope="module")
 def docs_world(tmp_path_factory) -> Path:
     """The test's working folder with the models real commands name: a tiny SD1-shaped diffusers folder, the

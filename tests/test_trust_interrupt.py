@@ -5,7 +5,7 @@ whole. (A stop during training: tests/test_resume.py and tests/test_cli.py.) Eac
 
 import pytest
 
-QUICK = ["model=tiny", "trainer.max_steps=2", "callbacks.toy_eval=null", "callbacks.preview=null"]
+from tests.trust_harness import QUICK
 
 
 def ctrl_c_at_call(n: int, original=None):

@@ -1,5 +1,6 @@
 """The `entry` fixture: lit_ti's four entry points run in-process under the trust rules (a pytest plugin
-that tests/conftest.py loads)."""
+that tests/conftest.py loads); the short runs, the one-line-error assertions and the trained `checkpoint`
+the trust tests share."""
 
 import hashlib
 import os
@@ -115,3 +116,36 @@ class Entry:
 def entry(tmp_path, capsys) -> Entry:
     """The four entry points under the trust rules (see Entry)."""
     return Entry(tmp_path, capsys)
+
+
+# ---------------------------------------------------------------- what the trust tests share
+QUICK = ["model=tiny", "trainer.max_steps=2", "callbacks.toy_eval=null", "callbacks.preview=null"]
+METHODS = {
+    "ti": ["experiment=toy_ti", *QUICK],
+    "dreamartist": ["experiment=toy_dreamartist", *QUICK],
+    "hypernetwork": ["experiment=hypernetwork_style", *QUICK[:2], "callbacks.toy_style_eval=null", *QUICK[3:]],
+}
+CKPT = ["callbacks.model_checkpoint.every_n_train_steps=1"]
+
+
+def one_error(outcome, *needles: str) -> str:
+    assert outcome.code == 2, outcome.stderr[-2000:]
+    assert len(outcome.errors) == 1, outcome.stderr[-2000:]
+    for needle in needles:
+        assert needle in outcome.errors[0], outcome.errors[0]
+    return outcome.errors[0]
+
+
+def nothing_left(outcome) -> None:
+    """A run that stopped with a user error wrote nothing: not even its run folder."""
+    assert not outcome.out.exists(), sorted(outcome.out.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A TI run's last.ckpt (tiny model, 2 vectors, name zz-concept) outside any watched folder."""
+    import lit_ti.train
+
+    out = tmp_path_factory.mktemp("trained")
+    lit_ti.train.main(compose(f"paths.output_dir={out}", "name=zz-concept", *QUICK, *CKPT))
+    return out / "checkpoints" / "last.ckpt"
