@@ -141,3 +141,34 @@ def test_every_loss_is_logged_synced_across_ranks(tmp_path, concept_dir, monkeyp
     if kw:
         assert {"train/loss_diffusion", "train/loss_reconstruction"} <= set(losses)
     assert all(k.get("sync_dist") for k in losses.values()), losses
+
+
+def test_a_model_change_applies_at_a_strength_the_base_model_keeps():
+    """`applied_at(s)`: the LoRA acts at s inside; `base_model()` inside it comes back to s, not to training's 1
+    (the toy evaluation's base-model measures sit between its learned ones); training's 1 is back after it.
+    A method that changes no model takes only 1."""
+    from lit_ti.modules import lora
+
+    method = PivotalTuning(TinyBackbone(), name="zz-concept")
+    method.configure_model()
+    torch.manual_seed(0)
+    layer = next(iter(method.adapted["unet"].values()))
+    torch.nn.init.normal_(layer.lora_B[lora.ADAPTER].weight, std=0.5)  # a LoRA that changes the output
+    x = torch.randn(2, layer.in_features)  # [B, in]
+
+    def change() -> torch.Tensor:  # what the LoRA adds to this layer's output now
+        with torch.no_grad():
+            return layer(x) - layer.get_base_layer()(x)
+
+    full = change()
+    assert full.abs().max() > 1e-3
+    with method.applied_at(0.5):
+        torch.testing.assert_close(change(), 0.5 * full)
+        with method.base_model():
+            assert change().abs().max() == 0
+        torch.testing.assert_close(change(), 0.5 * full)
+    torch.testing.assert_close(change(), full)
+    with TextualInversion(TinyBackbone(), name="zz-concept").applied_at(1.0):
+        pass
+    with pytest.raises(ValueError, match="changes no model weights"):
+        TextualInversion(TinyBackbone(), name="zz-concept").applied_at(0.5)

@@ -255,6 +255,31 @@ def test_evaluate_file_scores_a_lora_at_its_strength_against_the_base_models_flo
         evaluate_file(str(emb), "orange_cross", samples=0, lora=str(tmp_path / "notes.txt"))
 
 
+def test_the_runs_own_evaluation_scores_the_lora_at_the_strength_evaluate_py_uses(tmp_path):
+    """`callbacks.toy_eval.lora_strength`: a pivotal run's own numbers at 0.5 are evaluate.py's on its bundle at
+    0.5 (the learned measures scaled, the base model's not), and differ from those at 1."""
+    import json
+
+    import lit_ti.train
+    from lit_ti.toy.evaluation import evaluate_file
+    from tests.conftest import compose
+
+    steps = ["trainer.max_steps=4", "method.ti_steps=2", "method.lora_lr=0.05", "callbacks.early_stop=null"]
+    fast = ["callbacks.toy_eval.samples=0", "callbacks.preview=null", "toy_concept=orange_cross"]
+    cfg = compose(
+        "experiment=toy_pivotal", f"paths.output_dir={tmp_path}", *steps, *fast, "callbacks.toy_eval.lora_strength=0.5"
+    )
+    lit_ti.train.main(cfg)
+    run = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    bundle = str(tmp_path / "toy-concept-lora.safetensors")
+    half = evaluate_file(bundle, "orange_cross", samples=0, lora=bundle, lora_strength=0.5)
+    full = evaluate_file(bundle, "orange_cross", samples=0, lora=bundle, lora_strength=1.0)
+    for key in ("loss_learned", "loss_init", "loss_oracle", "recovery"):
+        assert run[f"eval/{key}"] == pytest.approx(half[key], rel=1e-5), key
+    assert half["loss_learned"] != pytest.approx(full["loss_learned"], rel=1e-4)
+    assert half["loss_oracle"] == pytest.approx(full["loss_oracle"], rel=1e-6)
+
+
 def test_neighbours_are_four_concepts_the_base_model_draws_next_to_the_concept():
     """`eval/accuracy_neighbours`: its shape (or a novel shape's nearest known one) in other colours, other shapes
     in its colour; only methods that change the model pay for the measure."""

@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_ti.callbacks.interrupt import Stopped, stoppable
-from lit_ti.errors import check_choice
+from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.methods import HypernetworkMethod
 from lit_ti.toy.evaluation import check_concept, check_samples, evaluate
 from lit_ti.toy.style import evaluate_style
@@ -21,13 +21,23 @@ class ToyEvaluation(L.Callback):
     Args:
         concept: the toy concept the data shows, `<colour>_<shape>` (e.g. `purple_star`).
         samples: generated images judged by the classifier.
+        lora_strength: the strength the learned measures apply a method's model change at (pivotal tuning's LoRA,
+            as A1111's `<lora:name:0.75>`); the initial and oracle measures use the base model at any strength.
     """
 
-    def __init__(self, concept: str, samples: int = 32) -> None:
+    def __init__(self, concept: str, samples: int = 32, lora_strength: float = 1.0) -> None:
         self.concept = check_concept("callbacks.toy_eval.concept", concept)
         self.samples = check_samples("callbacks.toy_eval.samples", samples)
+        self.lora_strength = check_number("callbacks.toy_eval.lora_strength", lora_strength, -10, 10)
         self.init: dict | None = None
         self.results: dict = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.lora_strength != 1.0 and not pl_module.changes_model:  # said before training, not after it
+            raise UserError(
+                f"callbacks.toy_eval.lora_strength={self.lora_strength}: {type(pl_module).__name__} trains no LoRA "
+                "to scale; leave it at 1 (it is for method=pivotal)"
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.init is None and pl_module.concept_bank is not None:
@@ -50,7 +60,11 @@ class ToyEvaluation(L.Callback):
             return
         init = {k: v.to(pl_module.device) for k, v in self.init.items()}
         try:  # a stop, before or during it, gives it up: it takes minutes, and evaluate.py runs it on the files
-            with stoppable(trainer, "toy evaluation"), pl_module.as_exported():  # judge what the files hold
+            with (
+                stoppable(trainer, "toy evaluation"),
+                pl_module.as_exported(),  # judge what the files hold
+                pl_module.applied_at(self.lora_strength),  # as the user applies them
+            ):
                 self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
         except Stopped:
             files = f"{trainer.default_root_dir}/{pl_module.name}.pt"

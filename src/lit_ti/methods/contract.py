@@ -4,7 +4,7 @@
 docs/architecture.md, "Adding a method"): what trains (`checkpointed`, `build_trainables`, `param_groups`),
 how prompts become UNet conditioning (`encode_prompts`), what it exports and where (`export`,
 `periodic_dirname`), and what previews and evaluations need (`export_images`, `concept_bank`). The members with
-a default (`base_model`, `learned`, the class attributes) are facts a method states only when they differ.
+a default (`base_model`, `applied_at`, `learned`, the class attributes) are facts a method states only when they differ.
 """
 
 from abc import ABC, abstractmethod
@@ -78,6 +78,14 @@ class MethodContract(ABC):
         """A context in which the backbone acts as it did before training: what the trained tensors change
         inside the UNet or text encoders (pivotal tuning's LoRA) is switched off, so evaluations can score
         the base model's captions. Methods whose tensors act only through the prompt keep the default."""
+        return nullcontext()
+
+    def applied_at(self, strength: float) -> AbstractContextManager:
+        """A context in which what the trained tensors change inside the model acts at `strength` (A1111's
+        `<lora:name:strength>`; 1 = as trained), `base_model()` inside it included: how a user applies the files,
+        for evaluations. Methods that change no model take only 1."""
+        if strength != 1.0:
+            raise ValueError(f"{type(self).__name__} changes no model weights; a strength other than 1 means nothing")
         return nullcontext()
 
     # ----------------------------------------------------------------- the contract: a stop rule's verdict

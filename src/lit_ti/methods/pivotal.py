@@ -7,6 +7,8 @@ has found the nearest thing it can express. Everything about the embedding (bank
 toy evaluation) is textual inversion's; this class adds the adapters, the two phases and the LoRA files.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -105,6 +107,7 @@ class PivotalTuning(TextualInversion):
         self.switch_step: int | None = None
         self.announced = False  # the switch was said on the console
         self.adapted: dict[str, dict] = {}  # {model: {module path: peft LoraLayer}}
+        self.strength = 1.0  # the LoRA's strength in use: 1 but inside `applied_at`
         self.configs: dict = {}  # {model: peft LoraConfig}
         self.lora = nn.ModuleDict()  # {kohya module name: {"down", "up"}}: what checkpoints hold of the LoRA
 
@@ -143,7 +146,20 @@ class PivotalTuning(TextualInversion):
 
     def base_model(self):
         roots = [getattr(self.backbone, model) for model in self.adapted]  # the UNet, the text encoders
-        return lora.switched_off(roots, 1.0)  # then back at training's (and the exports') strength
+        return lora.switched_off(roots, self.strength)  # then back at the strength in use (training's: 1)
+
+    @contextmanager
+    def applied_at(self, strength: float) -> Iterator[None]:
+        roots = [getattr(self.backbone, model) for model in self.adapted]
+        for root in roots:
+            lora.set_strength(root, strength)
+        self.strength = strength
+        try:
+            yield
+        finally:  # training and the exports use the LoRA as trained
+            for root in roots:
+                lora.set_strength(root, 1.0)
+            self.strength = 1.0
 
     # ----------------------------------------------------------------- the two phases
     def configure_optimizers(self):
