@@ -2,6 +2,9 @@
 bound to tests/docs_shim.py (tiny test models for real paths, a few steps instead of thousands), two blocks at a
 time, in document order where a command uses an earlier run.
 
+Before that slow run, a fast test checks that every documented command line parses as written (its Hydra
+config composes, its argparse options exist) and names its run folders in the form the slow run resolves.
+
 A command the test cannot run here (an install, the test suite itself, a GPU- or cluster-only command) must
 be listed in SKIPPED with the reason, so a new documented command is never skipped silently.
 """
@@ -165,8 +168,8 @@ def parses(script: str, args: list[str]) -> str | None:
             runpy.run_path(str(ROOT / script), run_name="__main__")
     except Parsed:
         return None
-    except SystemExit:
-        return err.getvalue().strip().splitlines()[-1]
+    except SystemExit as e:
+        return (err.getvalue().strip().splitlines() or [f"exit {e.code}"])[-1]
     finally:
         argparse.ArgumentParser.parse_args, sys.argv = original, argv
     return "ran to the end without parsing a command line"
