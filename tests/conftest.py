@@ -22,9 +22,9 @@ CONFIGS = ROOT / "configs"
 
 
 # The quick lane (`python -m pytest --quick`, under 2 minutes on 2 idle cores) is the edit-test loop: it leaves
-# out the modules that start `python train.py` processes or a second backbone family, and those that run a
-# whole pipeline (toy evaluation, single-file conversion, sampling, torch.compile, every loader x precision).
-# The default lane runs everything.
+# out the modules (or single tests, by function name) that start `python train.py` processes or a second backbone
+# family, and those that run a whole pipeline (toy evaluation, single-file conversion, sampling, torch.compile,
+# every loader x precision). The default lane runs everything.
 QUICK_SKIPS = {
     # processes
     "test_cli",
@@ -36,6 +36,7 @@ QUICK_SKIPS = {
     "test_sd3",  # a second model family end to end, as test_sdxl
     "test_sd3_single_file",
     "test_latent_cache",
+    "test_every_documented_command_line_parses",  # a bash per docs block, a Hydra composition per command
     # whole pipelines
     "test_toy",
     "test_single_file",
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
     if config.getoption("--quick"):
-        kept = [i for i in items if i.module.__name__.rsplit(".", 1)[-1] not in QUICK_SKIPS]
+        kept = [i for i in items if not {i.module.__name__.rsplit(".", 1)[-1], i.originalname} & QUICK_SKIPS]
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
 
