@@ -69,7 +69,6 @@ def score_copy(method, sets: dict, chunk: int = 256) -> dict:
 
 
 def run_losses(run: Path, concept: str, draws: int, heldout_seed: int, max_step: int, tmp: Path) -> dict:
-
     from early_stop_replay import val_losses  # this folder's sibling script
 
     from lit_ti import io

@@ -24,7 +24,6 @@ so they are the same ceiling and floor for every method.
 """
 
 import random
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -187,7 +186,9 @@ def neighbour_accuracy(method, concept: str, samples: int, guidance: float = 5.0
 
 def toy_base() -> DiffusersFolder:
     """The embedded toy base model's spec (`model=toy`)."""
-    return DiffusersFolder(str(resources.files("lit_ti").joinpath("assets", "toy_base")))
+    from lit_ti.train import _asset  # the shipped assets' one path rule (train imports this module's callers)
+
+    return DiffusersFolder(_asset("toy_base"))
 
 
 def sizes_seen(images: Tensor) -> list[str]:
