@@ -45,7 +45,8 @@ QUICK_SKIPS = {
     "test_precision",
     "test_resume",  # every method interrupted and resumed
     "test_bad_input",  # a hundred inputs, some through `python train.py`
-    "test_pivotal",  # trains, exports and generates with a LoRA
+    "test_pivotal",  # trains and exports with a LoRA
+    "test_pivotal_loaders",  # generate.py and diffusers with a LoRA
     "test_time_to_quality",  # short fits per option
 }
 

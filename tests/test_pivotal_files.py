@@ -1,10 +1,12 @@
 """Pivotal tuning's LoRA settings that change its files: which UNet layers are adapted (`lora_targets`), the files'
-dtype (`lora_dtype`), and SDXL bundles read by the A1111 webui's key rules."""
+dtype (`lora_dtype`), and SD1 / SDXL bundles read by the A1111 webui's key rules (re-implemented in
+tests/a1111_lora.py)."""
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lit_ti import io
 from lit_ti.errors import UserError
@@ -86,6 +88,48 @@ def test_a_half_precision_lora_file_holds_that_dtype_and_loads_in_diffusers(tmp_
         loaded, live = pipe.unet(noisy, t, states).sample, method.unet(noisy, t, states).sample
     change = (live - base).abs().max()
     assert change > 1e-3 and (loaded - live).abs().max() < 0.05 * change
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_the_webui_loader_rules_match_every_module_and_read_the_bundle(tmp_path, a1111_lora, dtype):
+    """A1111's key conversion assumes SD's layout (2 layers per block), so the UNet here has SD's topology; the
+    file is read back as the webui reads it, in each dtype `method.lora_dtype` writes."""
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        sample_size=8,
+    )
+    text = TinyBackbone().load().text_encoder
+    # the webui's layer names: its LDM module paths, `.` -> `_` (SD1's CLIP sits under `transformer`, and is
+    # transformers 4's, with the `text_model.` level that transformers 5 dropped)
+    ldm = {"diffusion_model_" + k.rsplit(".", 1)[0].replace(".", "_") for k in unet_keys(unet).values()}
+    clip = {"transformer_" + lora.file_path("text_encoder", n).replace(".", "_") for n, _ in text.named_modules()}
+    found = {
+        "unet": lora.attach(unet, lora.lora_config(3, 1.5, 0.0, lora.UNET_TARGETS)),
+        "text_encoder": lora.attach(text, lora.lora_config(3, 1.5, 0.0, lora.TEXT_TARGETS)),
+    }
+    randomise(found)
+    vectors = torch.randn(2, 32)
+    modules = lora.to_kohya(found, sdxl=False, dtype=dtype)
+    path = io.save_lora(tmp_path / "a-lora.safetensors", modules, embeddings={NAME: vectors})
+    sd = load_file(path)  # what the webui's read_state_dict gives its loader
+    assert {t.dtype for k, t in sd.items() if not k.startswith("bundle_emb.")} == {dtype}
+    webui, bundles = a1111_lora.a1111_load_lora(sd, ldm | clip)
+    assert len(webui) == sum(len(f) for f in found.values())  # every module matched one webui layer
+    deltas = {}
+    for model, layers in found.items():
+        for path, layer in layers.items():
+            deltas[kohya_name(model, lora.file_path(model, path), False)] = layer.get_delta_weight(lora.ADAPTER)
+    by_webui = sorted((k, v["updown"] * v["scale"]) for k, v in webui.items())
+    ours = sorted((a1111_lora.convert_diffusers_name_to_compvis(k, False), v) for k, v in deltas.items())
+    for (k1, a), (k2, b) in zip(by_webui, ours, strict=True):
+        assert k1 == k2 and torch.allclose(a, b, atol=1e-6 if dtype == torch.float32 else 3e-3)  # peft's update
+    assert torch.equal(a1111_lora.embedding_from_data(bundles[NAME]), vectors)
 
 
 def sdxl_unet() -> UNet2DConditionModel:
