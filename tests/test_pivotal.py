@@ -137,6 +137,20 @@ def test_precision_and_accumulation(tmp_path, concept_dir, fit):
     assert float(torch.cat([m["up"].weight.flatten() for m in method.lora.values()]).abs().max()) > 0
 
 
+def test_lora_max_timestep_narrows_the_concepts_timesteps_in_the_lora_phase_only():
+    method = PivotalTuning(TinyBackbone(), name=NAME, min_timestep=100, lora_max_timestep=300)
+    method.configure_model()
+    batch = {"latents": torch.randn(256, 4, 8, 8), "noise_seed": torch.arange(256)}
+    method.switch_step = 10**6  # the embedding phase: the method's range [100, 1000)
+    _, t = method.draw_noise(batch)
+    assert int(t.min()) >= 100 and int(t.max()) >= 900
+    method.switch_step = 0  # the LoRA phase: [100, 300)
+    _, t = method.draw_noise(batch)
+    assert int(t.min()) >= 100 and 280 <= int(t.max()) < 300
+    with pytest.raises(UserError, match=r"^method.lora_max_timestep=100: must be above method.min_timestep=100"):
+        PivotalTuning(TinyBackbone(), name=NAME, min_timestep=100, lora_max_timestep=100)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -151,6 +165,8 @@ def test_precision_and_accumulation(tmp_path, concept_dir, fit):
         ("embedding_lr_after", 2, "method.embedding_lr_after"),
         ("lora_dtype", "fp16", "method.lora_dtype"),
         ("lora_targets", "", "method.lora_targets"),
+        ("lora_max_timestep", 0, "method.lora_max_timestep"),
+        ("lora_max_timestep", 2.5, "method.lora_max_timestep"),
         ("name", "my.cat", "without '.'"),
     ],
 )

@@ -19,6 +19,7 @@ from lit_ti import io, losses
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.io.loras import kohya_name
+from lit_ti.methods.base import MAX_TIMESTEPS
 from lit_ti.methods.textual_inversion import TextualInversion
 from lit_ti.models import Backbone
 from lit_ti.modules import lora
@@ -58,6 +59,10 @@ class PivotalTuning(TextualInversion):
     preservation_weight: that term's weight in the loss (logged as `train/loss_preservation`).
     prior_weight: with `data.prior_dir`, the weight of the prior images' own denoising loss under their captions
         while the LoRA trains (DreamBooth's prior_loss_weight, kohya's prior_loss_weight; `train/loss_prior`).
+    lora_max_timestep: while the LoRA trains, the concept's images are noised only to timesteps below this
+        (and at least `min_timestep`): a sample's layout (size, place, background) is decided at high noise,
+        so a LoRA that never trains there has less reason to copy the training images' layout. The prior
+        images keep the whole range. null = the method's range.
     """
 
     checkpointed = ("bank", "lora")
@@ -83,6 +88,7 @@ class PivotalTuning(TextualInversion):
         preservation_word: str | None = None,
         preservation_weight: float = 1.0,
         prior_weight: float = 1.0,
+        lora_max_timestep: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(backbone, name, **kwargs)
@@ -103,6 +109,13 @@ class PivotalTuning(TextualInversion):
         self.preservation_word = check_word(preservation_word, self.name)
         self.preservation_weight = check_number("method.preservation_weight", preservation_weight, 0, 1e6)
         self.prior_weight = check_number("method.prior_weight", prior_weight, 0, 1e6)
+        self.lora_max_timestep = check_number(
+            "method.lora_max_timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True
+        )
+        if lora_max_timestep is not None and lora_max_timestep <= self.min_timestep:
+            raise UserError(
+                f"method.lora_max_timestep={lora_max_timestep}: must be above method.min_timestep={self.min_timestep}"
+            )
         # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
         self.switch_step: int | None = None
         self.announced = False  # the switch was said on the console
@@ -208,6 +221,13 @@ class PivotalTuning(TextualInversion):
             rank_zero_info(f"[lit_ti] the LoRA trains from step {self.switch_step} for {self.lora_steps} steps{note}")
             self.announced = True
 
+    def draw_noise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lora_max_timestep is None or not self.lora_trains():
+            return super().draw_noise(batch)
+        low, high = self.timestep_range
+        high = min(high, self.lora_max_timestep)
+        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), low, high, self.timestep_sampling)
+
     def step_loss(self, out: dict) -> torch.Tensor:
         loss = super().step_loss(out)
         if out["skipped"] or not self.lora_trains():
@@ -228,7 +248,8 @@ class PivotalTuning(TextualInversion):
     def prior_loss(self, batch: dict) -> torch.Tensor:
         """The plain denoising loss of the batch's prior images `[B, c, h, w]` under their own captions."""
         latents = batch["prior_latents"]
-        noise, timesteps = self.draw_noise({"latents": latents, "noise_seed": batch.get("prior_noise_seed")})
+        # the method's whole range, not lora_max_timestep's: the prior holds the model where the LoRA should not act
+        noise, timesteps = super().draw_noise({"latents": latents, "noise_seed": batch.get("prior_noise_seed")})
         noisy = self.objective.noisy(latents, noise, timesteps)
         pred = self.call_unet(noisy, timesteps, self.encode_prompts(batch["prior_prompt"]))
         target = self.objective.target(latents, noise, timesteps)
