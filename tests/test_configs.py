@@ -168,7 +168,7 @@ def test_default_run_is_the_toy_run():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_on_the_toy_world_is_toy_sized(experiment):
     cfg = compose(f"experiment={experiment}")
-    assert cfg.trainer.max_steps == 600 and cfg.method.optimizer.lr >= 1e-3
+    assert cfg.trainer.max_steps <= 600 and cfg.method.optimizer.lr >= 1e-3
     assert (cfg.callbacks.toy_eval or cfg.callbacks.toy_style_eval)._target_.startswith("lit_ti.callbacks.Toy")
 
 
