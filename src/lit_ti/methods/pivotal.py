@@ -19,7 +19,14 @@ from lit_ti import io, losses
 from lit_ti.errors import UserError, check_choice, check_number
 from lit_ti.io import paths
 from lit_ti.io.loras import kohya_name
-from lit_ti.methods.base import MAX_TIMESTEPS
+from lit_ti.methods.pivotal_settings import (
+    AUTO,
+    check_lora_max_timestep,
+    check_matches,
+    check_targets,
+    check_ti_steps,
+    check_word,
+)
 from lit_ti.methods.textual_inversion import TextualInversion
 from lit_ti.models import Backbone
 from lit_ti.modules import lora
@@ -28,7 +35,6 @@ from lit_ti.modules.text_conditioning import replace_names
 LORA_SUFFIX = "-lora.safetensors"  # kohya/A1111 layout, the embedding bundled (A1111's models/Lora)
 DIFFUSERS_SUFFIX = "-lora-diffusers.safetensors"  # `pipe.load_lora_weights(folder, weight_name=...)`
 MAX_RANK = 1024
-AUTO = "auto"  # ti_steps: switch to the LoRA when callbacks.early_stop finds the embedding learned
 # the LoRA files' dtypes (kohya's --save_precision float/fp16/bf16): A1111, ComfyUI and diffusers cast a LoRA's
 # tensors to the model's dtype when they apply it, so each loads any of them
 LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,13 +115,7 @@ class PivotalTuning(TextualInversion):
         self.preservation_word = check_word(preservation_word, self.name)
         self.preservation_weight = check_number("method.preservation_weight", preservation_weight, 0, 1e6)
         self.prior_weight = check_number("method.prior_weight", prior_weight, 0, 1e6)
-        self.lora_max_timestep = check_number(
-            "method.lora_max_timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True
-        )
-        if lora_max_timestep is not None and lora_max_timestep <= self.min_timestep:
-            raise UserError(
-                f"method.lora_max_timestep={lora_max_timestep}: must be above method.min_timestep={self.min_timestep}"
-            )
+        self.lora_max_timestep = check_lora_max_timestep(lora_max_timestep, self.min_timestep)
         # the first optimizer step (0-based) that trains the LoRA: set with the optimizer, or (auto) when learned
         self.switch_step: int | None = None
         self.announced = False  # the switch was said on the console
@@ -222,6 +222,7 @@ class PivotalTuning(TextualInversion):
             self.announced = True
 
     def draw_noise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's noise and timesteps; while the LoRA trains, timesteps below `lora_max_timestep`."""
         if self.lora_max_timestep is None or not self.lora_trains():
             return super().draw_noise(batch)
         low, high = self.timestep_range
@@ -323,46 +324,3 @@ class PivotalTuning(TextualInversion):
         configs = {model: config.to_dict() for model, config in self.configs.items()}
         written.append(io.save_diffusers_lora(f"{stem}{DIFFUSERS_SUFFIX}", layers, configs, metadata=meta))
         return written
-
-
-def check_ti_steps(ti_steps) -> float | int | str:
-    """`method.ti_steps`: whole steps, a share of the run in (0, 1), or `auto`."""
-    if ti_steps == AUTO:
-        return AUTO
-    if isinstance(ti_steps, float) and not ti_steps.is_integer():
-        return check_number("method.ti_steps", ti_steps, 0, 1, low_open=True, hint="or whole steps, or auto")
-    return check_number("method.ti_steps", ti_steps, 0, 10**9, integer=True, hint="or a share in (0, 1), or auto")
-
-
-def check_word(word, name: str) -> str | None:
-    """`method.preservation_word`: null, or words that do not name the concept itself."""
-    if word is None:
-        return None
-    if not isinstance(word, str) or replace_names(word, [name], "") != word.strip():
-        raise UserError(
-            f"method.preservation_word={word!r}: write the concept's class as plain words (e.g. person, dog), "
-            f'without the concept\'s name {name!r}; "" drops the name, null turns the term off'
-        )
-    return word.strip()
-
-
-def check_targets(targets) -> tuple[str, ...]:
-    """`method.lora_targets` as a tuple of names, or one UserError."""
-    names = [targets] if isinstance(targets, str) else list(targets or [])
-    if not names or not all(isinstance(n, str) and n.strip(".") == n and n for n in names):
-        raise UserError(
-            f"method.lora_targets={targets!r}: write a list of UNet layer names, e.g. [to_q, to_k, to_v, to_out.0] "
-            "or [attn2.to_k, attn2.to_v]"
-        )
-    return tuple(names)
-
-
-def check_matches(unet: nn.Module, targets: tuple[str, ...]) -> None:
-    """Each target must name at least one linear layer (peft's own check only fails when none matches at all)."""
-    paths = [path for path, m in unet.named_modules() if isinstance(m, nn.Linear)]
-    for target in targets:
-        if not any(path == target or path.endswith(f".{target}") for path in paths):
-            raise UserError(
-                f"method.lora_targets: {target!r} names no linear layer of this UNet; "
-                "use e.g. to_q, to_k, to_v, to_out.0, attn1.to_q or attn2.to_k"
-            )
