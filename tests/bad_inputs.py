@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 
 from lit_ti.io import save_embedding
+from lit_ti.train import _asset
 from tests.conftest import make_concept_dir
-
-TOY_BASE = Path(__file__).resolve().parents[1] / "src" / "lit_ti" / "assets" / "toy_base"
 
 
 def good(folder: Path) -> Path:
@@ -156,7 +155,7 @@ def hostile_pickle(folder: Path) -> Path:
 def incomplete_model(missing: str):
     def build(folder: Path) -> Path:
         good(folder)
-        shutil.copytree(TOY_BASE, folder.parent / "model")
+        shutil.copytree(_asset("toy_base"), folder.parent / "model")
         shutil.rmtree(folder.parent / "model" / missing)
         return folder
 

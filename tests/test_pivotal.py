@@ -1,5 +1,6 @@
 """Pivotal tuning (`method=pivotal`): the two phases, what checkpoints hold, what each family's run writes, and
-the settings it refuses. The files themselves, as other tools load them: test_pivotal_files.py."""
+the settings it refuses. The files themselves: test_pivotal_loaders.py (read back, diffusers, generate.py) and
+test_pivotal_files.py (the settings that change them, the webui's key rules)."""
 
 import re
 

@@ -226,8 +226,7 @@ class PivotalTuning(TextualInversion):
         if self.lora_max_timestep is None or not self.lora_trains():
             return super().draw_noise(batch)
         low, high = self.timestep_range
-        high = min(high, self.lora_max_timestep)
-        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), low, high, self.timestep_sampling)
+        return super().draw_noise(batch, (low, min(high, self.lora_max_timestep)))
 
     def step_loss(self, out: dict) -> torch.Tensor:
         loss = super().step_loss(out)

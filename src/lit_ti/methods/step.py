@@ -18,12 +18,12 @@ from lit_ti.modules.text_conditioning import Conditioning
 class DenoisingStep:
     """`training_step` and its hooks; see the module docstring for what it expects of the class it joins."""
 
-    def draw_noise(self, batch: dict) -> tuple[Tensor, Tensor]:
+    def draw_noise(self, batch: dict, timestep_range: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
         """Noise `[B, c, h, w]` and timesteps `[B]` for a batch, from its `noise_seed`s when the datamodule gives
-        them, with the method's timestep density (`losses.draw_noise`)."""
-        return losses.draw_noise(
-            batch["latents"], batch.get("noise_seed"), *self.timestep_range, self.timestep_sampling
-        )
+        them, with the method's timestep density (`losses.draw_noise`) in `timestep_range` (default: the
+        method's `[low, high)`)."""
+        low, high = timestep_range or self.timestep_range
+        return losses.draw_noise(batch["latents"], batch.get("noise_seed"), low, high, self.timestep_sampling)
 
     def predict(self, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
         """The model's prediction (epsilon, v, or SD3's flow velocity) `[B, c, h, w]` for the batch's prompts."""
