@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
         args.cfg_scale,
         lora=args.lora,
         lora_strength=args.lora_strength,
+        lora_max_timestep=args.lora_max_timestep,
     )
     print(json.dumps(scores, indent=1))
 
@@ -44,4 +45,7 @@ if __name__ == "__main__":
     parser.add_argument("--cfg-scale", default="3.0", help="DreamArtist pairs: the training guidance")
     parser.add_argument("--lora", help="a LoRA file applied for the learned measures (pivotal tuning's bundle)")
     parser.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's multiplier (-10 to 10)")
+    parser.add_argument(
+        "--lora-max-timestep", type=int, help="apply the LoRA only in sampling steps below this timestep (1-1000)"
+    )
     report_user_errors(main, parser.parse_args())

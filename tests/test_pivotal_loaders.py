@@ -116,6 +116,56 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
     assert not (pixels(only_embedding) - pixels(off)).any()  # bundle and separate file: the same concept
 
 
+def test_a_lora_gated_by_timestep_acts_only_below_it_at_any_strength_and_is_ungated_after():
+    """`applied_at(strength, max_timestep)` (generate.py's and toy_eval's `lora_max_timestep`): UNet calls at or
+    above the gate get the base model, calls below it the LoRA at the strength in use; `base_model()` inside
+    the block still switches it off everywhere; after the block every timestep has the LoRA again."""
+    method = PivotalTuning(TinyBackbone(), name=NAME, rank=2)
+    method.configure_model()
+    randomise(method)
+    g = torch.Generator().manual_seed(0)
+    noisy, states = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+
+    def predict(t: int) -> torch.Tensor:
+        with torch.no_grad():
+            return method.unet(noisy, torch.tensor([t]), states).sample
+
+    with method.base_model():
+        off = {t: predict(t) for t in (100, 499, 500, 900)}
+    on = {t: predict(t) for t in off}
+    assert all(not torch.allclose(on[t], off[t]) for t in off)  # the LoRA acts at every timestep
+    with method.applied_at(1.0, max_timestep=500):
+        assert torch.equal(predict(100), on[100]) and torch.equal(predict(499), on[499])
+        assert torch.equal(predict(500), off[500]) and torch.equal(predict(900), off[900])
+        with method.base_model():
+            assert torch.equal(predict(100), off[100])
+        assert torch.equal(predict(100), on[100])
+    with method.applied_at(0.5, max_timestep=500):
+        half = predict(100)
+        assert torch.equal(predict(900), off[900])
+    assert not torch.allclose(half, on[100]) and not torch.allclose(half, off[100])
+    assert all(torch.equal(predict(t), on[t]) for t in off)  # ungated and at strength 1 again
+    with pytest.raises(RuntimeError), method.applied_at(1.0, max_timestep=500):  # a call that fails half-way
+        method.unet(noisy, torch.tensor([900]), states[:, :, :5])
+    assert torch.equal(predict(900), on[900])
+
+
+@pytest.mark.slow  # three generate.py runs, ~15 s
+def test_generate_gates_the_lora_by_timestep_and_says_so(tmp_path, generate, pixels):
+    method = PivotalTuning(TinyBackbone(), name="zz-star", rank=2)
+    method.configure_model()
+    randomise(method)
+    method.export(tmp_path / "run", step=1, formats=["pt"])
+    common = ("model=tiny", "prompt='a zz-star'", f"lora={tmp_path / 'run' / 'zz-star-lora.safetensors'}")
+    everywhere, always, half = (
+        generate(*common, *extra) for extra in ([], ["lora_max_timestep=1000"], ["lora_max_timestep=500"])
+    )
+    assert not (pixels(always) - pixels(everywhere)).any()  # every timestep is below 1000
+    assert (pixels(half) - pixels(everywhere)).any()
+    assert "Lora max timestep: 500" in half[0].info["parameters"]
+    assert "Lora max timestep" not in everywhere[0].info["parameters"]
+
+
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path):
     from lit_ti.generate import apply_lora
 

@@ -104,6 +104,8 @@ def test_generate_refuses_non_finite_latents(entry, hostile, tmp_path):
         "precision=8",
         "device=tpu",
         "hypernetwork=/nonexistent/style.pt",
+        "lora_max_timestep=0",
+        "lora_max_timestep=500",  # with no LoRA to gate
     ],
 )
 def test_generate_settings_are_checked_up_front(entry, override):

@@ -35,6 +35,7 @@ from lit_ti.io.atomic import atomic_path
 from lit_ti.io.embeddings import from_file, shape_of
 from lit_ti.io.png_embeddings import NotAnEmbedding, png_name
 from lit_ti.models import weight_dtype
+from lit_ti.modules import lora
 from lit_ti.modules.embedding_bank import EmbeddingBank
 from lit_ti.modules.text_conditioning import PromptEncoder
 
@@ -148,6 +149,8 @@ def parameters(cfg: DictConfig, seed: int, size: int, backbone, applied: dict[st
     for key, path in applied.items():
         adapter = ADAPTERS[key]
         settings |= {adapter.a1111_name: path.stem, f"{adapter.a1111_name} strength": cfg[adapter.strength_key]}
+    if applied.get("lora") and cfg.lora_max_timestep is not None:
+        settings["Lora max timestep"] = cfg.lora_max_timestep
     lines = [cfg.prompt] + ([f"Negative prompt: {cfg.negative_prompt}"] if cfg.negative_prompt else [])
     return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)])
 
@@ -192,6 +195,11 @@ def check_settings(cfg: DictConfig) -> torch.device:
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu")
     if str(cfg.precision) == "16" and device.type == "cpu":
         raise UserError("precision=16: float16 runs on a GPU only; use precision=32 or bf16 on the CPU")
+    gate = cfg.lora_max_timestep
+    if gate is not None and (not isinstance(gate, int) or isinstance(gate, bool) or not 1 <= gate <= 10_000):
+        raise UserError(f"lora_max_timestep={gate!r}: a whole timestep from 1 to 10000 (SD has 1000), or null for every step")
+    if gate is not None and not cfg.lora:
+        raise UserError(f"lora_max_timestep={gate}: there is no LoRA to gate; add lora=<file>")
     for key, adapter in ADAPTERS.items():
         if cfg[key] and not Path(str(cfg[key])).expanduser().is_file():
             raise UserError(f"{key}={cfg[key]}: no such file")
@@ -244,17 +252,18 @@ def run(cfg: DictConfig) -> list[Path]:
             undo.append(ADAPTERS[key].apply(backbone, path, cfg[ADAPTERS[key].strength_key]))
         for it in range(cfg.n_iter):
             seeds = [seed + it * cfg.batch_size + i for i in range(cfg.batch_size)]
-            batch = pipe(
-                **embed(cfg.prompt, cfg.negative_prompt, len(seeds)),
-                height=size,
-                width=size,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.cfg_scale,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                output_type="np",
-                callback_on_step_end=check_finite,
-                callback_on_step_end_tensor_inputs=["latents"],
-            ).images  # [b, h, w, 3] in [0, 1]
+            with lora.below_timestep(backbone.unet, cfg.lora_max_timestep):
+                batch = pipe(
+                    **embed(cfg.prompt, cfg.negative_prompt, len(seeds)),
+                    height=size,
+                    width=size,
+                    num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.cfg_scale,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    output_type="np",
+                    callback_on_step_end=check_finite,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                ).images  # [b, h, w, 3] in [0, 1]
             if not np.isfinite(batch).all():  # the VAE can overflow where the latents did not
                 raise UserError("the decoded images are non-finite (NaN/Inf); try precision=32")
             for s, image in zip(seeds, pipe.numpy_to_pil(batch)):

@@ -23,20 +23,28 @@ class ToyEvaluation(L.Callback):
         samples: generated images judged by the classifier.
         lora_strength: the strength the learned measures apply a method's model change at (pivotal tuning's LoRA,
             as A1111's `<lora:name:0.75>`); the initial and oracle measures use the base model at any strength.
+        lora_max_timestep: the learned measures' samples apply that change only in steps below this timestep
+            (generate.py's `lora_max_timestep`); null = in every step.
     """
 
-    def __init__(self, concept: str, samples: int = 32, lora_strength: float = 1.0) -> None:
+    def __init__(
+        self, concept: str, samples: int = 32, lora_strength: float = 1.0, lora_max_timestep: int | None = None
+    ) -> None:
         self.concept = check_concept("callbacks.toy_eval.concept", concept)
         self.samples = check_samples("callbacks.toy_eval.samples", samples)
         self.lora_strength = check_number("callbacks.toy_eval.lora_strength", lora_strength, -10, 10)
+        self.lora_max_timestep = check_number(
+            "callbacks.toy_eval.lora_max_timestep", lora_max_timestep, 1, 10_000, integer=True, optional=True
+        )
         self.init: dict | None = None
         self.results: dict = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.lora_strength != 1.0 and not pl_module.changes_model:  # said before training, not after it
+        changed = {"lora_strength": self.lora_strength != 1.0, "lora_max_timestep": self.lora_max_timestep is not None}
+        for key in (k for k, set_ in changed.items() if set_ and not pl_module.changes_model):  # said before training
             raise UserError(
-                f"callbacks.toy_eval.lora_strength={self.lora_strength}: {type(pl_module).__name__} trains no LoRA "
-                "to scale; leave it at 1 (it is for method=pivotal)"
+                f"callbacks.toy_eval.{key}={getattr(self, key)}: {type(pl_module).__name__} trains no LoRA to apply; "
+                "leave it at its default (it is for method=pivotal)"
             )
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -63,7 +71,7 @@ class ToyEvaluation(L.Callback):
             with (
                 stoppable(trainer, "toy evaluation"),
                 pl_module.as_exported(),  # judge what the files hold
-                pl_module.applied_at(self.lora_strength),  # as the user applies them
+                pl_module.applied_at(self.lora_strength, self.lora_max_timestep),  # as the user applies them
             ):
                 self.results = evaluate(pl_module, self.concept, init, samples=self.samples)
         except Stopped:

@@ -80,12 +80,13 @@ class MethodContract(ABC):
         the base model's captions. Methods whose tensors act only through the prompt keep the default."""
         return nullcontext()
 
-    def applied_at(self, strength: float) -> AbstractContextManager:
+    def applied_at(self, strength: float, max_timestep: int | None = None) -> AbstractContextManager:
         """A context in which what the trained tensors change inside the model acts at `strength` (A1111's
-        `<lora:name:strength>`; 1 = as trained), `base_model()` inside it included: how a user applies the files,
-        for evaluations. Methods that change no model take only 1."""
-        if strength != 1.0:
-            raise ValueError(f"{type(self).__name__} changes no model weights; a strength other than 1 means nothing")
+        `<lora:name:strength>`; 1 = as trained), and with `max_timestep` only in UNet calls below that timestep
+        (`modules.lora.below_timestep`), `base_model()` inside it included: how a user applies the files, for
+        evaluations. Methods that change no model take only 1 and None."""
+        if strength != 1.0 or max_timestep is not None:
+            raise ValueError(f"{type(self).__name__} changes no model weights; a strength or gate means nothing")
         return nullcontext()
 
     # ----------------------------------------------------------------- the contract: a stop rule's verdict

@@ -162,13 +162,14 @@ class PivotalTuning(TextualInversion):
         return lora.switched_off(roots, self.strength)  # then back at the strength in use (training's: 1)
 
     @contextmanager
-    def applied_at(self, strength: float) -> Iterator[None]:
+    def applied_at(self, strength: float, max_timestep: int | None = None) -> Iterator[None]:
         roots = [getattr(self.backbone, model) for model in self.adapted]
         for root in roots:
             lora.set_strength(root, strength)
         self.strength = strength
         try:
-            yield
+            with lora.below_timestep(self.backbone.unet, max_timestep):
+                yield
         finally:  # training and the exports use the LoRA as trained
             for root in roots:
                 lora.set_strength(root, 1.0)

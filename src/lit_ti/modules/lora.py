@@ -77,6 +77,45 @@ def switched_off(models: list[nn.Module], strength: float = 1.0, adapter: str = 
             set_strength(model, strength, adapter)
 
 
+@contextmanager
+def below_timestep(unet: nn.Module, max_timestep: int | None, adapter: str = ADAPTER) -> Iterator[None]:
+    """Inside the block, the UNet's adapters act only in calls at timesteps below `max_timestep` (None: at every
+    timestep). A sample's layout (size, place, background) is decided at high noise; a LoRA kept out of those
+    steps leaves it to the prompt and still draws the concept's details below. The gate multiplies whatever
+    strength is in use for one call at a time, so `switched_off` and `set_strength` inside the block still
+    hold. A call whose batch mixes timesteps (never, when sampling) keeps the LoRA if any is below."""
+    if max_timestep is None:
+        yield
+        return
+    found = list(layers(unet, adapter).values())
+    held: list[list[float]] = []  # the scales a high-noise call zeroed, put back after it
+
+    def before(module, args, kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        if float(torch.as_tensor(timestep).min()) >= max_timestep:
+            held.append([layer.scaling[adapter] for layer in found])
+            for layer in found:
+                layer.scaling[adapter] = 0.0
+
+    def after(module, args, kwargs, output):
+        if held:
+            for layer, scale in zip(found, held.pop(), strict=True):
+                layer.scaling[adapter] = scale
+
+    hooks = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if held:  # a call that raised never reached `after`
+            for layer, scale in zip(found, held.pop(), strict=True):
+                layer.scaling[adapter] = scale
+
+
 def detach(model: nn.Module, adapter: str = ADAPTER) -> None:
     """Put the original layers back (peft's wrappers hold them as `base_layer`)."""
     for path, layer in layers(model, adapter).items():

@@ -24,6 +24,7 @@ so they are the same ceiling and floor for every method.
 """
 
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from lit_ti import io
 from lit_ti.errors import UserError, check_number, quote
 from lit_ti.losses import denoising_loss
 from lit_ti.methods import DiffusionMethod, DreamArtist, TextualInversion
+from lit_ti.methods.base import MAX_TIMESTEPS
 from lit_ti.methods.dreamartist import check_cfg
 from lit_ti.models import DiffusersFolder
 from lit_ti.modules import lora as lora_layers
@@ -258,6 +260,11 @@ class WithLora(TextualInversion):
         roots = [self.backbone.unet, *(encoder for _, encoder in self.backbone.text_encoders.values())]
         return lora_layers.switched_off(roots, self.strength)
 
+    def applied_at(self, strength: float, max_timestep: int | None = None):
+        if strength != self.strength:  # attached at its strength in configure_model
+            raise ValueError(f"this LoRA is applied at {self.strength}, not {strength}")
+        return lora_layers.below_timestep(self.backbone.unet, max_timestep)
+
 
 def evaluate_file(
     path: str,
@@ -268,22 +275,24 @@ def evaluate_file(
     extras: bool = True,
     lora: str | None = None,
     lora_strength: float = 1.0,
+    lora_max_timestep: int | None = None,
 ) -> dict:
     """Evaluate an embedding file trained on the toy model; recovery is measured from `init_text`.
 
     A DreamArtist pair is recognised by its `<stem>-neg` file next to `path`; its denoising loss is the
     guided one at `cfg_scale` (the training guidance) and its samples use the negative. `lora`: a LoRA file
     (pivotal tuning's `<name>-lora.safetensors`, which may also be `path`: its bundled embedding) applied at
-    `lora_strength` for the learned measures.
+    `lora_strength` for the learned measures, and with `lora_max_timestep` only below that timestep.
     """
     path = Path(path)
     check_concept("concept", concept)
     samples = check_samples("--samples", samples)
     check_cfg(cfg_scale, "--cfg-scale")
-    if lora is None and lora_strength != 1.0:
-        raise UserError("--lora-strength: there is no LoRA to scale; add --lora FILE")
+    if lora is None and (lora_strength != 1.0 or lora_max_timestep is not None):
+        raise UserError("--lora-strength, --lora-max-timestep: there is no LoRA to apply; add --lora FILE")
     if lora is not None:
         check_number("--lora-strength", lora_strength, -10, 10)
+        check_number("--lora-max-timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True)
         if not Path(lora).is_file():
             raise UserError(f"--lora: {quote(lora)}: no such LoRA file")
     try:
@@ -306,4 +315,5 @@ def evaluate_file(
     for concept_name in method.bank.names:
         vectors = init_vectors(bb.tokenizer, bb.text_encoder, init_text, method.bank.num_vectors(concept_name))
         start[method.bank.key(concept_name, "text_encoder")] = vectors
-    return evaluate(method, concept, start, samples=samples, extras=extras)
+    with method.applied_at(lora_strength, lora_max_timestep) if lora is not None else nullcontext():
+        return evaluate(method, concept, start, samples=samples, extras=extras)
