@@ -197,7 +197,9 @@ def check_settings(cfg: DictConfig) -> torch.device:
         raise UserError("precision=16: float16 runs on a GPU only; use precision=32 or bf16 on the CPU")
     gate = cfg.lora_max_timestep
     if gate is not None and (not isinstance(gate, int) or isinstance(gate, bool) or not 1 <= gate <= 10_000):
-        raise UserError(f"lora_max_timestep={gate!r}: a whole timestep from 1 to 10000 (SD has 1000), or null for every step")
+        raise UserError(
+            f"lora_max_timestep={gate!r}: a whole timestep from 1 to 10000 (SD has 1000), or null for every step"
+        )
     if gate is not None and not cfg.lora:
         raise UserError(f"lora_max_timestep={gate}: there is no LoRA to gate; add lora=<file>")
     for key, adapter in ADAPTERS.items():
