@@ -5,11 +5,13 @@ test_pivotal_files.py (the settings that change them, the webui's key rules)."""
 import re
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lit_ti import io
-from lit_ti.callbacks import EarlyStop
+from lit_ti.callbacks import EarlyStop, PreviewImages
 from lit_ti.errors import UserError
 from lit_ti.io.png_embeddings import NotAnEmbedding
 from lit_ti.methods import PivotalTuning
@@ -43,6 +45,18 @@ def test_the_embedding_trains_first_then_the_lora(tmp_path, concept_dir, fit, af
     assert torch.equal(snaps.bank[1], snaps.bank[3]) == (after == 0)  # the embedding frozen, or at a lower rate
     assert {k.split(".", 1)[0] for k in method.state_dict()} == {"bank", "lora"}  # checkpoints: only what trains
     assert len(method.state_dict()) == 1 + 2 * len(method.lora)
+
+
+def test_previews_apply_the_lora_gated_by_timestep(tmp_path, concept_dir, fit):
+    """`callbacks.preview.lora_max_timestep`: the preview is sampled with the LoRA only below the gate, as
+    generate.py applies it (every DDIM timestep is below 1000, none of 4 steps' is below 1)."""
+    method, trainer = fit(tmp_path, concept_dir, max_steps=4, every=100, **PIVOTAL)
+    shot = {}
+    for gate in (None, 1000, 1):
+        preview = PreviewImages(str(tmp_path / f"gate-{gate}"), num_inference_steps=4, lora_max_timestep=gate)
+        shot[gate] = np.asarray(Image.open(preview.render(trainer, method, 4)))
+    assert (shot[None] == shot[1000]).all()
+    assert (shot[None] != shot[1]).any()
 
 
 class LearnedFrom(EarlyStop):

@@ -132,6 +132,14 @@ CASES = [
     ("preview-size-65", "train", ["callbacks.preview.size=65"], 2, "callbacks.preview.size"),
     ("preview-seed-negative", "train", ["callbacks.preview.seed=-1"], 2, "callbacks.preview.seed"),
     ("preview-sampler-unknown", "train", ["callbacks.preview.sampler=plms"], 2, "callbacks.preview.sampler"),
+    ("preview-gate-zero", "train", ["callbacks.preview.lora_max_timestep=0"], 2, "callbacks.preview.lora_max_timestep"),
+    (
+        "preview-gate-no-lora",
+        "train",
+        ["callbacks.preview.lora_max_timestep=500"],
+        2,
+        "callbacks.preview.lora_max_timestep=500: TextualInversion trains no LoRA",
+    ),
     ("toy-eval-samples-negative", "train", ["callbacks.toy_eval.samples=-1"], 2, "callbacks.toy_eval.samples"),
     ("toy-eval-concept-unknown", "train", ["callbacks.toy_eval.concept=pink_blob"], 2, "callbacks.toy_eval.concept"),
     (

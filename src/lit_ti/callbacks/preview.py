@@ -49,6 +49,8 @@ class PreviewImages(L.Callback):
         size: image size in pixels; null = the backbone's native size.
         embed_in_png: also write A1111's image embeddings, `<dirpath>/image_embeddings/<stem>-<step>.png`
             (the first preview with the vectors in a text chunk and in its pixels; methods with embeddings).
+        lora_max_timestep: methods that change the model (pivotal tuning's LoRA): apply that change only in
+            sampling steps below this timestep, as generate.py's `lora_max_timestep`; null = in every step.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class PreviewImages(L.Callback):
         num_images: int = 1,
         size: int | None = None,
         embed_in_png: bool = True,
+        lora_max_timestep: int | None = None,
     ) -> None:
         key = "callbacks.preview."
         self.dirpath = Path(dirpath)
@@ -79,8 +82,18 @@ class PreviewImages(L.Callback):
         if self.size is not None and self.size % 8:
             raise UserError(f"{key}size={size}: use a multiple of 8 (the VAE's downscale), or null")
         self.embed_in_png = embed_in_png
+        self.lora_max_timestep = check_number(
+            key + "lora_max_timestep", lora_max_timestep, 1, 10_000, integer=True, optional=True
+        )
         self.last_step = -1
         self.written: list[Path] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.lora_max_timestep is not None and not pl_module.changes_model:  # said before training, not after
+            raise UserError(
+                f"callbacks.preview.lora_max_timestep={self.lora_max_timestep}: {type(pl_module).__name__} trains "
+                "no LoRA to gate; leave it null (it is for method=pivotal)"
+            )
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -109,7 +122,10 @@ class PreviewImages(L.Callback):
         self.last_step = step
         name = pl_module.name
         bb = pl_module.backbone
-        with stoppable(trainer, "preview"):  # the sampling only: the files below are written whole or not at all
+        with (
+            stoppable(trainer, "preview"),  # the sampling only: the files below are written whole or not at all
+            pl_module.applied_at(1.0, self.lora_max_timestep),
+        ):
             images = pl_module.sample(
                 self.prompt.replace("[name]", name),
                 self.negative_prompt.replace("[name]", name),
@@ -129,6 +145,7 @@ class PreviewImages(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 prompt = self.prompt.replace("[name]", name)
                 caption = f"step {step} · seed {self.seed} · {self.sampler}, {self.num_inference_steps} steps"
+                caption += f" · LoRA below t={self.lora_max_timestep}" if self.lora_max_timestep else ""
                 grid = labelled_grid(images, prompt, caption)
                 logger.experiment.add_image(f"preview/{prompt}", grid, step, dataformats="HWC")
         self.written.append(path)
