@@ -98,8 +98,8 @@ def test_diffusers_loads_the_lora_and_embedding_as_trained(tmp_path):
     assert torch.equal(rows, method.bank.get(NAME)["text_encoder"].detach())
 
 
-@pytest.mark.slow  # four generate.py runs, ~20 s
-def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate, pixels):
+@pytest.mark.slow  # six generate.py runs, ~30 s
+def test_generate_applies_the_lora_its_bundled_embedding_and_its_timestep_gate(tmp_path, generate, pixels):
     method = PivotalTuning(TinyBackbone(), name="zz-star", rank=2)
     method.configure_model()
     randomise(method)
@@ -114,6 +114,11 @@ def test_generate_applies_the_lora_and_its_bundled_embedding(tmp_path, generate,
     assert "Lora: zz-star-lora, Lora strength: 1.0" in on[0].info["parameters"]
     only_embedding = generate(*common, f"embeddings=[{tmp_path / 'run' / 'zz-star.pt'}]")
     assert not (pixels(only_embedding) - pixels(off)).any()  # bundle and separate file: the same concept
+    always, half = (generate(*common, f"lora={path}", f"lora_max_timestep={t}") for t in (1000, 500))
+    assert not (pixels(always) - pixels(on)).any()  # every sampling timestep is below 1000
+    assert (pixels(half) - pixels(on)).any() and (pixels(half) - pixels(off)).any()
+    assert "Lora max timestep: 500" in half[0].info["parameters"]
+    assert "Lora max timestep" not in on[0].info["parameters"]
 
 
 def test_a_lora_gated_by_timestep_acts_only_below_it_at_any_strength_and_is_ungated_after():
@@ -148,22 +153,6 @@ def test_a_lora_gated_by_timestep_acts_only_below_it_at_any_strength_and_is_unga
     with pytest.raises(RuntimeError), method.applied_at(1.0, max_timestep=500):  # a call that fails half-way
         method.unet(noisy, torch.tensor([900]), states[:, :, :5])
     assert torch.equal(predict(900), on[900])
-
-
-@pytest.mark.slow  # three generate.py runs, ~15 s
-def test_generate_gates_the_lora_by_timestep_and_says_so(tmp_path, generate, pixels):
-    method = PivotalTuning(TinyBackbone(), name="zz-star", rank=2)
-    method.configure_model()
-    randomise(method)
-    method.export(tmp_path / "run", step=1, formats=["pt"])
-    common = ("model=tiny", "prompt='a zz-star'", f"lora={tmp_path / 'run' / 'zz-star-lora.safetensors'}")
-    everywhere, always, half = (
-        generate(*common, *extra) for extra in ([], ["lora_max_timestep=1000"], ["lora_max_timestep=500"])
-    )
-    assert not (pixels(always) - pixels(everywhere)).any()  # every timestep is below 1000
-    assert (pixels(half) - pixels(everywhere)).any()
-    assert "Lora max timestep: 500" in half[0].info["parameters"]
-    assert "Lora max timestep" not in everywhere[0].info["parameters"]
 
 
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path):
