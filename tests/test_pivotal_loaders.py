@@ -150,9 +150,12 @@ def test_a_lora_gated_by_timestep_acts_only_below_it_at_any_strength_and_is_unga
         assert torch.equal(predict(900), off[900])
     assert not torch.allclose(half, on[100]) and not torch.allclose(half, off[100])
     assert all(torch.equal(predict(t), on[t]) for t in off)  # ungated and at strength 1 again
+    with torch.no_grad(), method.applied_at(1.0, max_timestep=500):  # a batch of two timesteps: each its own
+        both = method.unet(noisy.repeat(2, 1, 1, 1), torch.tensor([100, 900]), states.repeat(2, 1, 1)).sample
+    assert torch.allclose(both[:1], on[100], atol=1e-5) and torch.allclose(both[1:], off[900], atol=1e-5)
     with pytest.raises(RuntimeError), method.applied_at(1.0, max_timestep=500):  # a call that fails half-way
         method.unet(noisy, torch.tensor([900]), states[:, :, :5])
-    assert torch.equal(predict(900), on[900])
+    assert torch.equal(predict(900), on[900]) and "forward" not in vars(method.unet)
 
 
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path):

@@ -78,42 +78,54 @@ def switched_off(models: list[nn.Module], strength: float = 1.0, adapter: str = 
 
 
 @contextmanager
+def zeroed(found: list[LoraLayer], adapter: str = ADAPTER) -> Iterator[None]:
+    """The layers' adapters at scale 0 inside the block, back at whatever scale they had after it."""
+    scales = [layer.scaling[adapter] for layer in found]
+    for layer in found:
+        layer.scaling[adapter] = 0.0
+    try:
+        yield
+    finally:
+        for layer, scale in zip(found, scales, strict=True):
+            layer.scaling[adapter] = scale
+
+
+@contextmanager
 def below_timestep(unet: nn.Module, max_timestep: int | None, adapter: str = ADAPTER) -> Iterator[None]:
-    """Inside the block, the UNet's adapters act only in calls at timesteps below `max_timestep` (None: at every
-    timestep). A sample's layout (size, place, background) is decided at high noise; a LoRA kept out of those
-    steps leaves it to the prompt and still draws the concept's details below. The gate multiplies whatever
-    strength is in use for one call at a time, so `switched_off` and `set_strength` inside the block still
-    hold. A call whose batch mixes timesteps (never, when sampling) keeps the LoRA if any is below."""
+    """Inside the block, the UNet's adapters act only for samples at timesteps below `max_timestep` (None: at
+    every timestep). A sample's layout (size, place, background) is decided at high noise; a LoRA kept out of
+    those steps leaves it to the prompt and still draws the concept's details below. The gate zeroes whatever
+    strength is in use for one call at a time, so `switched_off` and `set_strength` inside the block still hold.
+    A batch that mixes timesteps (an evaluation's fixed draws; never a sampling step) runs twice, with and
+    without the adapters, and each sample takes the output its own timestep asks for."""
     if max_timestep is None:
         yield
         return
     found = list(layers(unet, adapter).values())
-    held: list[list[float]] = []  # the scales a high-noise call zeroed, put back after it
+    had, forward = "forward" in vars(unet), unet.forward  # an instance's own forward (another gate) comes back
 
-    def before(module, args, kwargs):
+    def gated(*args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        if float(torch.as_tensor(timestep).min()) >= max_timestep:
-            held.append([layer.scaling[adapter] for layer in found])
-            for layer in found:
-                layer.scaling[adapter] = 0.0
+        below = torch.as_tensor(timestep).reshape(-1) < max_timestep  # [1] or [B]
+        if bool(below.all()):
+            return forward(*args, **kwargs)
+        with zeroed(found, adapter):
+            off = forward(*args, **kwargs)
+        if not bool(below.any()):
+            return off
+        on = forward(*args, **kwargs)
+        first_on, first_off = (out[0] if isinstance(out, tuple) else out.sample for out in (on, off))
+        mixed = torch.where(below.to(first_on.device).view(-1, *[1] * (first_on.dim() - 1)), first_on, first_off)
+        return (mixed, *on[1:]) if isinstance(on, tuple) else type(on)(sample=mixed)
 
-    def after(module, args, kwargs, output):
-        if held:
-            for layer, scale in zip(found, held.pop(), strict=True):
-                layer.scaling[adapter] = scale
-
-    hooks = [
-        unet.register_forward_pre_hook(before, with_kwargs=True),
-        unet.register_forward_hook(after, with_kwargs=True),
-    ]
+    unet.forward = gated
     try:
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
-        if held:  # a call that raised never reached `after`
-            for layer, scale in zip(found, held.pop(), strict=True):
-                layer.scaling[adapter] = scale
+        if had:
+            unet.forward = forward
+        else:
+            del unet.forward
 
 
 def detach(model: nn.Module, adapter: str = ADAPTER) -> None:
