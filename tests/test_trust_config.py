@@ -190,6 +190,13 @@ CASES = [
     ("evaluate-cfg-text", "evaluate", ["{files}/evil.pt", "purple_star", "--cfg-scale=abc"], 2, "--cfg-scale"),
     ("evaluate-cfg-zero", "evaluate", ["{files}/evil.pt", "purple_star", "--cfg-scale=0"], 2, "--cfg-scale"),
     (
+        "evaluate-lora-gate-alone",
+        "evaluate",
+        ["{files}/evil.pt", "purple_star", "--lora-max-timestep=500"],
+        2,
+        "--lora-max-timestep: there is no LoRA to gate",
+    ),
+    (
         "evaluate-lora-strength-alone",
         "evaluate",
         ["{files}/evil.pt", "purple_star", "--lora-strength=0.5"],

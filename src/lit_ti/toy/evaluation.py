@@ -288,8 +288,10 @@ def evaluate_file(
     check_concept("concept", concept)
     samples = check_samples("--samples", samples)
     check_cfg(cfg_scale, "--cfg-scale")
-    if lora is None and (lora_strength != 1.0 or lora_max_timestep is not None):
-        raise UserError("--lora-strength, --lora-max-timestep: there is no LoRA to apply; add --lora FILE")
+    if lora is None and lora_strength != 1.0:
+        raise UserError("--lora-strength: there is no LoRA to scale; add --lora FILE")
+    if lora is None and lora_max_timestep is not None:
+        raise UserError("--lora-max-timestep: there is no LoRA to gate; add --lora FILE")
     if lora is not None:
         check_number("--lora-strength", lora_strength, -10, 10)
         check_number("--lora-max-timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True)
