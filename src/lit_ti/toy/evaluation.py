@@ -294,7 +294,8 @@ def evaluate_file(
         raise UserError("--lora-max-timestep: there is no LoRA to gate; add --lora FILE")
     if lora is not None:
         check_number("--lora-strength", lora_strength, -10, 10)
-        check_number("--lora-max-timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True, optional=True)
+        if lora_max_timestep is not None:
+            check_number("--lora-max-timestep", lora_max_timestep, 1, MAX_TIMESTEPS, integer=True)
         if not Path(lora).is_file():
             raise UserError(f"--lora: {quote(lora)}: no such LoRA file")
     try:
