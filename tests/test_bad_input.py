@@ -214,6 +214,8 @@ def test_unknown_toy_names_are_user_errors_and_write_nothing(tmp_path, monkeypat
         _toy_style("foo")
     with pytest.raises(UserError, match="toy_prompts='caption': use one of template, captions"):
         _toy_data("purple_star", 2, "caption")
+    with pytest.raises(UserError, match="toy_masks=yes: use true or false"):
+        _toy_data("purple_star", 2, "captions", "yes")
     for concept in ("foo", "pink_star", "red_circle_x"):
         with pytest.raises(UserError, match=f"toy_concept: unknown toy concept '{concept}'"):
             _toy_data(concept, 2)

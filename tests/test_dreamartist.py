@@ -239,7 +239,8 @@ def test_pair_loads_into_diffusers_and_conditions_as_trained(tmp_path, concept_d
 
 
 # --- masks ----------------------------------------------------------------------------------------------------
-def test_attention_maps_weight_the_loss_aligned_with_the_crop(tmp_path):
+@pytest.mark.parametrize("factor", [8, 4])  # SD's VAEs, and a 4x one (the toy's): the weights follow the latents
+def test_attention_maps_weight_the_loss_aligned_with_the_crop(tmp_path, factor):
     folder = tmp_path / "data"
     folder.mkdir()
     Image.new("RGB", (96, 64), (200, 30, 30)).save(folder / "a.png")  # wide: center crop keeps x 16..80
@@ -252,15 +253,19 @@ def test_attention_maps_weight_the_loss_aligned_with_the_crop(tmp_path):
     dm = ConceptDataModule(dir=str(folder), name="zz", flip_p=1.0, latent_sampling="deterministic")
     dm.setup()
     assert [p.name for p in dm.paths] == ["a.png", "b.png"]  # the map is not a training image
-    dm.cache_latents(lambda x: (torch.zeros(x.shape[0], 4, 8, 8), torch.ones(x.shape[0], 4, 8, 8)), resolution=64)
+    n = 64 // factor  # the latent side
+
+    def encode(x):  # [B, 3, 64, 64] -> moments [B, 4, n, n]
+        return torch.zeros(x.shape[0], 4, n, n), torch.ones(x.shape[0], 4, n, n)
+
+    dm.cache_latents(encode, resolution=64)
     w = dm.weights  # [N, views, 1, h, w]
-    assert w.shape == (2, 2, 1, 8, 8)
-    assert torch.allclose(w[0, 0, 0, :, :4], torch.full((8, 4), 5.0)) and torch.allclose(
-        w[0, 0, 0, :, 4:], torch.ones(8, 4)
-    )
-    assert torch.equal(w[0, 1], w[0, 0].flip(-1)) and torch.equal(w[1], torch.ones(2, 1, 8, 8))
+    assert w.shape == (2, 2, 1, n, n)
+    assert torch.allclose(w[0, 0, 0, :, : n // 2], torch.full((n, n // 2), 5.0))
+    assert torch.allclose(w[0, 0, 0, :, n // 2 :], torch.ones(n, n // 2))
+    assert torch.equal(w[0, 1], w[0, 0].flip(-1)) and torch.equal(w[1], torch.ones(2, 1, n, n))
     sample = dm.train_dataloader().dataset[0]
-    assert sample["weight"].shape == (1, 8, 8)
+    assert sample["weight"].shape == (1, n, n) and sample["weight"].shape[-2:] == sample["latents"].shape[-2:]
 
 
 def test_alpha_channel_weighting(tmp_path):

@@ -6,6 +6,7 @@ import sys
 from functools import partial
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -21,6 +22,7 @@ from lit_ti.toy.world import (
     HELD_OUT,
     NOVEL_SHAPES,
     SHAPES,
+    SIZES,
     Scene,
     concept_parts,
     oracle_words,
@@ -183,6 +185,39 @@ def test_toy_data_trains_on_the_latents_the_base_model_knows():
         ratios[mode] = r["loss_learned"] / r["loss_oracle"]
     assert ratios["configured"] < 1.03, ratios
     assert ratios["once"] > 1.05, ratios
+
+
+def test_toy_masks_weight_the_whole_object_and_nothing_far_from_it(tmp_path, monkeypatch):
+    """`toy_masks=true`: every render of the folder data=toy trains on has a subject mask that the loss uses:
+    weight 1 on every pixel of the object and on a ring's hole (the hole is the concept), 0 far from it."""
+    from lit_ti.toy.style import OBJECT_DISTANCE, background
+
+    monkeypatch.chdir(tmp_path)  # the toy folders render into outputs/toy_data under the working directory
+
+    def fit(*overrides: str):  # two steps on the toy model, whose VAE is 4x (SD's are 8x)
+        dm = instantiate(compose("toy_concept=red_ring", "toy_images=4", *overrides).data)
+        method = TextualInversion(DiffusersFolder(TOY), name="toy-concept", init_text="red circle")
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False)
+        trainer.fit(method, dm)
+        return dm
+
+    dm = fit("toy_masks=true")
+    assert dm.weight_list is not None and len(dm.weight_list) == 4
+    rng = random.Random("red_ring-0")  # write_concept's scenes, in order
+    for i, weight in enumerate(dm.weight_list):
+        scene = random_scene(rng, "red_ring")
+        x = classifier.to_tensor([render(scene)])  # [1, 3, 64, 64] in [-1, 1]
+        att = torch.from_numpy(np.asarray(Image.open(f"{dm.dir}/{i:04d}_att.png"), dtype=np.float32))
+        assert set(att.unique().tolist()) == {0.0, 127.0}
+        drawn = (x - background(x)).abs().sum(1)[0] > OBJECT_DISTANCE  # [64, 64]
+        ys, xs = torch.meshgrid(torch.arange(64.0) + 0.5, torch.arange(64.0) + 0.5, indexing="ij")
+        dist = ((xs - scene.x * 64) ** 2 + (ys - scene.y * 64) ** 2).sqrt() / (SIZES[scene.size] * 64)
+        assert (att[drawn] == 127).all() and (att[dist < 1] == 127).all(), (i, scene)  # object and hole
+        assert (att[dist > 1.3] == 0).all(), (i, scene)
+        assert weight.shape[-2:] == dm.mean[i].shape[-2:] == (16, 16), weight.shape  # [V, 1, h, w]
+        assert weight.amax() == 1 and weight.amin() == 0
+    unmasked = fit()
+    assert unmasked.weight_list is None and unmasked.dir != dm.dir
 
 
 def test_recipe_short_version_writes_a_loadable_model(tmp_path, monkeypatch):

@@ -38,14 +38,16 @@ def _asset(name: str) -> str:
 TOY_PROMPTS = {"template": "toy", "captions": "toy_captions"}  # toy_prompts -> data.template
 
 
-def _toy_data(concept: str, images: int = 16, prompts: str = "template") -> str:
-    """`${lit_ti.toy_data:orange_cross,16,template}`: a toy concept's training folder of `images` renders,
+def _toy_data(concept: str, images: int = 16, prompts: str = "template", masks: bool = False) -> str:
+    """`${lit_ti.toy_data:orange_cross,16,template,false}`: a toy concept's training folder of `images` renders,
     rendered on first use (the first k renders of a concept are the same for every k); with `prompts=captions`
-    its captions name the concept `[name]` (`toy.world.write_concept`)."""
+    its captions name the concept `[name]`, with `masks` each render has its subject mask (`toy.world.write_concept`)."""
     check_choice("toy_prompts", prompts, tuple(TOY_PROMPTS))
     named = prompts == "captions"
     shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
-    if shipped.is_dir() and images == 16 and not named:
+    if not isinstance(masks, bool):
+        raise UserError(f"toy_masks={masks}: use true or false")
+    if shipped.is_dir() and images == 16 and not named and not masks:
         return str(shipped)
     from lit_ti.toy.world import concept_parts, write_concept
 
@@ -54,9 +56,9 @@ def _toy_data(concept: str, images: int = 16, prompts: str = "template") -> str:
     except ValueError as e:
         raise UserError(f"toy_concept: {e}") from None
     stem = concept if images == 16 else f"{concept}-{images}"
-    folder = Path("outputs") / "toy_data" / (f"{stem}-named" if named else stem)
+    folder = Path("outputs") / "toy_data" / (stem + "-named" * named + "-masked" * masks)
     if not folder.is_dir():
-        write_concept(concept, folder, n=int(images), named=named)
+        write_concept(concept, folder, n=int(images), named=named, masks=masks)
     return str(folder.resolve())
 
 

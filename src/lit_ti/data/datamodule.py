@@ -187,8 +187,8 @@ class ConceptDataModule(L.LightningDataModule):
         self.captions = [self.captions[i] for i in done.kept]
         self.sizes = [sizes[i] for i in done.kept]
         self.pixel_list = done.pixels if keep_pixels else None
-        self.weight_list = self._weights(views)
         self.mean, self.std = done.mean, done.std
+        self.weight_list = self._weights(views)
         if self.prior is not None:
             self.prior.cache(encode, size, self.crop, self.latent_sampling, self.seed, cache)
         if self.latent_sampling == "deterministic":
@@ -200,7 +200,8 @@ class ConceptDataModule(L.LightningDataModule):
             self.std = None
 
     def _weights(self, views: int) -> list[Tensor] | None:
-        """Per-image loss weights [V, 1, h, w] at latent size (mean over each 8×8 cell), or None (all 1)."""
+        """Per-image loss weights [V, 1, h, w] on its latents' grid (the mean over the pixels of each latent
+        cell: 8×8 for SD's VAEs, whatever the VAE's factor), or None (all 1)."""
         found = [
             img.load_weight(p, s, self.crop, self.attention_maps, self.alpha_weight)
             for p, s in zip(self.paths, self.sizes)
@@ -208,9 +209,9 @@ class ConceptDataModule(L.LightningDataModule):
         if all(w is None for w in found):
             return None
         out = []
-        for w, (width, height) in zip(found, self.sizes):
+        for w, (width, height), mean in zip(found, self.sizes, self.mean, strict=True):
             w = torch.ones(1, height, width) if w is None else w
-            w = torch.nn.functional.interpolate(w[None], size=(height // 8, width // 8), mode="area")[0]
+            w = torch.nn.functional.interpolate(w[None], size=mean.shape[-2:], mode="area")[0]  # [1, h, w]
             out.append(torch.stack([w, w.flip(-1)][:views]))
         return out
 

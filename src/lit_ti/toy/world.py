@@ -149,12 +149,20 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 def write_concept(
-    concept: str, folder: str | Path, n: int = 16, seed: int = 0, size: int = IMAGE_SIZE, named: bool = False
+    concept: str,
+    folder: str | Path,
+    n: int = 16,
+    seed: int = 0,
+    size: int = IMAGE_SIZE,
+    named: bool = False,
+    masks: bool = False,
 ) -> Path:
     """Render `n` images of a concept with sidecar captions: a ready training folder.
 
     named: the captions say `[name]` for the concept's words ("a large [name] on a gray background"), so that
     `data.template=filewords` prompts the learned token with the rest of each render's true caption.
+    masks: each render also gets a DreamArtist attention map `<stem>_att.png` (`subject_mask`), so only the
+    object is learned, as a user's subject mask would do.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,11 +170,23 @@ def write_concept(
     for i in range(n):
         scene = random_scene(rng, concept)
         render(scene, size).save(folder / f"{i:04d}.png")
+        if masks:
+            subject_mask(scene, size).save(folder / f"{i:04d}_att.png")
         caption = scene.caption()
         if named:
             caption = caption.replace(f"{scene.colour} {scene.shape}", "[name]")
         (folder / f"{i:04d}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
+
+
+def subject_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """A rough subject mask as a user paints one: a disc over the object, a fifth wider than it, grey 127
+    (loss weight 1 in an attention map) on black (weight 0), the hole of a ring included: the hole is the
+    concept."""
+    im = Image.new("L", (size, size), 0)
+    cx, cy, r = scene.x * size, scene.y * size, SIZES[scene.size] * size * 1.2
+    ImageDraw.Draw(im).ellipse([cx - r, cy - r, cx + r, cy + r], fill=127)
+    return im
 
 
 def styled(scene: Scene, style: str, rng: random.Random) -> Scene:
@@ -202,8 +222,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--named", action="store_true", help="captions say [name] for the concept's words")
+    parser.add_argument("--masks", action="store_true", help="write each render's subject mask (<stem>_att.png)")
     args = parser.parse_args()
-    print(write_concept(args.concept, args.folder, args.n, args.seed, named=args.named))
+    print(write_concept(args.concept, args.folder, args.n, args.seed, named=args.named, masks=args.masks))
 
 
 if __name__ == "__main__":
