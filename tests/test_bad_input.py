@@ -216,6 +216,10 @@ def test_unknown_toy_names_are_user_errors_and_write_nothing(tmp_path, monkeypat
         _toy_data("purple_star", 2, "caption")
     with pytest.raises(UserError, match="toy_masks=yes: use true or false"):
         _toy_data("purple_star", 2, "captions", "yes")
+    with pytest.raises(UserError, match="toy_cutouts=1: use true or false"):
+        _toy_data("purple_star", 2, "captions", False, 1)
+    with pytest.raises(UserError, match="toy_masks=true with toy_cutouts=true: .* choose one"):
+        _toy_data("purple_star", 2, "captions", True, True)
     for concept in ("foo", "pink_star", "red_circle_x"):
         with pytest.raises(UserError, match=f"toy_concept: unknown toy concept '{concept}'"):
             _toy_data(concept, 2)

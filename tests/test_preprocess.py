@@ -4,6 +4,7 @@ import hashlib
 import io as _io
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -89,6 +90,93 @@ def test_mistakes_are_one_line(tmp_path):
         preprocess(f"src={src}", f"dst={src / 'out'}")
     with pytest.raises(UserError, match="caption.tagger: .* not a local transformers model folder"):
         preprocess(f"src={src}", f"dst={tmp_path / 'o'}", f"caption.tagger={tmp_path / 'none'}")
+
+
+# --- cut-outs: one subject on other backgrounds and at other sizes -------------------------------------------
+TOY_CUTOUT = [
+    "cutout.backgrounds={white: '#eeeeee', black: '#181818', gray: '#808080'}",
+    "cutout.sizes={small: 0.36, large: 0.64}",
+    "cutout.caption='a {size} [name] on a {background} background'",
+]
+
+
+def test_cutouts_paste_the_subject_on_every_background_at_every_size(tmp_path):
+    """A cut-out becomes one copy per background and size: the subject's pixels unchanged at its own size, its
+    larger side at each asked share, inside the frame, the hole of a ring showing the new background; captions
+    from the template; an opaque image is reported, not copied; the source is only read."""
+    from lit_ti.toy.world import Scene, render
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    ring = Scene("ring", "blue", "gray", "small", 0.25, 0.3)  # near a corner: the large copy must move in
+    render(ring, 64, cutout=True).save(src / "ring.png")
+    (src / "ring.txt").write_text("a blue ring\n")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(src / "opaque.png")
+    before = digest(src)
+    result = preprocess(f"src={src}", f"dst={tmp_path / 'out'}", "width=64", *TOY_CUTOUT)
+    assert digest(src) == before
+    assert [s.split(" ")[0] for s in result["skipped"]] == ["opaque.png"]
+    assert "no transparent pixels" in result["skipped"][0]
+    copies = sorted(result["written"])
+    captions = [p.with_suffix(".txt").read_text().strip() for p in copies]
+    assert captions == [
+        f"a {z} [name] on a {b} background" for z in ("small", "large") for b in ("white", "black", "gray")
+    ]
+    for path, text in zip(copies, captions):
+        im = np.asarray(Image.open(path).convert("RGB"), dtype=int)  # [64, 64, 3]
+        level = {"white": 238, "black": 24, "gray": 128}[text.split()[-2]]
+        blue = (im[..., 2] - im[..., 0]) > 80  # the subject's pixels
+        ys, xs = np.nonzero(blue)
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        share = 0.36 if "small" in text else 0.64
+        assert abs(side - share * 64) <= 2, (path.name, side)
+        assert (im[0, 0] == level).all() and (im[-1, -1] == level).all()  # the new background
+        cy, cx = round(ys.mean()), round(xs.mean())
+        assert (abs(im[cy, cx] - level) <= 2).all(), (path.name, im[cy, cx])  # the hole shows it too
+        assert xs.min() >= 0 and xs.max() <= 63 and ys.min() >= 0 and ys.max() <= 63
+    own = np.asarray(render(ring), dtype=int)  # the subject at its own size on its own background
+    again = np.asarray(Image.open(copies[2]).convert("RGB"), dtype=int)
+    assert np.abs(own - again).mean() < 2, np.abs(own - again).mean()
+
+
+def test_preprocess_writes_the_toy_worlds_cutouts(tmp_path):
+    """`toy_cutouts=true` measures the user's path: the toy folder holds what `python preprocess.py` writes from
+    the same cut-out render with the toy's words."""
+    import random
+
+    from lit_ti.toy.world import random_scene, render, write_concept
+
+    toy = write_concept("red_ring", tmp_path / "toy", n=1, named=True, cutouts=True)
+    src = tmp_path / "raw"
+    src.mkdir()
+    render(random_scene(random.Random("red_ring-0"), "red_ring"), 64, cutout=True).save(src / "0000.png")
+    result = preprocess(f"src={src}", f"dst={tmp_path / 'out'}", "width=64", *TOY_CUTOUT)
+    ours = sorted(result["written"])
+    theirs = sorted(toy.glob("*.png"))
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a.name, b.name)
+        assert a.with_suffix(".txt").read_text() == b.with_suffix(".txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cutout.backgrounds={white: nocolour}", "cutout.backgrounds.white='nocolour': not a colour"),
+        ("cutout.backgrounds=[white]", "cutout.backgrounds=.*: a mapping of words to colours"),
+        ("cutout.sizes={small: 1.5}", r"cutout.sizes.small='1.5': the subject's share of the image side, in \(0, 1\]"),
+        ("cutout.sizes={small: 0.3}", "cutout.sizes: set cutout.backgrounds too"),
+        ("cutout.caption='{caption} on {colour}'", "unknown {colour}; use {caption}, {background}, {size}"),
+        ("cutout.caption='{caption'", "cutout.caption=.*: .*write braces as"),
+    ],
+)
+def test_cutout_mistakes_are_one_line_before_anything_is_written(tmp_path, override, message):
+    from lit_ti.errors import UserError
+
+    src = messy_folder(tmp_path / "raw")
+    with pytest.raises(UserError, match=message):
+        preprocess(f"src={src}", f"dst={tmp_path / 'out'}", override)
+    assert not (tmp_path / "out").exists()
 
 
 def test_deepbooru_tag_formatting():

@@ -239,6 +239,17 @@ CASES = [
     ("preprocess-split-yes", "preprocess", ["src={raw}", "split=yes"], 2, "split"),
     ("preprocess-caption-action", "preprocess", ["src={raw}", "existing_caption=merge"], 2, "existing_caption"),
     ("preprocess-no-src", "preprocess", [], 2, "src"),
+    # the args are str.format templates ({raw}): literal braces doubled
+    ("preprocess-cutout-colour", "preprocess", ["src={raw}", "cutout.backgrounds={{white: nocolour}}"], 2, "cutout"),
+    ("preprocess-cutout-size", "preprocess", ["src={raw}", "cutout.sizes={{small: 1.5}}"], 2, "cutout.sizes"),
+    ("preprocess-cutout-sizes-alone", "preprocess", ["src={raw}", "cutout.sizes={{small: 0.3}}"], 2, "cutout.sizes"),
+    (
+        "preprocess-cutout-caption",
+        "preprocess",
+        ["src={raw}", "cutout.caption='{{caption}} on {{colour}}'"],
+        2,
+        "cutout",
+    ),
 ]
 
 

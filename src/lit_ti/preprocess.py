@@ -1,5 +1,6 @@
 """`python preprocess.py src=... dst=...`: a folder of raw images -> a clean training folder (A1111's
-"Preprocess images": split, focal or centre crop, flips, captions), and a report of what was skipped.
+"Preprocess images": split, focal or centre crop, flips, captions; and cut-outs on other backgrounds and at
+other sizes, `lit_ti.cutout`), and a report of what was skipped.
 
 Outputs are `{index:05}-{n}-{original stem}.png` with a sidecar `.txt` caption, the legacy A1111 naming whose
 leading digits the dataset strips; `index` continues after any earlier outputs in `dst`, so names never
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from lit_ti import cutout
 from lit_ti.data.images import SIDECAR_SUFFIXES, display, load_image, why_unreadable
 from lit_ti.errors import UserError, check_choice, check_flag, check_number, quote
 from lit_ti.io.atomic import atomic_path
@@ -127,6 +129,15 @@ def _first_index(dst: Path) -> int:
     return max(found) + 1 if found else 0
 
 
+def _cutout_settings(cfg: DictConfig) -> tuple | None:
+    """`cutout.*` checked: (backgrounds, sizes, caption template), or None when no background is asked for."""
+    backgrounds, sizes = cutout.parse_backgrounds(cfg.backgrounds), cutout.parse_sizes(cfg.sizes)
+    template = cutout.check_caption(cfg.caption)
+    if sizes and not backgrounds:
+        raise UserError("cutout.sizes: set cutout.backgrounds too; the copies are the subject on those backgrounds")
+    return (backgrounds, sizes, template) if backgrounds else None
+
+
 def check(cfg: DictConfig) -> tuple[Path, Path, int, int]:
     """Every option in range before anything is read or written: (src, dst, width, height)."""
     for key in ("src", "dst"):
@@ -156,11 +167,31 @@ def check(cfg: DictConfig) -> tuple[Path, Path, int, int]:
     exclude = caption.exclude
     if isinstance(exclude, str) or not isinstance(exclude, Sequence) or not all(isinstance(t, str) for t in exclude):
         raise UserError(f"caption.exclude={quote(exclude)}: a list of tags, e.g. caption.exclude='[rating:safe]'")
+    _cutout_settings(cfg.cutout)
     return src, dst, width, height or width
+
+
+def _on_white(im: Image.Image) -> Image.Image:
+    """What a captioner sees of a cut-out: the subject over white, as a loader shows a transparent image."""
+    return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB") if im.mode == "RGBA" else im
+
+
+def _variants(piece: Image.Image, text: str, flip: str, cut: tuple | None) -> list[tuple[Image.Image, str]]:
+    """What one cropped piece becomes, each with its caption: its flips, or with cut-outs (`cut` = backgrounds,
+    sizes, caption template) every copy's flips; [] for a piece with nothing transparent to cut out."""
+    if cut is None:
+        return [(out, text) for out in _flips(piece, flip)]
+    backgrounds, sizes, template = cut
+    return [
+        (out, cutout.caption(template, text, background, size))
+        for copy, background, size in cutout.copies(piece, backgrounds, sizes)
+        for out in _flips(copy, flip)
+    ]
 
 
 def run(cfg: DictConfig) -> dict:
     src, dst, width, height = check(cfg)
+    cut = _cutout_settings(cfg.cutout)
     captioners = []
     if cfg.caption.blip:
         from lit_ti.captioning import BlipCaptioner
@@ -186,7 +217,7 @@ def run(cfg: DictConfig) -> dict:
         reason = why_unreadable(path)
         if reason is None:
             try:
-                image = load_image(path)
+                image = cutout.load(path) if cut else load_image(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 reason = str(e)
         if reason is not None:
@@ -201,15 +232,20 @@ def run(cfg: DictConfig) -> dict:
                 piece = focal_crop(piece, width, height, cfg.focal_entropy, cfg.focal_edges)
             else:
                 piece = ImageOps.fit(piece, (width, height), Image.Resampling.LANCZOS)
-            generated = ", ".join(c for c in (cap(piece) for cap in captioners) if c)
+            generated = ", ".join(c for c in (cap(_on_white(piece)) for cap in captioners) if c)
             text = combine(existing, generated, cfg.existing_caption)
-            for out in _flips(piece, cfg.flip):
+            variants = _variants(piece, text, cfg.flip, cut)
+            if not variants:
+                skipped.append(
+                    f"{display(path)} (no transparent pixels, so no subject to cut out; remove its background)"
+                )
+            for out, out_text in variants:
                 stem = f"{index:05d}-{sub}-{display(path).rsplit('.', 1)[0]}"[:200]
                 with atomic_path(dst / f"{stem}.png") as tmp:
                     out.save(tmp, format="PNG")
-                if text:
+                if out_text:
                     with atomic_path(dst / f"{stem}.txt") as tmp:
-                        tmp.write_text(text + "\n", encoding="utf-8")
+                        tmp.write_text(out_text + "\n", encoding="utf-8")
                 written.append(dst / f"{stem}.png")
                 sub += 1
         index += 1

@@ -38,16 +38,22 @@ def _asset(name: str) -> str:
 TOY_PROMPTS = {"template": "toy", "captions": "toy_captions"}  # toy_prompts -> data.template
 
 
-def _toy_data(concept: str, images: int = 16, prompts: str = "template", masks: bool = False) -> str:
-    """`${lit_ti.toy_data:orange_cross,16,template,false}`: a toy concept's training folder of `images` renders,
-    rendered on first use (the first k renders of a concept are the same for every k); with `prompts=captions`
-    its captions name the concept `[name]`, with `masks` each render has its subject mask (`toy.world.write_concept`)."""
+def _toy_data(
+    concept: str, images: int = 16, prompts: str = "template", masks: bool = False, cutouts: bool = False
+) -> str:
+    """`${lit_ti.toy_data:orange_cross,16,template,false,false}`: a toy concept's training folder of `images`
+    renders, rendered on first use (the first k renders of a concept are the same for every k); with
+    `prompts=captions` its captions name the concept `[name]`, with `masks` each render has its subject mask,
+    with `cutouts` each render is cut out onto every background at both sizes (`toy.world.write_concept`)."""
     check_choice("toy_prompts", prompts, tuple(TOY_PROMPTS))
     named = prompts == "captions"
     shipped = resources.files("lit_ti").joinpath("assets", "toy_concepts", concept)
-    if not isinstance(masks, bool):
-        raise UserError(f"toy_masks={masks}: use true or false")
-    if shipped.is_dir() and images == 16 and not named and not masks:
+    for key, value in (("toy_masks", masks), ("toy_cutouts", cutouts)):
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value}: use true or false")
+    if masks and cutouts:
+        raise UserError("toy_masks=true with toy_cutouts=true: a cut-out has no background to mask; choose one")
+    if shipped.is_dir() and images == 16 and not named and not masks and not cutouts:
         return str(shipped)
     from lit_ti.toy.world import concept_parts, write_concept
 
@@ -56,9 +62,9 @@ def _toy_data(concept: str, images: int = 16, prompts: str = "template", masks: 
     except ValueError as e:
         raise UserError(f"toy_concept: {e}") from None
     stem = concept if images == 16 else f"{concept}-{images}"
-    folder = Path("outputs") / "toy_data" / (stem + "-named" * named + "-masked" * masks)
+    folder = Path("outputs") / "toy_data" / (stem + "-named" * named + "-masked" * masks + "-cutouts" * cutouts)
     if not folder.is_dir():
-        write_concept(concept, folder, n=int(images), named=named, masks=masks)
+        write_concept(concept, folder, n=int(images), named=named, masks=masks, cutouts=cutouts)
     return str(folder.resolve())
 
 

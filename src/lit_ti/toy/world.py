@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lit_ti import cutout
+
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Shapes the toy base model never saw, in any colour or caption: a concept such as `red_ring` is one the frozen
 # model cannot draw, so textual inversion can only point at the nearest shape it knows (a disc), and a method
@@ -41,6 +43,10 @@ HELD_OUT = ("purple_star", "orange_cross", "green_triangle", "blue_circle", "yel
 # on plain renders only, cannot reconstruct them, so no UNet-side module could learn them.)
 STYLES = ("plain", "topleft", "night")
 IMAGE_SIZE = 64
+# `python preprocess.py cutout.*` as the toy world speaks: its backgrounds, its two sizes (the object's diameter
+# as a share of the side), its captions
+CUTOUT = (dict(BACKGROUNDS), {name: 2 * r for name, r in SIZES.items()})
+CUTOUT_CAPTION = "a {size} [name] on a {background} background"
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges
 
 
@@ -133,19 +139,24 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+def render(scene: Scene, size: int = IMAGE_SIZE, cutout: bool = False) -> Image.Image:
+    """The scene as an RGB image; `cutout`: RGBA with only the object opaque (its background removed, as a
+    user's cut-out is; a ring's hole is transparent)."""
     big = size * SUPERSAMPLE
-    im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    background = (*BACKGROUNDS[scene.background], 0 if cutout else 255)
+    im = Image.new("RGBA", (big, big), background)
     draw = ImageDraw.Draw(im)
     cx, cy, r = scene.x * big, scene.y * big, SIZES[scene.size] * big
     if scene.shape in ("circle", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[scene.colour])
         if scene.shape == "ring":
             h = r * RING_HOLE
-            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUNDS[scene.background])
+            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=background)
     else:
         draw.polygon(_polygon(scene.shape, cx, cy, r), fill=COLOURS[scene.colour])
-    return im.resize((size, size), Image.Resampling.LANCZOS)
+    if not cutout:
+        return im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    return im.convert("RGBa").resize((size, size), Image.Resampling.LANCZOS).convert("RGBA")
 
 
 def write_concept(
@@ -156,6 +167,7 @@ def write_concept(
     size: int = IMAGE_SIZE,
     named: bool = False,
     masks: bool = False,
+    cutouts: bool = False,
 ) -> Path:
     """Render `n` images of a concept with sidecar captions: a ready training folder.
 
@@ -163,12 +175,22 @@ def write_concept(
     `data.template=filewords` prompts the learned token with the rest of each render's true caption.
     masks: each render also gets a DreamArtist attention map `<stem>_att.png` (`subject_mask`), so only the
     object is learned, as a user's subject mask would do.
+    cutouts: each render is cut out (`render(cutout=True)`) and written as `lit_ti.cutout`'s copies on every
+    background at both sizes, captioned to match: what `python preprocess.py` writes from a user's cut-out with
+    the toy's words (`CUTOUT_*`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{concept}-{seed}")
     for i in range(n):
         scene = random_scene(rng, concept)
+        if cutouts:
+            words = "[name]" if named else f"{scene.colour} {scene.shape}"
+            for k, (copy, background, grown) in enumerate(cutout.copies(render(scene, size, cutout=True), *CUTOUT)):
+                copy.save(folder / f"{i:04d}-{k}.png")
+                text = cutout.caption(CUTOUT_CAPTION.replace("[name]", words), "", background, grown)
+                (folder / f"{i:04d}-{k}.txt").write_text(text + "\n", encoding="utf-8")
+            continue
         render(scene, size).save(folder / f"{i:04d}.png")
         if masks:
             subject_mask(scene, size).save(folder / f"{i:04d}_att.png")
@@ -223,8 +245,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--named", action="store_true", help="captions say [name] for the concept's words")
     parser.add_argument("--masks", action="store_true", help="write each render's subject mask (<stem>_att.png)")
+    parser.add_argument("--cutouts", action="store_true", help="write each render cut out on every background and size")
     args = parser.parse_args()
-    print(write_concept(args.concept, args.folder, args.n, args.seed, named=args.named, masks=args.masks))
+    folder = write_concept(
+        args.concept, args.folder, args.n, args.seed, named=args.named, masks=args.masks, cutouts=args.cutouts
+    )
+    print(folder)
 
 
 if __name__ == "__main__":
