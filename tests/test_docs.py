@@ -224,10 +224,16 @@ def docs_world(tmp_path_factory) -> Path:
 def workplace(home: Path, name: str) -> Path:
     """A worker's working folder: what the documented commands name relative to it (`raw/`, `benchmarks/`);
     its `data/` and `outputs/` are its own, so two workers never see each other's runs."""
+    from PIL import Image
+
     from tests.conftest import make_concept_dir
 
     folder = home / name
     make_concept_dir(folder / "raw" / "my-cat", n=3, size=96)
+    cutout = Image.new("RGBA", (96, 96), (0, 0, 0, 0))  # README's one image, its background removed
+    cutout.paste((180, 120, 60, 255), (30, 20, 70, 80))
+    (folder / "raw" / "my-cat-cutout").mkdir()
+    cutout.save(folder / "raw" / "my-cat-cutout" / "cat.png")
     (folder / "benchmarks").symlink_to(ROOT / "benchmarks")  # documented as run from the repository root
     return folder
 

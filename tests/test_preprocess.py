@@ -159,6 +159,16 @@ def test_preprocess_writes_the_toy_worlds_cutouts(tmp_path):
         assert a.with_suffix(".txt").read_text() == b.with_suffix(".txt").read_text()
 
 
+def test_cutout_captions_tidy_what_an_empty_field_leaves():
+    from lit_ti.cutout import caption
+
+    template = "{caption}, {size}, on a {background} background"
+    assert caption(template, "", "white", "small") == "small, on a white background"
+    assert caption(template, "[name], sitting", "gray", "") == "[name], sitting, on a gray background"
+    assert caption("a {size} [name] on a {background} background", "", "black", "") == "a [name] on a black background"
+    assert caption("{caption}", "a,b  c", "x", "y") == "a,b c"  # the image's own caption keeps its commas
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -7,6 +7,7 @@ TI's editability on the toy world (docs/results.md). Custom Diffusion (Kumari et
 training images the same way and adds "very small" / "zoomed in" to their captions.
 """
 
+import re
 import string
 from collections.abc import Mapping
 
@@ -70,8 +71,10 @@ def check_caption(template) -> str:
 
 
 def caption(template: str, text: str, background: str, size: str) -> str:
-    """A copy's caption: the template filled in, runs of spaces (from an empty {size}) collapsed."""
-    return " ".join(template.format(caption=text, background=background, size=size).split())
+    """A copy's caption: the template filled in; what an empty field leaves (runs of spaces, a comma with nothing
+    before it or after it) is tidied away."""
+    filled = " ".join(template.format(caption=text, background=background, size=size).split())
+    return re.sub(r",(\s*,)+", ",", filled).strip(" ,")
 
 
 def load(path) -> Image.Image:
