@@ -109,7 +109,7 @@ def test_cutouts_paste_the_subject_on_every_background_at_every_size(tmp_path):
     src = tmp_path / "raw"
     src.mkdir()
     ring = Scene("ring", "blue", "gray", "small", 0.25, 0.3)  # near a corner: the large copy must move in
-    render(ring, 64, cutout=True).save(src / "ring.png")
+    render(ring, 64, transparent=True).save(src / "ring.png")
     (src / "ring.txt").write_text("a blue ring\n")
     Image.new("RGB", (64, 64), (9, 9, 9)).save(src / "opaque.png")
     before = digest(src)
@@ -149,7 +149,7 @@ def test_preprocess_writes_the_toy_worlds_cutouts(tmp_path):
     toy = write_concept("red_ring", tmp_path / "toy", n=1, named=True, cutouts=True)
     src = tmp_path / "raw"
     src.mkdir()
-    render(random_scene(random.Random("red_ring-0"), "red_ring"), 64, cutout=True).save(src / "0000.png")
+    render(random_scene(random.Random("red_ring-0"), "red_ring"), 64, transparent=True).save(src / "0000.png")
     result = preprocess(f"src={src}", f"dst={tmp_path / 'out'}", "width=64", *TOY_CUTOUT)
     ours = sorted(result["written"])
     theirs = sorted(toy.glob("*.png"))

@@ -77,18 +77,6 @@ def caption(template: str, text: str, background: str, size: str) -> str:
     return re.sub(r",(\s*,)+", ",", filled).strip(" ,")
 
 
-def load(path) -> Image.Image:
-    """An image as RGBA, upright per EXIF (first frame): an image without alpha comes back opaque."""
-    from PIL import ImageOps
-
-    with Image.open(path) as im:
-        im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):  # 16/32-bit greyscale has no alpha
-            im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-        return im.convert("RGBA")
-
-
 def subject_box(im: Image.Image, solid: bool = False) -> tuple[int, int, int, int] | None:
     """The bounding box of the RGBA image's subject, or None when nothing is transparent (no cut-out).
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from lit_ti import cutout
-from lit_ti.data.images import SIDECAR_SUFFIXES, display, load_image, why_unreadable
+from lit_ti.data.images import SIDECAR_SUFFIXES, display, load_image, over_white, why_unreadable
 from lit_ti.errors import UserError, check_choice, check_flag, check_number, quote
 from lit_ti.io.atomic import atomic_path
 
@@ -138,8 +138,8 @@ def _cutout_settings(cfg: DictConfig) -> tuple | None:
     return (backgrounds, sizes, template) if backgrounds else None
 
 
-def check(cfg: DictConfig) -> tuple[Path, Path, int, int]:
-    """Every option in range before anything is read or written: (src, dst, width, height)."""
+def check(cfg: DictConfig) -> tuple[Path, Path, int, int, tuple | None]:
+    """Every option in range before anything is read or written: (src, dst, width, height, cut-out settings)."""
     for key in ("src", "dst"):
         if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
             raise UserError(f"{key}: not set; python preprocess.py src=<raw images> dst=<training folder>")
@@ -167,13 +167,7 @@ def check(cfg: DictConfig) -> tuple[Path, Path, int, int]:
     exclude = caption.exclude
     if isinstance(exclude, str) or not isinstance(exclude, Sequence) or not all(isinstance(t, str) for t in exclude):
         raise UserError(f"caption.exclude={quote(exclude)}: a list of tags, e.g. caption.exclude='[rating:safe]'")
-    _cutout_settings(cfg.cutout)
-    return src, dst, width, height or width
-
-
-def _on_white(im: Image.Image) -> Image.Image:
-    """What a captioner sees of a cut-out: the subject over white, as a loader shows a transparent image."""
-    return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB") if im.mode == "RGBA" else im
+    return src, dst, width, height or width, _cutout_settings(cfg.cutout)
 
 
 def _variants(piece: Image.Image, text: str, flip: str, cut: tuple | None) -> list[tuple[Image.Image, str]]:
@@ -190,8 +184,7 @@ def _variants(piece: Image.Image, text: str, flip: str, cut: tuple | None) -> li
 
 
 def run(cfg: DictConfig) -> dict:
-    src, dst, width, height = check(cfg)
-    cut = _cutout_settings(cfg.cutout)
+    src, dst, width, height, cut = check(cfg)
     captioners = []
     if cfg.caption.blip:
         from lit_ti.captioning import BlipCaptioner
@@ -217,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
         reason = why_unreadable(path)
         if reason is None:
             try:
-                image = cutout.load(path) if cut else load_image(path)
+                image = load_image(path, alpha=cut is not None)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 reason = str(e)
         if reason is not None:
@@ -232,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
                 piece = focal_crop(piece, width, height, cfg.focal_entropy, cfg.focal_edges)
             else:
                 piece = ImageOps.fit(piece, (width, height), Image.Resampling.LANCZOS)
-            generated = ", ".join(c for c in (cap(_on_white(piece)) for cap in captioners) if c)
+            generated = ", ".join(c for c in (cap(over_white(piece)) for cap in captioners) if c)
             text = combine(existing, generated, cfg.existing_caption)
             variants = _variants(piece, text, cfg.flip, cut)
             if not variants:

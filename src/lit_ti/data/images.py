@@ -120,8 +120,16 @@ def listing(items: list[str], sep: str = ", ", most: int = 10) -> str:
     return sep.join(items[:most]) + more
 
 
-def load_image(path: Path) -> Image.Image:
-    """RGB image (first frame), upright per EXIF; transparency composited over white; 16-bit scaled to 8-bit."""
+def over_white(im: Image.Image) -> Image.Image:
+    """`im` as RGB, any transparency composited over white: how a transparent image is trained and captioned."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def load_image(path: Path, alpha: bool = False) -> Image.Image:
+    """RGB image (first frame), upright per EXIF; transparency composited over white; 16-bit scaled to 8-bit.
+    alpha: RGBA instead, its transparency kept (opaque for an image without any), for cut-outs."""
     with Image.open(path) as im:
         im.seek(0)
         im = ImageOps.exif_transpose(im)
@@ -129,10 +137,7 @@ def load_image(path: Path) -> Image.Image:
             im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
         if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
             im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im.convert("RGBA"))
-        return im.convert("RGB")
+        return im.convert("RGBA") if alpha else over_white(im)
 
 
 def attention_map(path: Path) -> Path | None:

@@ -139,11 +139,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE, cutout: bool = False) -> Image.Image:
-    """The scene as an RGB image; `cutout`: RGBA with only the object opaque (its background removed, as a
+def render(scene: Scene, size: int = IMAGE_SIZE, transparent: bool = False) -> Image.Image:
+    """The scene as an RGB image; `transparent`: RGBA with only the object opaque (its background removed, as a
     user's cut-out is; a ring's hole is transparent)."""
     big = size * SUPERSAMPLE
-    background = (*BACKGROUNDS[scene.background], 0 if cutout else 255)
+    background = (*BACKGROUNDS[scene.background], 0 if transparent else 255)
     im = Image.new("RGBA", (big, big), background)
     draw = ImageDraw.Draw(im)
     cx, cy, r = scene.x * big, scene.y * big, SIZES[scene.size] * big
@@ -154,7 +154,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE, cutout: bool = False) -> Image.
             draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=background)
     else:
         draw.polygon(_polygon(scene.shape, cx, cy, r), fill=COLOURS[scene.colour])
-    if not cutout:
+    if not transparent:
         return im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     return im.convert("RGBa").resize((size, size), Image.Resampling.LANCZOS).convert("RGBA")
 
@@ -175,7 +175,7 @@ def write_concept(
     `data.template=filewords` prompts the learned token with the rest of each render's true caption.
     masks: each render also gets a DreamArtist attention map `<stem>_att.png` (`subject_mask`), so only the
     object is learned, as a user's subject mask would do.
-    cutouts: each render is cut out (`render(cutout=True)`) and written as `lit_ti.cutout`'s copies on every
+    cutouts: each render is cut out (`render(transparent=True)`) and written as `lit_ti.cutout`'s copies on every
     background at both sizes, captioned to match: what `python preprocess.py` writes from a user's cut-out with
     the toy's words (`CUTOUT_*`).
     """
@@ -186,7 +186,9 @@ def write_concept(
         scene = random_scene(rng, concept)
         if cutouts:
             words = "[name]" if named else f"{scene.colour} {scene.shape}"
-            for k, (copy, background, grown) in enumerate(cutout.copies(render(scene, size, cutout=True), *CUTOUT)):
+            for k, (copy, background, grown) in enumerate(
+                cutout.copies(render(scene, size, transparent=True), *CUTOUT)
+            ):
                 copy.save(folder / f"{i:04d}-{k}.png")
                 text = cutout.caption(CUTOUT_CAPTION.replace("[name]", words), "", background, grown)
                 (folder / f"{i:04d}-{k}.txt").write_text(text + "\n", encoding="utf-8")
