@@ -16,7 +16,6 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from lit_ti import io
 from tests.conftest import ROOT
 
-KILLS = 20
 RUN = [
     "callbacks.toy_eval=null",
     "callbacks.export.every_n_steps=2",
@@ -91,12 +90,15 @@ def newest_checkpoint(out: Path) -> Path | None:
 NO_STOP = "callbacks.early_stop=null"  # the toy run stops when learned; these runs must not end on their own
 
 
-def test_sigkill_at_random_moments_then_resume(tmp_path):
+# 8 kills in the default lane; the slow lane's 20 also must land one mid-save (a temp file left behind), which a
+# handful of kills may miss by chance
+@pytest.mark.parametrize(("n", "seed"), [(8, 1), pytest.param(20, 0, marks=pytest.mark.slow)])
+def test_sigkill_at_random_moments_then_resume(tmp_path, n, seed):
     zygote = Zygote()
-    out, rng, kills, torn = tmp_path / "run", random.Random(0), 0, 0
+    out, rng, kills, torn = tmp_path / "run", random.Random(seed), 0, 0
     last = out / "checkpoints" / "last.ckpt"
     try:
-        for i in range(KILLS):  # a run that never ends on its own, killed after 0.2-4 s (startup included)
+        for i in range(n):  # a run that never ends on its own, killed after 0.2-4 s (startup included)
             ckpt = newest_checkpoint(out)
             resume = [f"ckpt_path={ckpt}"] if ckpt else []
             pid = zygote.start(out, tmp_path / f"run{i}.log", "trainer.max_steps=100000", NO_STOP, *resume)
@@ -105,7 +107,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
             kills += zygote.wait(pid) == -9
             torn += any(out.rglob("*.tmp"))  # killed mid-save: a temp file was written but not renamed
             check_outputs(out)
-        assert kills == KILLS and torn >= 1, (kills, torn)
+        assert kills == n and (torn >= 1 or n < 20), (kills, torn)
         assert last.is_file(), "no checkpoint survived the kills"
 
         # resume once more to a few steps past the last checkpoint, and train the same steps without a break
