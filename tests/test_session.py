@@ -63,6 +63,20 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(capsys, argv, line):
     assert err.count("\n") == 1 and err.startswith("error: ") and line in err, err
 
 
+@pytest.mark.parametrize(
+    ("script", "config"), [("train.py", "train"), ("generate.py", "generate"), ("preprocess.py", "preprocess")]
+)
+def test_a_mistake_points_to_the_help_of_the_script_that_was_run(capsys, script, config):
+    """An unknown key with no close spelling sends the user to the keys of the command they typed."""
+    from lit_ti.cli import entry
+
+    with pytest.raises(SystemExit) as stop:
+        entry(lambda: pytest.fail("a mistake must not run the task"), str(ROOT / script), config, ["zzqx_frobnicate=4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err == f"error: zzqx_frobnicate=4: no such key; see python {script} --help or --cfg job for the keys\n"
+
+
 def test_help_lists_groups_options_and_keys_from_the_configs(capsys):
     from lit_ti.cli import entry
 

@@ -123,16 +123,16 @@ def key_paths(node, prefix: str = "") -> list[str]:
     return paths
 
 
-def did_you_mean(key: str, known: list[str]) -> str:
+def did_you_mean(key: str, known: list[str], script: str = "train.py") -> str:
     """The closest known key: the same last word in the same group first (`method.lr` ->
-    `method.optimizer.lr`), else the closest spelling."""
+    `method.optimizer.lr`), else the closest spelling; else where `script`'s keys are listed."""
     last, group = key.split(".")[-1], key.split(".")[0]
     same = [k for k in known if k.split(".")[-1] == last and k.split(".")[0] == group]
     close = same or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else "; see python train.py --help or --cfg job for the keys"
+    return f"; did you mean {close[0]}?" if close else f"; see python {script} --help or --cfg job for the keys"
 
 
-def explain(error: Exception, overrides: list[str], compose: Callable, configs: Path) -> str:
+def explain(error: Exception, overrides: list[str], compose: Callable, configs: Path, script: str) -> str:
     """One line for a composition error."""
     text = str(error)
     if m := re.search(r"Could not override '([^']+)'", text):
@@ -143,7 +143,7 @@ def explain(error: Exception, overrides: list[str], compose: Callable, configs: 
             known = key_paths(compose(groups))
         except Exception:
             known = []
-        return f"{given}: no such key{did_you_mean(key, known)}"
+        return f"{given}: no such key{did_you_mean(key, known, script)}"
     if m := re.search(r"Could not find '([^']+)/([^'/]+)'", text) or re.search(
         r"In '[^']+': Could not find '([^']+)/([^']+)'", text
     ):
@@ -176,8 +176,9 @@ def unparsable(overrides: list[str]) -> str | None:
     return None
 
 
-def check(configs: Path, config_name: str, argv: list[str]) -> None:
-    """Compose the command line's config once; a mistake becomes a UserError with one line."""
+def check(configs: Path, config_name: str, argv: list[str], script: str = "train.py") -> None:
+    """Compose the command line's config once; a mistake becomes a UserError with one line (naming `script`,
+    the entry script the user ran, where it points to the keys)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -195,7 +196,7 @@ def check(configs: Path, config_name: str, argv: list[str]) -> None:
             unintended_sweeps(overrides)
         composed(single_run(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise UserError(explain(e, overrides, composed, configs)) from None
+        raise UserError(explain(e, overrides, composed, configs, script)) from None
 
 
 def entry(task: Callable[[], object], script: str, config_name: str, argv: list[str] | None = None) -> None:
@@ -212,7 +213,7 @@ def entry(task: Callable[[], object], script: str, config_name: str, argv: list[
         print(help_text(configs, config_name, Path(script).name))
         return
     try:
-        check(configs, config_name, argv)
+        check(configs, config_name, argv, Path(script).name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
