@@ -123,7 +123,7 @@ def key_paths(node, prefix: str = "") -> list[str]:
     return paths
 
 
-def did_you_mean(key: str, known: list[str], script: str = "train.py") -> str:
+def did_you_mean(key: str, known: list[str], script: str) -> str:
     """The closest known key: the same last word in the same group first (`method.lr` ->
     `method.optimizer.lr`), else the closest spelling; else where `script`'s keys are listed."""
     last, group = key.split(".")[-1], key.split(".")[0]
