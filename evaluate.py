@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> None:
         lora=args.lora,
         lora_strength=args.lora_strength,
         lora_max_timestep=args.lora_max_timestep,
+        first_seed=args.first_seed,
     )
     print(json.dumps(scores, indent=1))
 
@@ -41,6 +42,12 @@ if __name__ == "__main__":
     parser.add_argument("embedding", help="a .pt / .safetensors / .bin embedding trained on the toy model")
     parser.add_argument("concept", help="the toy concept it should show, <colour>_<shape> (e.g. purple_star)")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the accuracy's first sample seed: score a copy picked as the best on seeds 0-31 on --first-seed 32",
+    )
     parser.add_argument("--init-text", default="*", help="what recovery is measured from (the run's init text)")
     parser.add_argument("--cfg-scale", default="3.0", help="DreamArtist pairs: the training guidance")
     parser.add_argument("--lora", help="a LoRA file applied for the learned measures (pivotal tuning's bundle)")

@@ -39,6 +39,7 @@ QUICK_SKIPS = {
     "test_every_documented_command_line_parses",  # a bash per docs block, a Hydra composition per command
     # whole pipelines
     "test_toy",
+    "test_toy_evaluation",
     "test_single_file",
     "test_generate",
     "test_speed_switches",

@@ -186,6 +186,13 @@ CASES = [
     ("evaluate-not-an-embedding", "evaluate", ["{files}/notes.txt", "purple_star"], 2, "embedding"),
     ("evaluate-concept-unknown", "evaluate", ["{files}/evil.pt", "pink_blob"], 2, "concept"),
     ("evaluate-samples-negative", "evaluate", ["{files}/evil.pt", "purple_star", "--samples=-1"], 2, "--samples"),
+    (
+        "evaluate-first-seed-negative",
+        "evaluate",
+        ["{files}/evil.pt", "purple_star", "--first-seed=-1"],
+        2,
+        "--first-seed",
+    ),
     ("evaluate-samples-text", "evaluate", ["{files}/evil.pt", "purple_star", "--samples=abc"], 2, "argument --samples"),
     ("evaluate-cfg-text", "evaluate", ["{files}/evil.pt", "purple_star", "--cfg-scale=abc"], 2, "--cfg-scale"),
     ("evaluate-cfg-zero", "evaluate", ["{files}/evil.pt", "purple_star", "--cfg-scale=0"], 2, "--cfg-scale"),
