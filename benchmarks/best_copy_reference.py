@@ -16,16 +16,13 @@ then recovery); the picked copy, the long run's last copy and the stopped run's 
 import argparse
 import json
 import os
-import re
 from pathlib import Path
+
+from early_stop_replay import copies, emit  # this folder's replay: a run's copies, one JSON line per run
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PICK_SAMPLES = 32  # the default evaluation's samples (seeds 0-31): what a user would pick a copy on
-
-
-def copies(run: Path) -> dict[int, Path]:
-    return {int(m.group(1)): p for p in run.glob("embeddings/*.safetensors") if (m := re.search(r"-(\d+)\.", p.name))}
 
 
 def score(path: Path, concept: str, samples: int, first_seed: int) -> list[float]:
@@ -68,7 +65,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         pick = r["picked_on_0_31"][str(r["best_step"])]  # JSON keys are strings
         lines.append(
-            f"| {Path(r['run']).parent.name} | {r['stop'][0]:.3f} / {r['stop'][1]:.3f} ({r['stop_step']}) | "
+            f"| {'/'.join(Path(r['run']).parts[-2:])} | {r['stop'][0]:.3f} / {r['stop'][1]:.3f} ({r['stop_step']}) | "
             f"{r['best'][0]:.3f} / {r['best'][1]:.3f} ({r['best_step']}; {pick[1]:.3f}) | "
             f"{r['last'][0]:.3f} / {r['last'][1]:.3f} |"
         )
@@ -98,15 +95,15 @@ def main() -> None:
     parser.add_argument("--table", type=Path, help="print the table of a --json file, score nothing")
     args = parser.parse_args()
     if args.table:
-        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        if not rows:
+            parser.error(f"--table {args.table}: no runs in it; write them with --json first")
+        print(table(rows))
         return
     for spec in args.runs:
         long, stop, concept = spec.split(":")
         row = reference(Path(long), Path(stop), concept, args.every, args.samples)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,14 @@ def measure_series(path: Path, run: str, names: list[str] | None) -> dict[str, d
     return {m: dict(zip(found["steps"], (p[m] for p in per_step))) for m in names}
 
 
+def emit(row: dict, path: Path | None) -> None:
+    """Print one run's JSON line, and append it to `path` when given."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="RUN_DIR:CONCEPT[:LABEL]")
@@ -199,10 +207,7 @@ def main() -> None:
             else:
                 rules = {name: RULES[name] for name in args.rules}
                 row.update(replay(Path(run), concept, args.samples, args.every, args.means, Path(tmp), series, rules))
-            print(json.dumps(row), flush=True)
-            if args.json:
-                with args.json.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.json)
 
 
 if __name__ == "__main__":
