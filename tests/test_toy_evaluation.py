@@ -1,6 +1,7 @@
 """The toy evaluator: its measures are honest, and what evaluate.py scores is what a run scores."""
 
 import random
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from lit_ti.toy import classifier
 from lit_ti.toy.evaluation import evaluate, obeys, sample_accuracy
 from lit_ti.toy.world import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, random_scene, render
 from lit_ti.train import _asset
+from tests.conftest import ROOT
 
 TOY = _asset("toy_base")
 
@@ -167,3 +169,26 @@ def test_neighbour_accuracy_drops_when_a_lora_breaks_the_base_model():
         assert neighbour_accuracy(method, "red_ring", samples=8) == base
     broken = neighbour_accuracy(method, "red_ring", samples=8)
     assert base >= 0.5 and broken <= base - 0.25  # (measured: 0.625 and 0.25, seeds fixed)
+
+
+def test_best_copy_reference_reports_the_stops_share_of_the_best_copy_on_fresh_samples():
+    """benchmarks/best_copy_reference.py --table: the share is of the means (as docs/results.md states it), and the
+    best copy's pick on seeds 0-31 is shown beside its fresh score, never used as the reference."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from best_copy_reference import table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(stop, best, pick, step):
+        picked = {"100": [0.5, 0.5], str(step): [best[0], pick]}
+        return {"run": "runs/a/run", "picked_on_0_31": picked, "best_step": step, "last_step": 600}, stop, best
+
+    rows = []
+    for (r, stop, best), stop_step in zip(
+        [row([0.9, 0.8], [1.0, 0.5], 1.0, 300), row([0.9, 0.4], [0.8, 0.9], 0.9, 600)], (150, 250)
+    ):
+        rows.append(r | {"stop": stop, "best": best, "last": best, "stop_step": stop_step})
+    text = table(rows)
+    assert "| **mean of 2** | **0.900 / 0.600 (200)** | **0.900 / 0.700 (450; 0.950)** |" in text
+    assert text.endswith("stop / best copy: recovery 100.0%, accuracy 85.7%, at 33.3% of the long run's steps")
