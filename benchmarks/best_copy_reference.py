@@ -18,8 +18,6 @@ import json
 import os
 from pathlib import Path
 
-from early_stop_replay import copies, emit  # this folder's replay: a run's copies, one JSON line per run
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PICK_SAMPLES = 32  # the default evaluation's samples (seeds 0-31): what a user would pick a copy on
@@ -38,6 +36,8 @@ def stop_step(run: Path) -> int:
 
 def reference(long: Path, stop: Path, concept: str, every: int, samples: int) -> dict:
     """One long run and one stopped run of the same concept and seed: the pick, then the fresh scores."""
+    from early_stop_replay import copies  # this folder's replay (on sys.path when run as a script)
+
     found = copies(long)
     picked = {s: score(p, concept, PICK_SAMPLES, 0) for s, p in sorted(found.items()) if s % every == 0}
     best = max(picked, key=lambda s: (picked[s][1], picked[s][0]))
@@ -100,6 +100,8 @@ def main() -> None:
             parser.error(f"--table {args.table}: no runs in it; write them with --json first")
         print(table(rows))
         return
+    from early_stop_replay import emit
+
     for spec in args.runs:
         long, stop, concept = spec.split(":")
         row = reference(Path(long), Path(stop), concept, args.every, args.samples)

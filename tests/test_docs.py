@@ -37,6 +37,8 @@ SKIPPED = {  # a command's first words -> why it does not run in this test
     "python -m pytest -m gpu": "needs CUDA",
     "python benchmarks/early_stop_replay.py": "scores every copy of a 600-step run (about 30 s each); the rule it "
     "replays is the callback's own `learned`, tested in tests/test_time_to_quality.py",
+    "python benchmarks/best_copy_reference.py": "scores 6 copies on 32 samples and 3 files on 96 (about 5 min a run); "
+    "its table is tested in tests/test_toy_evaluation.py, its --first-seed in evaluate.py's tests",
     "python benchmarks/stop_measures.py": "scores every copy of a logged run on 640 fixed draws (about 9 min a "
     "run) and checks its draws against the run's logged val/loss at every copy",
 }
