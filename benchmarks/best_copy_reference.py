@@ -62,17 +62,17 @@ def table(rows: list[dict]) -> str:
         "| run | stop (step) | best copy (step; its pick on seeds 0-31) | last copy |",
         "| --- | --- | --- | --- |",
     ]
-    for r in rows:
-        pick = r["picked_on_0_31"][str(r["best_step"])]  # JSON keys are strings
+    picks = [r["picked_on_0_31"][str(r["best_step"])][1] for r in rows]  # JSON keys are strings
+    for r, pick in zip(rows, picks):
         lines.append(
             f"| {'/'.join(Path(r['run']).parts[-2:])} | {r['stop'][0]:.3f} / {r['stop'][1]:.3f} ({r['stop_step']}) | "
-            f"{r['best'][0]:.3f} / {r['best'][1]:.3f} ({r['best_step']}; {pick[1]:.3f}) | "
+            f"{r['best'][0]:.3f} / {r['best'][1]:.3f} ({r['best_step']}; {pick:.3f}) | "
             f"{r['last'][0]:.3f} / {r['last'][1]:.3f} |"
         )
     n = len(rows)
     mean = {k: [sum(r[k][i] for r in rows) / n for i in (0, 1)] for k in ("stop", "best", "last")}
     steps = {k: sum(r[f"{k}_step"] for r in rows) / n for k in ("stop", "best", "last")}
-    picked = sum(r["picked_on_0_31"][str(r["best_step"])][1] for r in rows) / n
+    picked = sum(picks) / n
     lines.append(
         f"| **mean of {n}** | **{mean['stop'][0]:.3f} / {mean['stop'][1]:.3f} ({steps['stop']:.0f})** | "
         f"**{mean['best'][0]:.3f} / {mean['best'][1]:.3f} ({steps['best']:.0f}; {picked:.3f})** | "

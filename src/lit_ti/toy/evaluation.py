@@ -94,8 +94,8 @@ def evaluate(
 ) -> dict:
     """Recovery and classifier accuracy of `method`'s concept (its `name`; its `concept_bank` is what
     `init_vectors` stand in for) against the toy `concept`; `extras`: also editability and the oracle's samples
-    (three more sample sets: a quarter of the time without them). The accuracy's samples use seeds
-    `first_seed`, `first_seed` + 1, ...: a copy chosen as the best on seeds 0-31 is judged fairly on others."""
+    (three more sample sets: a quarter of the time without them). The accuracy's samples start at seed
+    `first_seed` (`sample_accuracy`): a copy chosen as the best on seeds 0-31 is judged fairly from 32 on."""
     words = oracle_words(concept)  # `purple star`; for a novel shape the nearest known: `red circle`
     pixels = heldout_pixels(concept)
     mean, _ = method.encode_images(pixels)
@@ -157,8 +157,9 @@ def _recovery(initial: float, learned: float, oracle: float) -> float:
 def sample_accuracy(
     method, prompt: str, concept: str, samples: int, guidance: float = 5.0, negative: str = "", first_seed: int = 0
 ) -> float:
-    """Share of `samples` images generated from `prompt` (seeds `first_seed`, `first_seed` + 1, ...) that the
-    toy classifier reads as `concept`."""
+    """Share of `samples` images generated from `prompt` that the toy classifier reads as `concept`. They come in
+    batches of 16, whose noise is seeded `first_seed`, `first_seed` + 16, ...: a `first_seed` at or past another
+    score's `samples` (a multiple of 16) shares no image with it."""
     if not samples:
         return float("nan")
     scheduler = DDIMScheduler.from_config(method.backbone.scheduler.config)
