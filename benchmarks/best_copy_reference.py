@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, help="print the table of a --json file, score nothing")
     args = parser.parse_args()
     if args.table:
+        if not args.table.is_file():
+            parser.error(f"--table {args.table}: no such file; write it with --json first")
         rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
         if not rows:
             parser.error(f"--table {args.table}: no runs in it; write them with --json first")
